@@ -1,0 +1,64 @@
+"""The ``stages`` command line.
+
+Each command lives in its own module under :mod:`stages.commands` and is imported only when it is
+asked for, so ``stages run`` does not pay for the import of ``stages tour``. A command module has
+``configure(parser)`` and ``run(args) -> int``. Errors a learner can fix (:class:`StagesError`) print one
+clear sentence and a hint, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stages.errors import StagesError
+
+# name -> (module, one line for the help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tour": ("stages.commands.tour", "walk from a chroot jail to a container, showing each step"),
+    "doctor": ("stages.commands.doctor", "check that this machine can run the workshop"),
+    "rootfs": ("stages.commands.rootfs", "build a small root filesystem (busybox, host binaries, tarball)"),
+    "jail": ("stages.commands.jail", "stage 1: run a command chrooted into a root filesystem"),
+    "isolate": ("stages.commands.isolate", "stage 2: run a command in namespaces wired step by step"),
+}
+
+
+def _overview() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: stages COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `stages COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_overview())
+        return 0
+    if argv[0] == "--version":
+        from stages import __version__
+
+        print(f"stages {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"stages: unknown command {name!r}\n\n{_overview()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"stages {name}", description=COMMANDS[name][1])
+    module.configure(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except StagesError as error:
+        print(f"stages {name}: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"stages {name}: interrupted; everything it had set up was released", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``stages`` command: ``configure(parser)`` and ``run(args) -> int``."""

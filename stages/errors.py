@@ -1,0 +1,63 @@
+"""One error hierarchy for the whole package.
+
+Every error a learner can meet says, in one sentence, what is wrong, and carries a hint: what to do about
+it. The command line prints both and never a traceback; Python users catch :class:`StagesError`.
+"""
+
+from __future__ import annotations
+
+
+class StagesError(Exception):
+    """Something the learner can fix: ``message`` says what is wrong, ``hint`` how to fix it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+class NotRootError(StagesError):
+    """The action needs root (or CAP_SYS_ADMIN) and we do not have it."""
+
+    def __init__(self, what: str = "this"):
+        super().__init__(
+            f"{what} needs root: namespaces, mounts and chroot are privileged operations",
+            "run it again with sudo, or as root inside the workshop VM",
+        )
+
+
+class RootfsError(StagesError):
+    """A root filesystem is missing, broken, or not ours to touch."""
+
+
+class UnsafeArchiveError(RootfsError):
+    """A tarball holds an entry that would escape the directory it is extracted into."""
+
+
+class CommandNotFoundError(StagesError):
+    """The command to run does not exist inside the root filesystem."""
+
+    exit_code = 127
+
+
+class StepOrderError(StagesError):
+    """A stage-2 step was called before a step it depends on: the error is the lesson."""
+
+
+class CgroupError(StagesError):
+    """A cgroup could not be created, limited or removed."""
+
+
+class NetworkError(StagesError):
+    """A veth, bridge, address or firewall rule could not be set up or removed."""
+
+
+class LimitError(StagesError):
+    """A resource limit given by the learner cannot be understood or is absurd."""

@@ -1,0 +1,131 @@
+"""Shared fixtures: a busybox root filesystem, and a leak check around every test.
+
+The leak check snapshots what a test could leave on the host (mounts, network devices, network
+namespaces, cgroup directories, child processes, firewall rules) before the test and fails it if anything
+is left afterwards. A test that means to leave something (to test the cleanup command) calls the cleanup
+itself before it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _mounts() -> set[tuple[str, str]]:
+    with open("/proc/self/mountinfo") as handle:
+        return {(line.split(" ")[4], line.split(" - ")[1].split(" ")[0]) for line in handle}
+
+
+def _net_devices() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+def _netns() -> set[str]:
+    try:
+        return set(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        return set()
+
+
+def _cgroups() -> set[str]:
+    found = set()
+    if not os.path.isdir(CGROUP_ROOT):
+        return found
+    for top, dirs, _ in os.walk(CGROUP_ROOT):
+        depth = top[len(CGROUP_ROOT):].count("/")
+        if depth >= 7:
+            dirs[:] = []
+        found.add(top)
+    return found
+
+
+def _children() -> set[tuple[int, str]]:
+    result = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                result.add((child.pid, " ".join(child.cmdline())[:80]))
+        except psutil.NoSuchProcess:
+            continue
+    return result
+
+
+def _firewall() -> set[str]:
+    lines: set[str] = set()
+    if shutil.which("nft"):
+        out = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+        lines |= {line.strip() for line in out.splitlines() if line.strip()}
+    return lines
+
+
+def snapshot() -> dict[str, set]:
+    return {
+        "mount": _mounts(), "net device": _net_devices(), "netns": _netns(), "cgroup": _cgroups(),
+        "process": _children(), "firewall rule": _firewall(),
+    }
+
+
+def leaks(before: dict[str, set], after: dict[str, set]) -> list[str]:
+    return [f"{kind}: {item}" for kind in before for item in sorted(after[kind] - before[kind], key=str)]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Fail the test if it leaves a mount, net device, netns, cgroup, child process or firewall rule."""
+    if os.geteuid() != 0 or request.node.get_closest_marker("leaks_ok"):
+        yield
+        return
+    before = snapshot()
+    yield
+    after = snapshot()
+    # Children may take a moment to be reaped by the code under test.
+    if after["process"] - before["process"]:
+        psutil.wait_procs([psutil.Process(pid) for pid, _ in after["process"] - before["process"]
+                           if psutil.pid_exists(pid)], timeout=2)
+        after["process"] = _children()
+    found = leaks(before, after)
+    if found:
+        pytest.fail("the test left these behind:\n  " + "\n  ".join(found[:30]), pytrace=False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "leaks_ok: the test checks leftovers itself")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root: run the suite as root (sudo bash workshop.sh test)")
+        for item in items:
+            if item.get_closest_marker("root"):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    """An absolute interpreter path (the pyenv shim costs ~120 ms a start)."""
+    return os.path.realpath(sys.executable)
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory) -> Path:
+    """A busybox root filesystem built once for the session; tests must not change it."""
+    from stages import rootfs
+
+    return Path(rootfs.build(tmp_path_factory.mktemp("rootfs") / "busybox", source="busybox"))
+
+
+@pytest.fixture
+def scratch_rootfs(tmp_path) -> Path:
+    """A busybox root filesystem of the test's own, which it may change."""
+    from stages import rootfs
+
+    return Path(rootfs.build(tmp_path / "rootfs", source="busybox"))
