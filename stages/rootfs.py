@@ -101,7 +101,8 @@ def human_size(count: int) -> str:
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    with steps.record(f"printf %s {_quote(text)} > {path}", what=f"write {path.name}"):
+    lines = " ".join(_quote(line) for line in text.rstrip("\n").split("\n"))
+    with steps.record(f"printf '%s\\n' {lines} > {path}", what=f"write {path.name}"):
         path.write_text(text)
         path.chmod(mode)
 
@@ -283,9 +284,6 @@ def check(directory: str | os.PathLike) -> Path:
     shell = resolve(root, "/bin/sh")
     if not shell.is_file():
         raise RootfsError(f"{directory} is not a root filesystem: it has no /bin/sh", _build_hint(root))
-    if not os.access(shell, os.X_OK):
-        raise RootfsError(f"{directory} is not a root filesystem: its /bin/sh is not executable",
-                          f"make it executable: chmod 755 {shell}")
     if is_noexec(shell):
         point = mount_point(shell)
         raise RootfsError(
@@ -293,6 +291,9 @@ def check(directory: str | os.PathLike) -> Path:
             f"build it somewhere else, e.g. stages rootfs build /var/tmp/rootfs, "
             f"or allow programs there: mount -o remount,exec {point}",
         )
+    if not os.access(shell, os.X_OK):
+        raise RootfsError(f"{directory} is not a root filesystem: its /bin/sh is not executable",
+                          f"make it executable: chmod 755 {shell}")
     return root
 
 
@@ -304,7 +305,7 @@ def _source_kind(source: str | os.PathLike) -> str:
     if not os.path.exists(text):
         raise RootfsError(
             f"there is no tarball {text}, and a rootfs source is busybox, host or a tarball",
-            f"give busybox, host, or the path of a {', '.join(TARBALL_SUFFIXES[:5])} or .tar.zst file",
+            "give busybox, host, or the path of a .tar, .tar.gz, .tgz, .tar.xz or .tar.zst file",
         )
     if not os.path.isfile(text):
         raise RootfsError(f"{text} is not a file, so it cannot be a tarball",
@@ -769,7 +770,7 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, root_fd: int, ar
         return  # "./": the rootfs itself, whose mode we keep
     if member.ischr() or member.isblk() or member.isfifo():
         kind = "character device" if member.ischr() else "block device" if member.isblk() else "FIFO"
-        warnings.append(f"skipped {name!r} ({kind}): a rootfs gets its /dev when it runs, not from a tarball")
+        warnings.append(f"skipped {name!r} ({kind}): devices and FIFOs are made when a rootfs runs")
         return
     if member.issym():
         if not member.linkname:
@@ -836,9 +837,9 @@ def describe(directory: str | os.PathLike) -> dict:
     """What ``directory`` holds: how it was built (if here), its size, and counts of what is in it.
 
     Never crosses into a filesystem mounted inside it (a jail's ``/proc``). Keys: ``path``, ``rootfs``
-    (built here and complete), ``source``, ``built``, ``seconds`` (to build), ``commands``, ``files``,
-    ``directories``, ``symlinks``, ``bytes``, ``size`` (for people), ``shell`` (has ``/bin/sh``),
-    ``noexec``, ``warnings``.
+    (built here and complete), ``source`` (busybox, host or tarball), ``tarball`` (its path), ``built``,
+    ``seconds`` (to build), ``commands``, ``files``, ``directories``, ``symlinks``, ``bytes``, ``size``
+    (for people), ``shell`` (has ``/bin/sh``), ``noexec``, ``warnings``.
     """
     root = Path(os.path.realpath(directory))
     if not root.is_dir():
@@ -871,7 +872,8 @@ def describe(directory: str | os.PathLike) -> dict:
     return {
         "path": str(root),
         "rootfs": bool(marker.get("complete")),
-        "source": marker.get("tarball") or marker.get("source"),
+        "source": marker.get("source"),
+        "tarball": marker.get("tarball"),
         "built": marker.get("built"),
         "seconds": marker.get("seconds"),
         "commands": marker.get("commands"),
