@@ -347,7 +347,7 @@ def build(directory: str | os.PathLike, source: str | os.PathLike = "busybox", *
         raise RootfsError("the rootfs cannot be / itself", "give a new or empty directory, e.g. /tmp/rootfs")
     if root.exists() and not root.is_dir():
         raise RootfsError(f"{directory} is a file, not a directory", "give a new or empty directory")
-    created = False
+    created: Path | None = None
     if root.exists() and any(root.iterdir()):
         marker = _read_marker(root)
         if marker is None:
@@ -361,8 +361,10 @@ def build(directory: str | os.PathLike, source: str | os.PathLike = "busybox", *
             return root
         _empty(root)
     elif not root.exists():
+        created = root
+        while not created.parent.exists():
+            created = created.parent  # the topmost directory this build makes, to remove on failure
         root.mkdir(parents=True)
-        created = True
 
     start = time.perf_counter()
     marker = dict(wanted, complete=False, built=_now(), warnings=[])
@@ -383,8 +385,11 @@ def build(directory: str | os.PathLike, source: str | os.PathLike = "busybox", *
         # An error or Ctrl-C halfway: take back everything this build wrote.
         with contextlib.suppress(OSError, RootfsError):
             _empty(root)
-            if created:
-                root.rmdir()
+            if created is not None:
+                for directory_made in [root, *root.parents]:
+                    directory_made.rmdir()
+                    if directory_made == created:
+                        break
         raise
     log.info("built a %s rootfs in %s (%.3f s)", kind, root, marker["seconds"])
     return root
@@ -740,7 +745,12 @@ def extract(archive: str | os.PathLike, directory: str | os.PathLike) -> list[st
                 _open_archive(archive) as tar:
             try:
                 for member in tar:
-                    _extract_one(tar, member, root_fd, archive, as_root, warnings, setuid, directories)
+                    try:
+                        _extract_one(tar, member, root_fd, archive, as_root, warnings, setuid, directories)
+                    except OSError as error:  # the disk is full, a read-only filesystem ...
+                        raise RootfsError(f"could not extract {member.name!r} from {archive}: "
+                                          f"{error.strerror or error}",
+                                          "check the space and permissions where the rootfs goes") from None
             except (tarfile.TarError, EOFError) as error:
                 raise RootfsError(f"{archive} is damaged: {error}", "use another copy of it") from None
         # Directory modes last, deepest first, so that a read-only directory still took its files.
@@ -811,6 +821,9 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, root_fd: int, ar
             except FileNotFoundError:
                 raise RootfsError(f"{archive}: {name!r} links to {member.linkname!r}, which is not in it",
                                   "this archive is damaged; use another one") from None
+            except OSError as error:  # a hard link to a directory, or across filesystems
+                raise RootfsError(f"{archive}: {name!r} cannot be a hard link to {member.linkname!r}: "
+                                  f"{error.strerror}", "this archive is damaged; use another one") from None
             finally:
                 os.close(source_fd)
             return
@@ -894,11 +907,15 @@ def default_rootfs() -> Path:
     Safe to call from several processes at once: one builds while the others wait on a lock.
     """
     target = state_dir() / "rootfs" / "busybox"
-    if is_rootfs(target):
+
+    def ready() -> bool:
+        return is_rootfs(target) and resolve(target, "/bin/sh").is_file()
+
+    if ready():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".busybox.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_rootfs(target):
+        if not ready():
             build(target, "busybox", force=True)
     return target
