@@ -1,0 +1,925 @@
+"""Control groups by hand: make a cgroup, give it limits, put a process in it, watch the kernel enforce them.
+
+Namespaces decide what a process can *see*; control groups decide how much it can *use*. A cgroup is a
+directory in a special file system, and everything about it is a file: ``mkdir`` makes one, writing a
+number into ``memory.max`` limits its memory, writing a PID into ``cgroup.procs`` moves a process in, and
+``rmdir`` removes it. This module does exactly that, records each write as the shell command a person
+would type, and reads the counters back (see cgroups(7) and the kernel's admin-guide/cgroup-v2.rst).
+
+There are two versions of the file system, and a machine may have both:
+
+- **cgroup v1**: one hierarchy per controller (``/sys/fs/cgroup/memory``, ``/sys/fs/cgroup/pids``,
+  ``/sys/fs/cgroup/cpu`` ...), each with its own tree and its own file names (``memory.limit_in_bytes``,
+  ``cpu.cfs_quota_us``). A process is in one cgroup *per hierarchy*.
+- **cgroup v2**: one unified tree, usually at ``/sys/fs/cgroup``, where a controller is switched on for the
+  children of a cgroup by writing ``+memory`` into that cgroup's ``cgroup.subtree_control``.
+
+:func:`detect` finds, for each controller we use (memory, pids, cpu), which hierarchy holds it and where
+*our own* cgroup is in it (from /proc/self/cgroup). We never assume a layout, and we create cgroups only
+below our own cgroup, in a directory called ``stages``, so we never touch a cgroup we did not make::
+
+    <our cgroup>/stages/stages-web        (one such directory per hierarchy that holds a controller)
+
+Why the extra ``stages`` directory? cgroup v2's *no internal processes* rule: a cgroup (other than the
+root) may either hold processes or hand controllers down to child cgroups, never both. Our own cgroup
+holds us, so on a systemd machine it usually cannot enable controllers for children; a ``stages`` parent
+that never holds a process always can. That is what systemd, runc and podman do with delegated subtrees.
+In the workshop VM the tests run in the root cgroup, which the rule exempts.
+
+A small session::
+
+    from stages.isolate.cgroups import Cgroup
+
+    with Cgroup.create("demo") as cgroup:       # mkdir .../stages/stages-demo
+        cgroup.set_memory("64M")                  # echo 67108864 > .../memory.max
+        cgroup.set_pids(20)                       # echo 20 > .../pids.max
+        cgroup.set_cpus(0.5)                      # echo 50000 100000 > .../cpu.max
+        cgroup.add(pid)                           # echo PID > .../cgroup.procs
+        print(cgroup.stats())
+    # leaving the block kills what is left inside and removes the directories
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from stages import steps
+from stages.errors import CgroupError, LimitError
+from stages.steps import StepRecord
+
+#: The controllers this module knows how to limit.
+CONTROLLERS = ("memory", "pids", "cpu")
+#: Every cgroup we create is called ``stages-<name>``; :func:`cleanup` only ever touches such names.
+PREFIX = "stages-"
+#: The stages-owned directory below our own cgroup that holds the ``stages-*`` cgroups.
+PARENT = "stages"
+#: The smallest memory limit :func:`parse_memory` accepts by default.
+MINIMUM_MEMORY = 4 << 20
+#: cpu.max / cpu.cfs_period_us: the CFS period, 100 ms, the kernel's default.
+CPU_PERIOD_US = 100_000
+#: The kernel refuses a CFS quota below 1 ms (sched-bwc.rst).
+MINIMUM_QUOTA_US = 1_000
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+# -- where the controllers are ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hierarchy:
+    """One mounted cgroup hierarchy and our own place in it.
+
+    ``version`` is 1 or 2; ``mountpoint`` where it is mounted (``/sys/fs/cgroup/memory``); ``own`` our
+    process's cgroup in it as /proc/self/cgroup says (``/process_api/42``); ``controllers`` the
+    controllers it holds that this module uses.
+    """
+
+    version: int
+    mountpoint: str
+    own: str
+    controllers: tuple[str, ...]
+    mount_root: str = "/"
+
+    @property
+    def own_directory(self) -> str:
+        """Our own cgroup's directory: the only place below which we create anything."""
+        own = self.own
+        # Inside a cgroup namespace, or when a sub-tree is bind-mounted, the mount shows only part of the
+        # tree: mountinfo's root field says which part (proc(5), cgroup_namespaces(7)).
+        if self.mount_root != "/" and (own == self.mount_root or own.startswith(self.mount_root + "/")):
+            own = own[len(self.mount_root):] or "/"
+        return os.path.normpath(self.mountpoint + "/" + own.lstrip("/"))
+
+    @property
+    def is_root(self) -> bool:
+        """True when our own cgroup is the hierarchy's root (exempt from the no-internal-process rule)."""
+        return self.own_directory == os.path.normpath(self.mountpoint)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each controller lives on this machine, as found by :func:`detect`.
+
+    ``controllers`` maps ``"memory"``, ``"pids"``, ``"cpu"`` to the :class:`Hierarchy` holding it;
+    ``missing`` maps a controller we cannot use to the reason, in plain words; ``kind`` is ``"v1"``,
+    ``"v2"`` or ``"hybrid"`` (v1 controllers beside a cgroup2 mount).
+    """
+
+    controllers: dict[str, Hierarchy]
+    missing: dict[str, str]
+    kind: str
+
+    def hierarchy(self, controller: str) -> Hierarchy:
+        """The hierarchy that holds ``controller``, or a :class:`CgroupError` saying why there is none."""
+        if controller in self.controllers:
+            return self.controllers[controller]
+        raise CgroupError(
+            f"the {controller} controller cannot be used here: {self.missing.get(controller, 'unknown')}",
+            "run inside the workshop VM, or on a machine whose kernel has this controller enabled",
+        )
+
+    def describe(self) -> str:
+        """A few lines for a learner: each controller, its version and where our cgroup is."""
+        lines = [f"cgroup layout: {self.kind}"]
+        for name in CONTROLLERS:
+            if name in self.controllers:
+                where = self.controllers[name]
+                lines.append(f"  {name:<7} v{where.version}  {where.own_directory}")
+            else:
+                lines.append(f"  {name:<7} --  {self.missing.get(name, '')}")
+        return "\n".join(lines)
+
+
+def _cgroup_mounts() -> list[tuple[str, str, str, set[str]]]:
+    """(mountpoint, fstype, mount root, super options) of every cgroup mount, from /proc/self/mountinfo."""
+    found = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            fields = left.split(" ")
+            fstype, _source, *rest = right.split(" ")
+            if fstype in ("cgroup", "cgroup2"):
+                options = set(rest[0].split(",")) if rest else set()
+                found.append((fields[4].replace("\\040", " "), fstype, fields[3], options))
+    return found
+
+
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+
+
+def detect() -> Layout:
+    """Find each controller (memory, pids, cpu): a v1 hierarchy of its own, the v2 unified tree, or none.
+
+    Our own cgroup in each hierarchy comes from /proc/self/cgroup (``4:memory:/a/b`` for v1, ``0::/a`` for
+    v2); the mount point from /proc/self/mountinfo. A v2 controller counts as usable only if it is listed in
+    our own cgroup's ``cgroup.controllers`` (that is, our parent handed it to us).
+    """
+    own_v1: dict[str, str] = {}
+    own_v2: str | None = None
+    with open("/proc/self/cgroup") as handle:
+        for line in handle:
+            number, names, path = line.rstrip("\n").split(":", 2)
+            if number == "0" and names == "":
+                own_v2 = path
+            else:
+                for name in names.split(","):
+                    own_v1[name] = path
+    mounts = _cgroup_mounts()
+    controllers: dict[str, Hierarchy] = {}
+    missing: dict[str, str] = {}
+    has_v1 = any(fstype == "cgroup" for _, fstype, _, _ in mounts)
+    unified = next(((target, root) for target, fstype, root, _ in mounts if fstype == "cgroup2"), None)
+    for name in CONTROLLERS:
+        v1 = next(((target, root, options) for target, fstype, root, options in mounts
+                   if fstype == "cgroup" and name in options), None)
+        if v1 is not None and name in own_v1:
+            target, root, options = v1
+            held = tuple(c for c in CONTROLLERS if c in options)
+            controllers[name] = Hierarchy(1, target, own_v1[name], held, root)
+            continue
+        if unified is not None and own_v2 is not None:
+            hierarchy = Hierarchy(2, unified[0], own_v2, (), unified[1])
+            try:
+                available = _read(os.path.join(hierarchy.own_directory, "cgroup.controllers")).split()
+            except OSError:
+                available = []
+            if name in available:
+                controllers[name] = hierarchy
+                continue
+            try:
+                anywhere = _read(os.path.join(unified[0], "cgroup.controllers")).split()
+            except OSError:
+                anywhere = []
+            if name in anywhere:
+                missing[name] = (f"cgroup v2 has it, but our cgroup {own_v2} was not given it "
+                                 f"(its parent's cgroup.subtree_control lacks +{name})")
+                continue
+        missing[name] = "no mounted cgroup hierarchy (v1 or v2) offers it"
+    # The v2 hierarchy object lists exactly the controllers it holds for us.
+    v2_held = tuple(name for name, where in controllers.items() if where.version == 2)
+    for name, where in list(controllers.items()):
+        if where.version == 2:
+            controllers[name] = Hierarchy(2, where.mountpoint, where.own, v2_held, where.mount_root)
+    if unified is not None and unified[0] == "/sys/fs/cgroup" or (unified is not None and not has_v1):
+        kind = "v2"
+    elif has_v1 and unified is not None:
+        kind = "hybrid"
+    elif has_v1:
+        kind = "v1"
+    else:
+        kind = "none"
+    return Layout(controllers, missing, kind)
+
+
+# -- parsing the learner's limits ---------------------------------------------------------------------
+def machine_memory() -> int:
+    """This machine's RAM in bytes (MemTotal)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def format_bytes(number: int) -> str:
+    """``67108864`` -> ``"64M"``; ``1610612736`` -> ``"1.5G"`` (powers of 1024, as the limits are)."""
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if number >= size:
+            value = number / size
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
+    return f"{number}B"
+
+
+def parse_memory(text: str | int, *, minimum: int = MINIMUM_MEMORY) -> int:
+    """A memory size as bytes: ``"64M"``, ``"64m"``, ``"64MiB"``, ``"1g"``, ``"512k"``, ``"67108864"``.
+
+    Units are powers of 1024 (as ``docker run --memory`` reads them). Raises :class:`LimitError` for
+    anything else, for a size below ``minimum`` (default 4M: a container needs that much to start a
+    shell) and for more than this machine has.
+    """
+    if isinstance(text, bool):
+        raise LimitError(f"{text!r} is not a memory size", "write a size such as 64M, 512k or 1G")
+    if isinstance(text, int):
+        number = text
+        shown = str(text)
+    else:
+        shown = str(text).strip()
+        match = _MEMORY.match(shown)
+        if not match:
+            raise LimitError(
+                f"{shown!r} is not a memory size",
+                "write a number with an optional unit: 64M, 512k, 1G (units are powers of 1024)",
+            )
+        number = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if number < minimum:
+        raise LimitError(
+            f"a memory limit of {shown} is too small: a container needs at least {format_bytes(minimum)} "
+            "to start a shell",
+            f"give it {format_bytes(minimum)} or more, for instance 64M",
+        )
+    total = machine_memory()
+    if number > total:
+        raise LimitError(
+            f"a memory limit of {shown} is more than this machine has ({format_bytes(total)} of RAM)",
+            f"give it at most {format_bytes(total)}, usually far less, for instance 256M",
+        )
+    return number
+
+
+def parse_cpus(text: str | float) -> float:
+    """A CPU limit as a number of CPUs: ``"0.5"`` is half of one CPU, ``"2"`` two whole CPUs.
+
+    Must be more than 0 (at least 0.01: the kernel's smallest quota is 1 ms per 100 ms period) and at most
+    the number of CPUs this machine has.
+    """
+    count = os.cpu_count() or 1
+    try:
+        if isinstance(text, bool):
+            raise ValueError
+        cpus = float(text)
+    except (TypeError, ValueError):
+        raise LimitError(f"{text!r} is not a number of CPUs",
+                         "write a decimal number such as 0.5 (half a CPU) or 2") from None
+    if not cpus > 0 or cpus != cpus:
+        raise LimitError(f"a CPU limit must be more than 0, not {text}", "for instance 0.5, half of one CPU")
+    if cpus * CPU_PERIOD_US < MINIMUM_QUOTA_US:
+        raise LimitError(f"a CPU limit of {text} is too small: the kernel's smallest share is 0.01 CPU",
+                         "give it 0.01 or more")
+    if cpus > count:
+        raise LimitError(f"a CPU limit of {text} is more than this machine has ({count} CPUs)",
+                         f"give it at most {count}")
+    return cpus
+
+
+def pid_max() -> int:
+    """The largest PID the kernel hands out (/proc/sys/kernel/pid_max): no pids limit can exceed it."""
+    try:
+        return int(_read("/proc/sys/kernel/pid_max"))
+    except (OSError, ValueError):
+        return 4194304
+
+
+def parse_pids(text: str | int) -> int:
+    """A limit on the number of processes (and threads): a whole number from 1 to the kernel's pid_max."""
+    try:
+        if isinstance(text, bool) or (isinstance(text, float) and text != int(text)):
+            raise ValueError
+        number = int(str(text).strip()) if not isinstance(text, (int, float)) else int(text)
+    except (TypeError, ValueError):
+        raise LimitError(f"{text!r} is not a number of processes",
+                         "write a whole number such as 64") from None
+    if number < 1:
+        raise LimitError(f"a process limit of {text} leaves no room for even one process",
+                         "give it at least 1; a shell and a command need a few, for instance 32")
+    highest = pid_max()
+    if number > highest:
+        raise LimitError(f"a process limit of {text} is more than the kernel allows ({highest})",
+                         f"give it at most {highest}, usually far less, for instance 256")
+    return number
+
+
+# -- reading counters ---------------------------------------------------------------------------------
+@dataclass
+class CgroupStats:
+    """What the kernel counted for one cgroup; ``None`` where this kernel or version has no such file.
+
+    - ``memory_current``, ``memory_peak``, ``memory_max``: bytes in use now, the most ever, the limit
+      (v2 memory.current/peak/max; v1 memory.usage_in_bytes/max_usage_in_bytes/limit_in_bytes).
+    - ``memory_limit_hits``: how often usage hit the limit (v2 memory.events ``max``; v1 memory.failcnt).
+    - ``oom_kills``: processes the OOM killer killed in this cgroup (v2 memory.events ``oom_kill``;
+      v1 memory.oom_control ``oom_kill``); ``under_oom`` (v1) whether it is out of memory right now.
+    - ``pids_current``, ``pids_max``, ``pids_limit_hits``: processes now, the limit, how often a fork was
+      refused (pids.events ``max``).
+    - ``cpu_periods``, ``cpu_throttled``, ``cpu_throttled_usec``, ``cpu_usage_usec``: CFS periods, how
+      many of them the cgroup was throttled in, for how long in total, and the CPU time used (cpu.stat).
+    """
+
+    memory_current: int | None = None
+    memory_peak: int | None = None
+    memory_max: int | None = None
+    memory_limit_hits: int | None = None
+    oom_kills: int | None = None
+    under_oom: bool | None = None
+    pids_current: int | None = None
+    pids_max: int | None = None
+    pids_limit_hits: int | None = None
+    cpu_periods: int | None = None
+    cpu_throttled: int | None = None
+    cpu_throttled_usec: int | None = None
+    cpu_usage_usec: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _keyed(path: str) -> dict[str, int]:
+    """A flat-keyed file (``key value`` lines: memory.events, cpu.stat, pids.events) as a dict."""
+    try:
+        text = _read(path)
+    except OSError:
+        return {}
+    result = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            result[key] = int(value)
+        except ValueError:
+            continue
+    return result
+
+
+def _number(path: str) -> int | None:
+    """A single-number file; ``max`` (no limit) and a missing file read as None."""
+    try:
+        text = _read(path).strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        value = int(text.split()[0])
+    except (ValueError, IndexError):
+        return None
+    # v1 writes "no limit" as the largest page-aligned 64-bit number.
+    return None if value >= (1 << 62) else value
+
+
+# -- one cgroup ---------------------------------------------------------------------------------------
+@dataclass
+class Cgroup:
+    """A cgroup we created: one directory per hierarchy that holds one of its controllers.
+
+    Make one with :meth:`create` (or find one made earlier with :meth:`open`); use it as a context
+    manager to have it removed however the block ends, Ctrl-C included.
+    """
+
+    name: str
+    directories: dict[str, str]  # controller -> directory of this cgroup in that controller's hierarchy
+    versions: dict[str, int]  # controller -> 1 or 2
+    record: StepRecord | None = None
+    layout: Layout | None = None
+    managed_parents: list[str] = field(default_factory=list)  # stages-owned parents to tidy when empty
+    removed: bool = False
+
+    # -- making and finding ----------------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, *, parent: Cgroup | None = None, record: StepRecord | None = None,
+               controllers: Iterable[str] | None = None) -> Cgroup:
+        """Create the cgroup ``stages-<name>`` below our own cgroup (or below ``parent``), in every hierarchy.
+
+        ``controllers`` defaults to every one of memory, pids and cpu this machine offers; naming one it
+        lacks raises :class:`CgroupError`. On cgroup v2 the controllers are switched on for children in
+        the parent's ``cgroup.subtree_control`` first, which the *no internal processes* rule forbids
+        when that parent holds processes: the :class:`CgroupError` then explains the rule. Anything made
+        before an error is removed again. Each write is recorded into ``record`` (or the active record).
+        """
+        if not isinstance(name, str) or not _NAME.match(name.removeprefix(PREFIX) or "-"):
+            raise CgroupError(
+                f"{name!r} cannot be a cgroup name",
+                "use letters, digits, '.', '_' and '-' (no '/'), at most 64 of them, for instance web-1",
+            )
+        full = name if name.startswith(PREFIX) else PREFIX + name
+        layout = parent.layout if parent is not None and parent.layout is not None else detect()
+        if controllers is None:
+            wanted = [c for c in CONTROLLERS if c in layout.controllers]
+            if parent is not None:
+                wanted = [c for c in wanted if c in parent.directories]
+            if not wanted:
+                raise CgroupError(
+                    "no cgroup controller (memory, pids, cpu) can be used on this machine: "
+                    + "; ".join(f"{c}: {why}" for c, why in layout.missing.items()),
+                    "run inside the workshop VM (cgroup v2 with controllers), or as root on a Linux host",
+                )
+        else:
+            wanted = list(dict.fromkeys(controllers))
+            for controller in wanted:
+                if controller not in CONTROLLERS:
+                    raise CgroupError(f"{controller!r} is not a controller this module knows",
+                                      f"choose from {', '.join(CONTROLLERS)}")
+                layout.hierarchy(controller)
+                if parent is not None and controller not in parent.directories:
+                    raise CgroupError(f"the parent cgroup {parent.name} has no {controller} controller",
+                                      "create the parent with that controller too")
+        cgroup = cls(full, {}, {}, record=record, layout=layout)
+        try:
+            cgroup._make(wanted, layout, parent)
+        except BaseException:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    def _make(self, wanted: list[str], layout: Layout, parent: Cgroup | None) -> None:
+        made: dict[str, str] = {}  # our directory in a hierarchy, keyed by its mount point
+        for controller in wanted:
+            hierarchy = layout.controllers[controller]
+            key = hierarchy.mountpoint
+            if key not in made:
+                if parent is not None:
+                    base = parent.directories[controller]
+                    if hierarchy.version == 2:
+                        # the parent is ours; if it holds a process this is where the rule bites
+                        self._enable(base, [c for c in wanted if layout.controllers[c].version == 2])
+                else:
+                    base = self._stages_parent(hierarchy, wanted, layout)
+                directory = os.path.join(base, self.name)
+                self._mkdir(directory)
+                made[key] = directory
+            self.directories[controller] = made[key]
+            self.versions[controller] = hierarchy.version
+
+    def _stages_parent(self, hierarchy: Hierarchy, wanted: list[str], layout: Layout) -> str:
+        """``<own cgroup>/stages``, made if need be, with the v2 controllers enabled on the way down."""
+        own = hierarchy.own_directory
+        parent = os.path.join(own, PARENT)
+        v2 = [c for c in wanted if layout.controllers[c].version == 2]
+        if hierarchy.version == 2:
+            self._enable(own, v2, ours=False)
+        for _ in range(5):
+            if not os.path.isdir(parent):
+                try:
+                    self._mkdir(parent, what=(
+                        "a stages-owned parent: it never holds a process, so it may hand controllers down "
+                        "(cgroups(7), no internal processes)" if hierarchy.version == 2 else
+                        "a stages-owned parent that holds every stages cgroup in this hierarchy"))
+                except CgroupError as error:
+                    if not isinstance(error.__cause__, FileExistsError):
+                        raise
+            if parent not in self.managed_parents:
+                self.managed_parents.append(parent)
+            try:
+                if hierarchy.version == 2:
+                    self._enable(parent, v2)
+                return parent
+            except CgroupError as error:
+                # another stages process removed the empty parent between our mkdir and our write: again
+                if not isinstance(error.__cause__, FileNotFoundError):
+                    raise
+        raise CgroupError(f"could not make {parent}: it keeps disappearing",
+                          "another program is removing it; try again")
+
+    def _enable(self, directory: str, controllers: list[str], *, ours: bool = True) -> None:
+        """Write ``+memory +pids +cpu`` (the ones missing) into ``directory``'s cgroup.subtree_control."""
+        path = os.path.join(directory, "cgroup.subtree_control")
+        try:
+            enabled = _read(path).split()
+        except FileNotFoundError as error:
+            raise CgroupError(f"{directory} has gone", "try again") from error
+        todo = [c for c in controllers if c not in enabled]
+        if not todo:
+            return
+        value = " ".join(f"+{c}" for c in todo)
+        try:
+            self._write(path, value, what=f"let the children of {directory} use {', '.join(todo)}")
+        except CgroupError as error:
+            cause = error.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.EBUSY:
+                holders = _procs(directory)
+                raise CgroupError(
+                    f"cgroup v2 refused to enable {', '.join(todo)} for the children of {directory}, because "
+                    f"processes live in it ({' '.join(map(str, holders[:5])) or 'some'}): the 'no internal "
+                    "processes' rule (cgroups(7)) says a cgroup other than the root either holds processes "
+                    "or hands controllers to child cgroups, never both",
+                    ("move those processes into a child cgroup first, or start from an empty cgroup"
+                     if ours else
+                     "run from a delegated cgroup (systemd-run --scope -p Delegate=yes ...) or from the root "
+                     "cgroup, as the workshop VM does"),
+                ) from cause
+            raise
+
+    @classmethod
+    def open(cls, name: str, *, parent: Cgroup | None = None, record: StepRecord | None = None) -> Cgroup:
+        """The existing cgroup ``stages-<name>`` below our own cgroup (made earlier, perhaps elsewhere).
+
+        Raises :class:`CgroupError` if no hierarchy has it.
+        """
+        full = name if name.startswith(PREFIX) else PREFIX + name
+        layout = detect()
+        cgroup = cls(full, {}, {}, record=record, layout=layout)
+        for controller, hierarchy in layout.controllers.items():
+            base = parent.directories.get(controller) if parent else os.path.join(hierarchy.own_directory,
+                                                                                  PARENT)
+            if base and os.path.isdir(os.path.join(base, full)):
+                cgroup.directories[controller] = os.path.join(base, full)
+                cgroup.versions[controller] = hierarchy.version
+                if parent is None and base not in cgroup.managed_parents:
+                    cgroup.managed_parents.append(base)
+        if not cgroup.directories:
+            raise CgroupError(f"there is no cgroup named {full}", "list them with cgroups.find()")
+        return cgroup
+
+    # -- recorded writes ---------------------------------------------------------------------------
+    def _step(self, shell: str, what: str = "", where: str = "host"):
+        if self.record is not None:
+            return self.record.step(shell, what=what, where=where)
+        return steps.record(shell, what=what, where=where)
+
+    def _write(self, path: str, value: str, what: str = "", where: str = "host") -> None:
+        with self._step(f"echo {value} > {path}", what=what, where=where):
+            try:
+                # one write(2) per value: the kernel parses each write on its own (cgroups(7))
+                with open(path, "w") as handle:
+                    handle.write(value)
+            except OSError as error:
+                raise _explain(error, f"writing {value!r} to {path}") from error
+
+    def _mkdir(self, path: str, what: str = "") -> None:
+        what = what or "a new cgroup: the kernel fills the directory with files"
+        with self._step(f"mkdir {path}", what=what):
+            try:
+                os.mkdir(path)
+            except FileExistsError as error:
+                if os.path.basename(path) == PARENT:
+                    raise CgroupError(f"{path} exists already", "") from error
+                raise CgroupError(
+                    f"a cgroup named {os.path.basename(path)} exists already ({path})",
+                    "pick another name, or remove the leftover with stages.isolate.cgroups.cleanup()",
+                ) from error
+            except OSError as error:
+                raise _explain(error, f"making the cgroup {path}") from error
+
+    # -- files --------------------------------------------------------------------------------------
+    def directory(self, controller: str) -> str:
+        """This cgroup's directory in the hierarchy that holds ``controller``."""
+        if controller not in self.directories:
+            why = self.layout.missing.get(controller) if self.layout else None
+            raise CgroupError(
+                f"the cgroup {self.name} has no {controller} controller"
+                + (f": {why}" if why else ""),
+                f"create it with controllers including {controller!r}, on a machine that has it",
+            )
+        return self.directories[controller]
+
+    def file(self, controller: str, name: str) -> str:
+        """The path of one control file, e.g. ``file("memory", "memory.max")``."""
+        return os.path.join(self.directory(controller), name)
+
+    @property
+    def version(self) -> int:
+        """2 if any controller of this cgroup is on the unified hierarchy, else 1."""
+        return 2 if 2 in self.versions.values() else 1
+
+    def unique_directories(self) -> list[str]:
+        """Our directory in each hierarchy, each once."""
+        return list(dict.fromkeys(self.directories.values()))
+
+    # -- limits -------------------------------------------------------------------------------------
+    def set_memory(self, limit: int | str) -> int:
+        """Limit memory (RAM, and swap: none beyond the limit) to ``limit`` bytes or a size like ``"64M"``.
+
+        v2 writes ``memory.max`` and ``memory.swap.max`` = 0; v1 ``memory.limit_in_bytes`` and, where the
+        kernel accounts swap, ``memory.memsw.limit_in_bytes`` (RAM plus swap) to the same number, so the
+        cgroup cannot dodge its limit by swapping. Returns the limit in bytes.
+        """
+        number = parse_memory(limit) if isinstance(limit, str) else int(limit)
+        if number <= 0:
+            raise LimitError(f"a memory limit must be more than 0 bytes, not {limit}", "for instance 64M")
+        directory = self.directory("memory")
+        if self.versions["memory"] == 2:
+            self._write(f"{directory}/memory.max", str(number), what=f"at most {format_bytes(number)} of RAM")
+            if os.path.exists(f"{directory}/memory.swap.max"):
+                self._write(f"{directory}/memory.swap.max", "0", what="and no swap, or the limit leaks")
+            return number
+        memsw = f"{directory}/memory.memsw.limit_in_bytes"
+        limit_file = f"{directory}/memory.limit_in_bytes"
+        if not os.path.exists(memsw):
+            self._write(limit_file, str(number), what=f"at most {format_bytes(number)} of RAM")
+            return number
+        # v1 insists memsw >= limit at every moment: lower the RAM limit first, raise the swap one first.
+        current = _number(limit_file)
+        pair = [(limit_file, f"at most {format_bytes(number)} of RAM"),
+                (memsw, "RAM plus swap: the same number, so no swap")]
+        if current is not None and number > current:
+            pair.reverse()
+        for path, what in pair:
+            self._write(path, str(number), what=what)
+        return number
+
+    def set_pids(self, limit: int | str) -> int:
+        """Allow at most ``limit`` processes and threads (``pids.max``); one more fork(2) fails EAGAIN."""
+        number = parse_pids(limit)
+        self._write(self.file("pids", "pids.max"), str(number),
+                    what=f"at most {number} processes; one more fork fails with EAGAIN")
+        return number
+
+    def set_cpus(self, cpus: float | str) -> float:
+        """Allow ``cpus`` CPUs' worth of time per period: 0.5 is 50 ms of every 100 ms (CFS bandwidth).
+
+        v2 writes ``cpu.max`` as ``"quota period"``; v1 ``cpu.cfs_period_us`` then ``cpu.cfs_quota_us``.
+        """
+        number = parse_cpus(cpus)
+        quota = int(round(number * CPU_PERIOD_US))
+        what = f"{quota // 1000} ms of CPU time every {CPU_PERIOD_US // 1000} ms: {number:g} CPU"
+        if self.versions.get("cpu") == 2:
+            self._write(self.file("cpu", "cpu.max"), f"{quota} {CPU_PERIOD_US}", what=what)
+        else:
+            self._write(self.file("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US), what="the period")
+            self._write(self.file("cpu", "cpu.cfs_quota_us"), str(quota), what=what)
+        return number
+
+    # -- processes ----------------------------------------------------------------------------------
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` into this cgroup, in every hierarchy (``echo PID > cgroup.procs``).
+
+        Its children inherit the cgroup from then on; memory it allocated before stays charged where it
+        was (cgroups(7)), so add a process before it does the work you want to limit.
+        """
+        if self.removed:
+            raise CgroupError(f"the cgroup {self.name} has been removed", "create a new one")
+        for directory in self.unique_directories():
+            self._write(os.path.join(directory, "cgroup.procs"), str(int(pid)),
+                        what=f"move process {pid} in; its children follow", where="outside")
+
+    def pids(self) -> list[int]:
+        """Every process in this cgroup and the cgroups below it, in any hierarchy."""
+        found: set[int] = set()
+        for directory in self.unique_directories():
+            for top, _, _ in os.walk(directory):
+                found.update(_procs(top))
+        return sorted(found)
+
+    def kill(self, timeout: float = 5.0) -> list[int]:
+        """SIGKILL every process in the cgroup; returns the PIDs that were in it.
+
+        v2 kernels from 5.14 do it in one write to ``cgroup.kill``, which also catches processes forked
+        meanwhile; elsewhere we send SIGKILL to each PID in ``cgroup.procs`` and look again, until it is
+        empty (a fork bomb can fork between our read and our kill, but pids.max keeps that finite).
+        """
+        victims: set[int] = set()
+        deadline = time.monotonic() + timeout
+        v2_kill = [os.path.join(d, "cgroup.kill") for c, d in self.directories.items()
+                   if self.versions[c] == 2 and os.path.exists(os.path.join(d, "cgroup.kill"))]
+        first = self.pids()
+        if not first:
+            return []
+        victims.update(first)
+        for path in dict.fromkeys(v2_kill):
+            self._write(path, "1", what="kill every process in the cgroup and below it, at once")
+        while True:
+            left = self.pids()
+            if not left:
+                break
+            if not v2_kill or time.monotonic() > deadline - timeout / 2:
+                with self._step("kill -KILL " + " ".join(map(str, left)),
+                                what="kill each process the cgroup holds"):
+                    for pid in left:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+            victims.update(left)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        return sorted(victims)
+
+    def wait_empty(self, timeout: float = 5.0) -> bool:
+        """Wait until no process is left in the cgroup; True if it emptied in time."""
+        deadline = time.monotonic() + timeout
+        while self.pids():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """Kill what is left inside, wait until it is empty, and remove the directories, children first.
+
+        Safe to call twice, and on a half-made cgroup. Also removes the ``stages`` parent if that leaves
+        it empty (another stages cgroup still in it keeps it).
+        """
+        if self.removed:
+            return
+        existing = [d for d in self.unique_directories() if os.path.isdir(d)]
+        if existing:
+            self.kill(timeout=timeout)
+            if not self.wait_empty(timeout):
+                left = self.pids()
+                raise CgroupError(
+                    f"the cgroup {self.name} still holds processes {' '.join(map(str, left))} after SIGKILL",
+                    "a killed process stays until its parent wait()s for it: wait for your child processes, "
+                    "then call remove() again",
+                )
+        for directory in existing:
+            for top, _, _ in sorted(os.walk(directory, topdown=False), key=lambda item: -len(item[0])):
+                _rmdir(self, top)
+        self.removed = True
+        for parent in self.managed_parents:
+            _remove_empty_parent(self, parent)
+
+    def __enter__(self) -> Cgroup:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    # -- counters -----------------------------------------------------------------------------------
+    def memory_current(self) -> int:
+        """Bytes of memory charged to the cgroup now (v2 memory.current, v1 memory.usage_in_bytes): cheap."""
+        directory = self.directory("memory")
+        name = "memory.current" if self.versions["memory"] == 2 else "memory.usage_in_bytes"
+        return _number(os.path.join(directory, name)) or 0
+
+    def stats(self) -> CgroupStats:
+        """Read the kernel's counters for this cgroup (see :class:`CgroupStats`)."""
+        result = CgroupStats()
+        if "memory" in self.directories:
+            directory = self.directories["memory"]
+            if self.versions["memory"] == 2:
+                events = _keyed(f"{directory}/memory.events")
+                result.memory_current = _number(f"{directory}/memory.current")
+                result.memory_peak = _number(f"{directory}/memory.peak")
+                result.memory_max = _number(f"{directory}/memory.max")
+                result.memory_limit_hits = events.get("max")
+                result.oom_kills = events.get("oom_kill")
+            else:
+                control = _keyed(f"{directory}/memory.oom_control")
+                result.memory_current = _number(f"{directory}/memory.usage_in_bytes")
+                result.memory_peak = _number(f"{directory}/memory.max_usage_in_bytes")
+                result.memory_max = _number(f"{directory}/memory.limit_in_bytes")
+                result.memory_limit_hits = _number(f"{directory}/memory.failcnt")
+                result.oom_kills = control.get("oom_kill")
+                result.under_oom = bool(control["under_oom"]) if "under_oom" in control else None
+        if "pids" in self.directories:
+            directory = self.directories["pids"]
+            result.pids_current = _number(f"{directory}/pids.current")
+            result.pids_max = _number(f"{directory}/pids.max")
+            result.pids_limit_hits = _keyed(f"{directory}/pids.events").get("max")
+        if "cpu" in self.directories:
+            directory = self.directories["cpu"]
+            stat = _keyed(f"{directory}/cpu.stat")
+            result.cpu_periods = stat.get("nr_periods")
+            result.cpu_throttled = stat.get("nr_throttled")
+            if "throttled_usec" in stat:
+                result.cpu_throttled_usec = stat["throttled_usec"]
+            elif "throttled_time" in stat:  # v1 counts nanoseconds
+                result.cpu_throttled_usec = stat["throttled_time"] // 1000
+            if "usage_usec" in stat:
+                result.cpu_usage_usec = stat["usage_usec"]
+            else:
+                usage = _number(f"{directory}/cpuacct.usage")  # v1, when cpu and cpuacct share a hierarchy
+                result.cpu_usage_usec = usage // 1000 if usage is not None else None
+        return result
+
+    def files(self) -> dict[str, list[str]]:
+        """The control files the kernel made in each of our directories, for a learner to look at."""
+        return {d: sorted(os.listdir(d)) for d in self.unique_directories() if os.path.isdir(d)}
+
+
+# -- helpers shared with cleanup -----------------------------------------------------------------------
+def _procs(directory: str) -> list[int]:
+    try:
+        return [int(line) for line in _read(os.path.join(directory, "cgroup.procs")).split()]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def _explain(error: OSError, doing: str) -> CgroupError:
+    """An OSError from a cgroup file, as one sentence with a fix."""
+    code = error.errno
+    if code in (errno.EPERM, errno.EACCES):
+        hint = "cgroup files belong to root: run as root (sudo), or inside the workshop VM"
+    elif code == errno.EROFS:
+        hint = "the cgroup file system is mounted read-only here (as in many containers); use the workshop VM"
+    elif code == errno.ENOENT:
+        hint = "the cgroup or the file is not there: was it removed, or does this kernel lack the controller?"
+    elif code == errno.EINVAL:
+        hint = "the kernel did not accept that value for this file; see cgroups(7) for what it expects"
+    elif code == errno.ESRCH:
+        hint = "no such process: it has exited already"
+    elif code == errno.EBUSY:
+        hint = "the cgroup is in use: processes or child cgroups are still in it"
+    else:
+        hint = "see cgroups(7)"
+    return CgroupError(f"{doing} failed: {os.strerror(code) if code else error}", hint)
+
+
+def _rmdir(owner: Cgroup | None, path: str) -> bool:
+    """rmdir(2) a cgroup (the kernel allows it once it holds no process and no child cgroup)."""
+    shell = f"rmdir {path}"
+    context = owner._step(shell, what="remove the cgroup") if owner else steps.record(shell)
+    with context:
+        for attempt in range(50):
+            try:
+                os.rmdir(path)
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError as error:
+                # a process that just died can hold the cgroup for a moment longer
+                if error.errno == errno.EBUSY and attempt < 49:
+                    time.sleep(0.02)
+                    continue
+                raise _explain(error, f"removing the cgroup {path}") from error
+    return False
+
+
+def _remove_empty_parent(owner: Cgroup | None, parent: str) -> None:
+    """Remove the stages-owned ``stages`` directory if nothing is left in it; never anything else."""
+    if os.path.basename(parent) != PARENT or not os.path.isdir(parent):
+        return
+    if any(entry.is_dir() for entry in os.scandir(parent)):
+        return
+    try:
+        os.rmdir(parent)
+    except OSError:
+        return  # another stages cgroup appeared meanwhile, or a process: it stays, as it should
+    with (owner._step(f"rmdir {parent}", what="the stages parent, now empty") if owner
+          else steps.record(f"rmdir {parent}")):
+        pass
+
+
+def _stages_parents() -> Iterator[str]:
+    """``<own cgroup>/stages`` in each hierarchy that holds one of our controllers, when it exists."""
+    for directory in dict.fromkeys(h.own_directory for h in detect().controllers.values()):
+        parent = os.path.join(directory, PARENT)
+        if os.path.isdir(parent):
+            yield parent
+
+
+def find() -> list[str]:
+    """The names of the ``stages-*`` cgroups below our own cgroup, in any hierarchy."""
+    names: set[str] = set()
+    for parent in _stages_parents():
+        names.update(e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(PREFIX))
+    return sorted(names)
+
+
+def cleanup(names: Iterable[str] | None = None, *, record: StepRecord | None = None) -> list[str]:
+    """Remove leftover ``stages-*`` cgroups whose processes are all gone; return the names removed.
+
+    For after a crash or a SIGKILL of an isolate: the processes died, the directories stayed. Only looks
+    in the ``stages`` directory below our own cgroup, only at names with our prefix, and leaves every
+    cgroup that still holds a process alone. ``names`` (with or without the prefix) limits it to those;
+    without it, every empty ``stages-*`` cgroup goes, so call it that way only when no other stages
+    program is starting one at the same moment.
+    """
+    wanted = None if names is None else {n if n.startswith(PREFIX) else PREFIX + n for n in names}
+    owner = Cgroup("cleanup", {}, {}, record=record) if record is not None else None
+    removed: set[str] = set()
+    busy: set[str] = set()
+    parents = list(_stages_parents())
+    for parent in parents:
+        for entry in os.scandir(parent):
+            if not entry.is_dir() or not entry.name.startswith(PREFIX):
+                continue
+            if wanted is not None and entry.name not in wanted:
+                continue
+            tree = sorted(os.walk(entry.path, topdown=False), key=lambda item: -len(item[0]))
+            if any(_procs(top) for top, _, _ in tree):
+                busy.add(entry.name)
+                continue
+            try:
+                for top, _, _ in tree:
+                    _rmdir(owner, top)
+            except CgroupError:
+                busy.add(entry.name)
+                continue
+            removed.add(entry.name)
+    for parent in parents:
+        _remove_empty_parent(owner, parent)
+    return sorted(removed - busy)
