@@ -331,10 +331,25 @@ def check_controller(controller: str) -> Check:
         os.rmdir(probe_dir)  # empty: no process ever joined it
     if has_limit:
         return Check(label, True, f"{where}: a cgroup made below ours ({ours}) had {limit_file}; removed")
-    # cgroup v2: a child gets a controller only if its parent lists it in cgroup.subtree_control.
-    return Check(label, False, f"{where}: a cgroup below {own} has no {limit_file}: the controller is not "
-                 f"enabled for children of {own}",
-                 f"enable it: echo +{controller} > {own}/cgroup.subtree_control")
+    # cgroup v2: a child gets a controller only if its parent lists it in cgroup.subtree_control, and a
+    # cgroup other than the root may not both hold processes and enable controllers for children (the
+    # "no internal processes" rule, cgroups(7)). The doctor writes nothing there; it tells what will work.
+    try:
+        with open(os.path.join(own, "cgroup.controllers")) as handle:
+            available = handle.read().split()
+    except OSError:
+        available = []
+    if controller in available and ours == "/":
+        return Check(label, True, f"{where}: we are in the root cgroup, which may enable {controller} for "
+                     f"a cgroup of ours (echo +{controller} > cgroup.subtree_control)")
+    if controller in available:
+        return Check(label, False, f"{where}: our cgroup {ours} holds processes, so cgroup v2 will not hand "
+                     f"{controller} down to a cgroup below it (no internal processes, cgroups(7))",
+                     "run from a delegated cgroup (systemd-run --scope -p Delegate=yes ...) or from the root "
+                     "cgroup, as the workshop VM does")
+    return Check(label, False, f"{where}: {controller} is not enabled for our cgroup {ours} by its parent",
+                 f"enable it in the parent: echo +{controller} > "
+                 f"{os.path.dirname(own)}/cgroup.subtree_control")
 
 
 def check_cgroups() -> list[Check]:

@@ -183,3 +183,25 @@ def test_required_failures_fail_and_notes_do_not():
     assert not doctor.passed(failing)
     text = doctor.report(failing)
     assert "✗ c" in text and "fix: apt-get install -y c" in text and "1 of 2 required checks failed" in text
+
+
+@pytest.mark.parametrize("ours, available, ok, words", [
+    ("/", "memory pids cpu", True, "root cgroup"),
+    ("/user.slice/session-1.scope", "memory pids cpu", False, "no internal processes"),
+    ("/user.slice/session-1.scope", "pids", False, "not enabled for our cgroup"),
+])
+def test_cgroup_v2_without_the_controller_below_us_says_why(tmp_path, monkeypatch, ours, available, ok,
+                                                            words):
+    # A stand-in for a cgroup v2 machine such as the workshop VM: a directory tree with the files the
+    # kernel would show. The probe cgroup made in it has no memory.max, as when the parent does not
+    # enable memory for its children.
+    own = tmp_path / ours.lstrip("/")
+    own.mkdir(parents=True, exist_ok=True)
+    (own / "cgroup.controllers").write_text(available + "\n")
+    fake = doctor._Hierarchy("v2", str(tmp_path), tuple(available.split()), "/")
+    monkeypatch.setattr(doctor, "_controller_hierarchy", lambda controller: fake)
+    monkeypatch.setattr(observe, "cgroups_of", lambda pid="self": {"": ours})
+    check = doctor.check_controller("memory")
+    assert check.ok is ok and words in check.detail, check
+    assert not check.ok or not check.fix
+    assert sorted(os.listdir(own)) == ["cgroup.controllers"]  # the probe cgroup was removed
