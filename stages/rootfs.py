@@ -496,6 +496,9 @@ def shared_libraries(program: str) -> list[str]:
     if interpreter is None:
         return paths
     paths.append(interpreter)
+    if not shutil.which("ldd"):
+        raise RootfsError("ldd is not installed, so stages cannot tell which libraries a program needs",
+                          "apt-get install libc-bin, or build the busybox rootfs instead")
     with steps.record(f"ldd {program}", what="which shared libraries it loads"):
         result = subprocess.run(["ldd", program], capture_output=True, text=True,
                                 env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")})

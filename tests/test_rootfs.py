@@ -446,6 +446,9 @@ def test_a_directory_that_is_not_ours_is_never_clobbered(tmp_path):
             rootfs.build(precious, force=force)
         assert "new or empty directory" in caught.value.hint
     assert snapshot_tree(precious) == before
+    info = rootfs.describe(precious)
+    assert not info["rootfs"] and info["files"] == 1 and not info["shell"]
+    assert snapshot_tree(precious) == before
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(RootfsError, match="is a file"):
