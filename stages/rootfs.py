@@ -375,7 +375,7 @@ def build(directory: str | os.PathLike, source: str | os.PathLike = "busybox", *
         if kind == "busybox":
             marker["busybox"] = _build_busybox(root, commands)
         elif kind == "host":
-            marker["commands"] = _build_host(root, commands)
+            marker["programs"] = _build_host(root, commands)
         else:
             marker["warnings"] = extract(source, root)
         marker["seconds"] = round(time.perf_counter() - start, 4)
@@ -892,7 +892,7 @@ def describe(directory: str | os.PathLike) -> dict:
         "tarball": marker.get("tarball"),
         "built": marker.get("built"),
         "seconds": marker.get("seconds"),
-        "commands": marker.get("commands"),
+        "commands": marker.get("programs") or marker.get("commands"),
         "files": files,
         "directories": directories,
         "symlinks": links,

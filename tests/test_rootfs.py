@@ -170,6 +170,10 @@ def test_host_rootfs_library_closure_is_complete(host_rootfs):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[:4] == ["hi", "stages", "0", "Linux"]
     assert rootfs.describe(host_rootfs)["commands"] == list(rootfs.HOST_COMMANDS)
+    # Building the same again does nothing.
+    marker = (host_rootfs / rootfs.MARKER).stat().st_ino
+    rootfs.build(host_rootfs, "host")
+    assert (host_rootfs / rootfs.MARKER).stat().st_ino == marker
 
 
 def test_host_rootfs_keeps_the_loader_at_its_absolute_path(host_rootfs):
