@@ -330,7 +330,8 @@ class CgroupStats:
 
     - ``memory_current``, ``memory_peak``, ``memory_max``: bytes in use now, the most ever, the limit
       (v2 memory.current/peak/max; v1 memory.usage_in_bytes/max_usage_in_bytes/limit_in_bytes).
-    - ``memory_limit_hits``: how often usage hit the limit (v2 memory.events ``max``; v1 memory.failcnt).
+    - ``memory_limit_hits``: how often usage hit the limit (v2 memory.events ``max``; v1 memory.failcnt
+      plus memory.memsw.failcnt).
     - ``oom_kills``: processes the OOM killer killed in this cgroup (v2 memory.events ``oom_kill``;
       v1 memory.oom_control ``oom_kill``); ``under_oom`` (v1) whether it is out of memory right now.
     - ``pids_current``, ``pids_max``, ``pids_limit_hits``: processes now, the limit, how often a fork was
@@ -781,7 +782,9 @@ class Cgroup:
                 result.memory_current = _number(f"{directory}/memory.usage_in_bytes")
                 result.memory_peak = _number(f"{directory}/memory.max_usage_in_bytes")
                 result.memory_max = _number(f"{directory}/memory.limit_in_bytes")
-                result.memory_limit_hits = _number(f"{directory}/memory.failcnt")
+                # a charge that fails trips one counter: RAM+swap (memsw, tried first) or RAM alone
+                hits = [_number(f"{directory}/memory.failcnt"), _number(f"{directory}/memory.memsw.failcnt")]
+                result.memory_limit_hits = None if hits[0] is None else sum(h or 0 for h in hits)
                 result.oom_kills = control.get("oom_kill")
                 result.under_oom = bool(control["under_oom"]) if "under_oom" in control else None
         if "pids" in self.directories:
