@@ -34,6 +34,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import shutil
 import stat
 import struct
@@ -44,7 +45,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from stages import steps
+from stages import observe, steps
 from stages.errors import RootfsError, UnsafeArchiveError
 
 log = logging.getLogger(__name__)
@@ -101,28 +102,15 @@ def human_size(count: int) -> str:
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    lines = " ".join(_quote(line) for line in text.rstrip("\n").split("\n"))
+    lines = " ".join(shlex.quote(line) for line in text.rstrip("\n").split("\n"))
     with steps.record(f"printf '%s\\n' {lines} > {path}", what=f"write {path.name}"):
         path.write_text(text)
         path.chmod(mode)
 
 
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
-
-
-def _mount_points() -> list[str]:
-    with open("/proc/self/mountinfo") as handle:
-        points = [line.split(" ")[4] for line in handle]
-    return [p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-            for p in points]
-
-
 def _mounts_below(root: Path) -> list[str]:
     prefix = str(root).rstrip("/") + "/"
-    return sorted(point for point in _mount_points() if point.startswith(prefix))
+    return sorted(mount.target for mount in observe.mounts() if mount.target.startswith(prefix))
 
 
 def _empty(root: Path) -> None:
@@ -592,33 +580,31 @@ def _build_host(root: Path, commands: Iterable[str] | None) -> list[str]:
 
 
 # == tarballs ========================================================================================
-def _open_archive(archive: str) -> contextlib.AbstractContextManager:
-    @contextlib.contextmanager
-    def opened() -> Iterator[tarfile.TarFile]:
-        if archive.endswith((".zst", ".tzst")):
-            zstd = shutil.which("zstd")
-            if not zstd:
-                raise RootfsError(f"{archive} is compressed with zstd, which is not installed",
-                                  "apt-get install zstd, or give a .tar.gz or .tar.xz")
-            process = subprocess.Popen([zstd, "-dcq", "--", archive], stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL)
-            try:
-                with tarfile.open(fileobj=process.stdout, mode="r|") as tar:
-                    yield tar
-            finally:
-                process.stdout.close()
-                process.kill()
-                process.wait()
-            return
+@contextlib.contextmanager
+def _open_archive(archive: str) -> Iterator[tarfile.TarFile]:
+    """The open archive: Python's tarfile decompresses gzip, bzip2 and xz itself; zstd(1) does zstd."""
+    if archive.endswith((".zst", ".tzst")):
+        zstd = shutil.which("zstd")
+        if not zstd:
+            raise RootfsError(f"{archive} is compressed with zstd, which is not installed",
+                              "apt-get install zstd, or give a .tar.gz or .tar.xz")
+        process = subprocess.Popen([zstd, "-dcq", "--", archive], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
         try:
-            tar = tarfile.open(archive, mode="r:*")
-        except (tarfile.TarError, OSError, EOFError) as error:
-            raise RootfsError(f"{archive} is not a tar archive stages can read ({error})",
-                              "give a .tar, .tar.gz, .tgz, .tar.xz or .tar.zst file") from None
-        with tar:
-            yield tar
-
-    return opened()
+            with tarfile.open(fileobj=process.stdout, mode="r|") as tar:
+                yield tar
+        finally:
+            process.stdout.close()
+            process.kill()
+            process.wait()
+        return
+    try:
+        tar = tarfile.open(archive, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise RootfsError(f"{archive} is not a tar archive stages can read ({error})",
+                          "give a .tar, .tar.gz, .tgz, .tar.xz or .tar.zst file") from None
+    with tar:
+        yield tar
 
 
 def _entry_parts(name: str, archive: str) -> list[str]:
