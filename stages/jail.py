@@ -184,7 +184,9 @@ def _enter_jail(root: str, cwd: str, mount_proc: bool, shell: str, report: int) 
         payload = {"errno": error.errno, "error": str(error.strerror or error)}
         raise
     finally:
-        payload["steps"] = record.to_dicts()
+        # vars() rather than record.to_dicts(): its deep copy touches many objects, and in a forked child
+        # every page touched is a page copied.
+        payload["steps"] = [dict(vars(item)) for item in record.steps]
         os.write(report, json.dumps(payload).encode())
 
 
@@ -473,10 +475,6 @@ def climb_out(target_path: str, *, scratch: str = "/.stages-escape") -> bytes:
     because the old root is not reachable any more; then ``target_path`` is simply not there and this
     raises :class:`FileNotFoundError`. A missing CAP_SYS_CHROOT raises :class:`PermissionError`.
     """
-    return _climb(target_path, scratch)[0]
-
-
-def _climb(target_path: str, scratch: str) -> tuple[bytes, int]:
     jail_root = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
     made = False
     try:
@@ -503,7 +501,7 @@ def _climb(target_path: str, scratch: str) -> tuple[bytes, int]:
         kernel.chroot(".", what="make the real root our root again")
         with steps.record(f"cat {target_path}", what="read the host file", where="inside"):
             with open(target_path, "rb") as handle:
-                return handle.read(), levels
+                return handle.read()
     finally:
         if made:
             os.rmdir(scratch.lstrip("/"), dir_fd=jail_root)
@@ -527,8 +525,10 @@ def _escape_child() -> None:
                     item.what = "by its path from inside the jail: this is the rootfs's own file"
             except OSError:
                 pass
-            content, result["levels"] = _climb(target, "/.stages-escape")
+            content = climb_out(target)
             result["content"] = content.decode("utf-8", "replace")
+            result["levels"] = next((item.shell.count("..") for item in record.steps
+                                     if item.shell.startswith("cd ..")), 0)
         except OSError as error:
             result["error"] = str(error)
     result["steps"] = record.to_dicts()
