@@ -30,6 +30,7 @@ single-threaded) instead of a forked copy of the caller.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -42,6 +43,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,7 +270,8 @@ def run(rootfs: str | os.PathLike, command: str | Sequence[str], *, mount_proc: 
     record.extend(_read_report(report_read).get("steps", []))
 
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
+        with _terminal_keys_go_to(process, owned=not capture):
+            stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -283,6 +286,26 @@ def run(rootfs: str | os.PathLike, command: str | Sequence[str], *, mount_proc: 
         raise
     decode = (lambda data: data.decode("utf-8", "replace")) if capture else (lambda data: None)
     return JailResult(process.returncode, decode(stdout), decode(stderr), record)
+
+
+@contextlib.contextmanager
+def _terminal_keys_go_to(process: subprocess.Popen, owned: bool):
+    """While a command owns the terminal, Ctrl-C and Ctrl-\\ are its keys, not ours.
+
+    The terminal sends SIGINT to the whole foreground process group: the jailed command and this parent.
+    Like a shell waiting for its foreground job, the parent ignores it meanwhile, so that Ctrl-C at a
+    jailed ``sh`` prompt does what it does in any shell, and a command that dies of it reports it in its
+    exit status. (Only the main thread may change signal handlers; elsewhere nothing changes.)
+    """
+    if not owned or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _child_error(root: Path, report: dict, cwd: str) -> StagesError:

@@ -394,15 +394,60 @@ def test_cli_default_rootfs(python, tmp_path):
 
 
 def test_cli_ctrl_c_stops_the_command_and_leaves_nothing(busybox_rootfs, python):
+    # A terminal's Ctrl-C is SIGINT to the whole foreground process group: the CLI and the jailed command.
     process = subprocess.Popen([python, "-m", "stages.cli", "jail", str(busybox_rootfs), "--proc", "--",
                                 "sleep", "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, start_new_session=True)
     deadline = time.monotonic() + 10
     while not [c for c in psutil.Process(process.pid).children() if c.name() == "sleep"]:
         assert time.monotonic() < deadline, "the jailed sleep never started"
         time.sleep(0.02)
-    process.send_signal(signal.SIGINT)  # to the CLI only, as if the learner's Ctrl-C reached it alone
+    time.sleep(0.1)  # let the CLI reach its wait
+    os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=10)
-    assert process.returncode == 130
-    assert "interrupted" in stderr
+    assert process.returncode == 128 + signal.SIGINT  # the command died of it, and the CLI says so
+    assert stderr == ""
+
+
+def test_ctrl_c_at_a_jailed_shell_is_the_shells(busybox_rootfs, python):
+    # sh survives SIGINT (as at a prompt), so the CLI must too: it waits and returns the shell's status.
+    process = subprocess.Popen([python, "-m", "stages.cli", "jail", str(busybox_rootfs), "--", "sh", "-c",
+                                "trap 'echo caught' INT; sleep 0.5; sleep 0.5; echo still here; exit 5"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not [c for c in psutil.Process(process.pid).children(recursive=True) if c.name() == "sleep"]:
+        assert time.monotonic() < deadline, "the jailed shell never started"
+        time.sleep(0.02)
+    time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=10)
+    assert process.returncode == 5, stderr
+    assert "caught" in stdout and "still here" in stdout
     assert_no_traceback(stderr)
+
+PIVOTED = """
+import os, sys
+from stages import jail, kernel
+root, canary = sys.argv[1], sys.argv[2]
+kernel.unshare(kernel.CLONE_NEWNS)
+kernel.mount(None, "/", flags=kernel.MS_REC | kernel.MS_PRIVATE)
+kernel.mount(root, root, flags=kernel.MS_BIND | kernel.MS_REC)   # pivot_root needs a mount point
+os.chdir(root)
+kernel.pivot_root(".", "tmp")
+kernel.umount("/tmp", kernel.MNT_DETACH)                            # the old root is gone from here on
+try:
+    print("READ", jail.climb_out(canary))
+except FileNotFoundError:
+    print("NOT FOUND")
+"""
+
+
+def test_climb_out_finds_nothing_after_pivot_root(scratch_rootfs, tmp_path, python):
+    # What stage 2 relies on: the same climb, after pivot_root in a mount namespace, stays inside.
+    canary = tmp_path / "canary"
+    canary.write_text("host\n")
+    done = subprocess.run([python, "-c", PIVOTED, str(scratch_rootfs), str(canary)], capture_output=True,
+                          text=True, cwd=REPO, timeout=30)
+    assert done.stdout.strip() == "NOT FOUND", done.stderr
+    assert not (scratch_rootfs / ".stages-escape").exists()
