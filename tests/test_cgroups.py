@@ -224,7 +224,8 @@ def test_a_memory_hog_is_oom_killed_at_32M_and_the_kill_is_counted(cgroup, pytho
     after = cgroup.stats()
     assert after.oom_kills is not None and after.oom_kills >= 1, after
     # usage went right up to the limit and no further
-    assert (31 << 20) <= after.memory_peak <= (32 << 20) + (1 << 20), after
+    if after.memory_peak is not None:  # memory.peak: v1, and v2 from Linux 5.19
+        assert (31 << 20) <= after.memory_peak <= (32 << 20) + (1 << 20), after
     if cgroup.versions["memory"] == 2:
         assert after.memory_limit_hits >= 1, after  # memory.events "max"
     # (v1's memory.failcnt is not asserted: recent kernels, 6.18 here, leave it at 0 on a v1 hierarchy)
@@ -411,6 +412,10 @@ def test_cleanup_removes_what_a_sigkilled_holder_left_and_nothing_alive(python):
         assert not any(os.path.exists(d) for d in left.directories.values())
         assert all(os.path.isdir(d) for d in alive.directories.values())
         assert cgroups.cleanup([alive.name]) == []
+        # unless told to kill: then the process dies first and the cgroup goes
+        assert cgroups.cleanup([alive.name], kill=True) == [alive.name]
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        assert not any(os.path.exists(d) for d in alive.directories.values())
     finally:
         reap(sleeper)
         alive.remove()

@@ -884,6 +884,23 @@ def _stages_parents() -> Iterator[str]:
             yield parent
 
 
+def _kill_tree(owner: Cgroup | None, directories: list[str], timeout: float = 5.0) -> None:
+    """SIGKILL every process in these cgroup directories until they are empty (or ``timeout`` passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = sorted({pid for directory in directories for pid in _procs(directory)})
+        if not left:
+            return
+        shell = "kill -KILL " + " ".join(map(str, left))
+        with owner._step(shell, what="kill what is left") if owner else steps.record(shell):
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.02)
+
+
 def find() -> list[str]:
     """The names of the ``stages-*`` cgroups below our own cgroup, in any hierarchy."""
     names: set[str] = set()
@@ -892,14 +909,16 @@ def find() -> list[str]:
     return sorted(names)
 
 
-def cleanup(names: Iterable[str] | None = None, *, record: StepRecord | None = None) -> list[str]:
+def cleanup(names: Iterable[str] | None = None, *, kill: bool = False,
+            record: StepRecord | None = None) -> list[str]:
     """Remove leftover ``stages-*`` cgroups whose processes are all gone; return the names removed.
 
     For after a crash or a SIGKILL of an isolate: the processes died, the directories stayed. Only looks
     in the ``stages`` directory below our own cgroup, only at names with our prefix, and leaves every
-    cgroup that still holds a process alone. ``names`` (with or without the prefix) limits it to those;
-    without it, every empty ``stages-*`` cgroup goes, so call it that way only when no other stages
-    program is starting one at the same moment.
+    cgroup that still holds a process alone, unless ``kill`` is true and ``names`` names it: then its
+    processes get SIGKILL first (for an isolate whose holder died but whose children did not).
+    ``names`` (with or without the prefix) limits it to those; without it, every empty ``stages-*``
+    cgroup goes, so call it that way only when no other stages program is starting one at that moment.
     """
     wanted = None if names is None else {n if n.startswith(PREFIX) else PREFIX + n for n in names}
     owner = Cgroup("cleanup", {}, {}, record=record) if record is not None else None
@@ -913,6 +932,8 @@ def cleanup(names: Iterable[str] | None = None, *, record: StepRecord | None = N
             if wanted is not None and entry.name not in wanted:
                 continue
             tree = sorted(os.walk(entry.path, topdown=False), key=lambda item: -len(item[0]))
+            if kill and wanted is not None and any(_procs(top) for top, _, _ in tree):
+                _kill_tree(owner, [top for top, _, _ in tree])
             if any(_procs(top) for top, _, _ in tree):
                 busy.add(entry.name)
                 continue
