@@ -440,8 +440,11 @@ def _observe_users(root: Path) -> Observation:
 def _observe_ipc(root: Path) -> Observation:
     made = subprocess.run(["ipcmk", "-Q"], capture_output=True, text=True) if shutil.which("ipcmk") else None
     if made is None or made.returncode != 0:
-        return Observation("System V IPC", "ipcmk (util-linux) is missing: no queue made", "not observed",
-                           False, "install util-linux to observe IPC")
+        # util-linux is essential on Debian and Ubuntu; without ipcmk there is nothing to look for.
+        return Observation("System V IPC", "not observed: ipcmk (util-linux) could not make a queue",
+                           "not observed", False,
+                           "Not observed here (install util-linux). The IPC namespace, not the root "
+                           "directory, decides which message queues a process sees; chroot leaves it shared.")
     queue = made.stdout.strip().split()[-1]
     try:
         inside = run(root, ["cat", "/proc/sysvipc/msg"], mount_proc=True)

@@ -293,20 +293,53 @@ def test_a_missing_working_directory(busybox_rootfs):
         jail.run(busybox_rootfs, ["pwd"], cwd="/no/such")
 
 
+NOEXEC = """
+import os, shutil, sys
+from stages import cli, jail, kernel, rootfs
+import stages.commands.jail
+point, which = sys.argv[1], sys.argv[2]
+# In a mount namespace of this child only, so the host's mount table never sees the tmpfs.
+kernel.unshare(kernel.CLONE_NEWNS)
+kernel.mount(None, "/", flags=kernel.MS_REC | kernel.MS_PRIVATE)
+if which == "rootfs":  # the whole rootfs is on a noexec tmpfs
+    kernel.mount("tmpfs", point, "tmpfs", kernel.MS_NOEXEC, "size=16m")
+    box, command = rootfs.build(os.path.join(point, "box")), "true"
+else:  # an ordinary rootfs, but the command is on a noexec mount below it
+    box, command = point, "/opt/true"
+    os.makedirs(point + "/opt", exist_ok=True)
+    kernel.mount("tmpfs", point + "/opt", "tmpfs", kernel.MS_NOEXEC, "size=16m")
+    shutil.copy("/bin/busybox", point + "/opt/true")
+try:
+    jail.run(box, [command])
+except Exception as error:
+    print(type(error).__name__, error.message)
+    print("HINT", error.hint)
+sys.stdout.flush()
+sys.exit(cli.main(["jail", str(box), "--", command]))
+"""
+
+
 def test_a_rootfs_on_a_noexec_filesystem(tmp_path, python):
     point = tmp_path / "noexec"
     point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=16m", "tmpfs", str(point)], check=True)
-    try:
-        box = rootfs.build(point / "box")
-        with pytest.raises(RootfsError, match="noexec") as caught:
-            jail.run(box, ["true"])
-        assert "remount,exec" in caught.value.hint
-        done = cli(python, str(box), "--", "true")
-        assert done.returncode == 1 and "noexec" in done.stderr
-        assert_no_traceback(done.stderr)
-    finally:
-        subprocess.run(["umount", str(point)], check=True)
+    done = subprocess.run([python, "-c", NOEXEC, str(point), "rootfs"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    error, hint = done.stdout.splitlines()[:2]
+    assert error.startswith("RootfsError ") and "mounted noexec" in error, done.stderr
+    assert "remount,exec" in hint
+    assert done.returncode == 1 and "noexec" in done.stderr and "hint:" in done.stderr
+    assert_no_traceback(done.stderr)
+    assert os.listdir(point) == []  # the tmpfs was only ever mounted in the child
+
+
+def test_a_command_on_a_noexec_mount_inside_the_rootfs(scratch_rootfs, python):
+    # /bin/sh is fine, the command is not: the noexec check is made for the command too.
+    done = subprocess.run([python, "-c", NOEXEC, str(scratch_rootfs), "command"], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    assert done.stdout.startswith("RootfsError the rootfs"), (done.stdout, done.stderr)
+    assert f"mounted noexec ({scratch_rootfs}/opt)" in done.stdout
+    assert done.returncode == 1 and "remount,exec" in done.stderr
+    assert_no_traceback(done.stderr)
 
 
 NOT_ROOT = """
