@@ -561,12 +561,14 @@ def _escape_child() -> None:
     os.write(1, json.dumps(result).encode())
 
 
-def escape(rootfs: str | os.PathLike, host_path: str | os.PathLike, *, timeout: float = 30) -> EscapeResult:
+def escape(rootfs: str | os.PathLike, host_path: str | os.PathLike, *, record: StepRecord | None = None,
+           timeout: float = 30) -> EscapeResult:
     """Have root inside a chroot jail on ``rootfs`` break out and read ``host_path``, a host file.
 
     A fresh child process chroots into the rootfs, tries ``host_path`` by name (not there: that is what
     chroot hides), then runs :func:`climb_out` and reads it anyway. The calling process is not changed.
-    The rootfs is left as it was (the scratch directory is removed).
+    The rootfs is left as it was (the scratch directory is removed). The steps, as shell commands, are
+    appended to ``record`` (a new one if None).
     """
     _require_root("the chroot escape")
     root = rootfs_module.check(rootfs)
@@ -577,14 +579,18 @@ def escape(rootfs: str | os.PathLike, host_path: str | os.PathLike, *, timeout: 
     package_parent = str(Path(__file__).resolve().parent.parent)
     code = (f"import sys; sys.path.insert(0, {package_parent!r}); "
             "from stages.jail import _escape_child; _escape_child()")
-    done = subprocess.run([sys.executable, "-S", "-c", code, str(root), target], capture_output=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    try:
+        done = subprocess.run([sys.executable, "-S", "-c", code, str(root), target], capture_output=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise JailTimeoutError(f"the escape did not finish within {timeout} s and was stopped",
+                               "is the machine very busy? try again with a larger timeout") from None
     try:
         report = json.loads(done.stdout)
     except ValueError:
         raise StagesError(f"the escape child failed (exit {done.returncode}): "
                           f"{done.stderr.decode(errors='replace').strip()[-300:]}") from None
-    record = StepRecord(title=f"root escapes the chroot jail {root}")
+    record = record if record is not None else StepRecord(title=f"root escapes the chroot jail {root}")
     record.extend(report["steps"])
     try:
         with open(target, "rb") as handle:
