@@ -465,10 +465,18 @@ class Cgroup:
                     if hierarchy.version == 2:
                         # the parent is ours; if it holds a process this is where the rule bites
                         self._enable(base, [c for c in wanted if layout.controllers[c].version == 2])
+                    directory = os.path.join(base, self.name)
+                    self._mkdir(directory)
                 else:
-                    base = self._stages_parent(hierarchy, wanted, layout)
-                directory = os.path.join(base, self.name)
-                self._mkdir(directory)
+                    for attempt in range(5):
+                        directory = os.path.join(self._stages_parent(hierarchy, wanted, layout), self.name)
+                        try:
+                            self._mkdir(directory)
+                            break
+                        except CgroupError as error:
+                            # another stages program removed the empty shared parent just now: again
+                            if attempt == 4 or not isinstance(error.__cause__, FileNotFoundError):
+                                raise
                 made[key] = directory
             self.directories[controller] = made[key]
             self.versions[controller] = hierarchy.version
@@ -863,9 +871,12 @@ def _rmdir(owner: Cgroup | None, path: str) -> bool:
 
 def _remove_empty_parent(owner: Cgroup | None, parent: str) -> None:
     """Remove the stages-owned ``stages`` directory if nothing is left in it; never anything else."""
-    if os.path.basename(parent) != PARENT or not os.path.isdir(parent):
+    if os.path.basename(parent) != PARENT:
         return
-    if any(entry.is_dir() for entry in os.scandir(parent)):
+    try:
+        if any(entry.is_dir() for entry in os.scandir(parent)):
+            return
+    except FileNotFoundError:  # another stages program removed it first
         return
     try:
         os.rmdir(parent)
@@ -901,11 +912,19 @@ def _kill_tree(owner: Cgroup | None, directories: list[str], timeout: float = 5.
         time.sleep(0.02)
 
 
+def _subdirectories(parent: str) -> list[os.DirEntry]:
+    """The ``stages-*`` directories in ``parent``; none if another stages program just removed it."""
+    try:
+        return [e for e in os.scandir(parent) if e.name.startswith(PREFIX) and e.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
 def find() -> list[str]:
     """The names of the ``stages-*`` cgroups below our own cgroup, in any hierarchy."""
     names: set[str] = set()
     for parent in _stages_parents():
-        names.update(e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(PREFIX))
+        names.update(entry.name for entry in _subdirectories(parent))
     return sorted(names)
 
 
@@ -926,9 +945,7 @@ def cleanup(names: Iterable[str] | None = None, *, kill: bool = False,
     busy: set[str] = set()
     parents = list(_stages_parents())
     for parent in parents:
-        for entry in os.scandir(parent):
-            if not entry.is_dir() or not entry.name.startswith(PREFIX):
-                continue
+        for entry in _subdirectories(parent):
             if wanted is not None and entry.name not in wanted:
                 continue
             tree = sorted(os.walk(entry.path, topdown=False), key=lambda item: -len(item[0]))
