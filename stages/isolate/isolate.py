@@ -236,19 +236,22 @@ class Isolate:
 
     @staticmethod
     def _kill_tree(pid: int) -> None:
-        import psutil
-
-        try:
-            holder = psutil.Process(pid)
-            tree = [holder, *holder.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for process in tree:
+        """SIGKILL ``pid`` and every process below it (read from /proc/PID/task/*/children, proc(5))."""
+        tree, queue = [], [pid]
+        while queue:
+            current = queue.pop()
+            tree.append(current)
+            for task in _listdir(f"/proc/{current}/task"):
+                try:
+                    with open(f"/proc/{current}/task/{task}/children") as handle:
+                        queue.extend(int(word) for word in handle.read().split())
+                except OSError:
+                    continue
+        for member in tree:
             try:
-                process.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
+                os.kill(member, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
-        psutil.wait_procs(tree[1:], timeout=5)
 
     # == talking to the holder =====================================================================
     def _request(self, op: str, **arguments):
@@ -552,7 +555,10 @@ class Isolate:
                               args=list(args))
         if reply["ok"]:
             return reply["value"]
-        raise _error_from(reply["error"], "call")
+        error = reply["error"]
+        if "errno" in error:  # OSError picks the subclass the errno stands for (FileNotFoundError ...)
+            raise OSError(error["errno"], error["message"])
+        raise _error_from(error, "call")
 
     # == resources on the host: cgroups and network ===============================================
     def limit(self, *, memory: int | str | None = None, pids: int | str | None = None,
@@ -584,10 +590,10 @@ class Isolate:
     def connect(self, address: str | None = None, **options):
         """Wire the isolate's network namespace to the host: a veth pair, a bridge, an address
         (stages.isolate.network.wire). Returns the wiring."""
-        from stages.isolate import network
-
         self._require("net", "there is no network namespace to wire: the isolate still uses the host's "
                              "network", "call unshare('net') first")
+        from stages.isolate import network
+
         if self.wiring is not None:
             raise StepOrderError("the isolate is wired already", "publish ports with publish()")
         self._state.networks.append(self.name)
@@ -607,6 +613,13 @@ class Isolate:
     def __repr__(self) -> str:
         state = "running" if self.running else ("closed" if self._closed else "not started")
         return f"<Isolate {self.name} {state} pid={self.pid} namespaces={self.unshared}>"
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 _ERROR_HINTS = {

@@ -97,7 +97,14 @@ def _lock():
 def release(state: IsolateState) -> None:
     """Remove what ``state`` lists (cgroups, then networks), then the state file itself."""
     if state.cgroups:
-        importlib.import_module("stages.isolate.cgroups").cleanup(state.cgroups)
+        cgroups = importlib.import_module("stages.isolate.cgroups")
+        for name in state.cgroups:
+            # The holder is gone, so whatever is still in its cgroup is a leftover of this isolate (a
+            # process still dying, or one that escaped the PID namespace's end): kill it, then rmdir.
+            try:
+                cgroups.Cgroup.open(name).remove()
+            except cgroups.CgroupError:
+                cgroups.cleanup([name])
     if state.networks:
         importlib.import_module("stages.isolate.network").cleanup(state.networks)
     state.remove()
