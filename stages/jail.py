@@ -488,8 +488,9 @@ def climb_out(target_path: str, *, scratch: str = "/.stages-escape") -> bytes:
     """Break out of a chroot(2) jail and return the bytes of ``target_path``, a path on the real root.
 
     Call it only in a process you will throw away, after it changed its root: it changes that process's
-    root again. The classic climb, which works for root because chroot(2) "does not change the current
-    working directory" and "is not intended to be used for any kind of security purpose" (chroot(2)):
+    root again. The classic climb, which chroot(2) itself describes ("This call does not change the current
+    working directory, so that after the call '.' can be outside the tree rooted at '/'. In particular,
+    the superuser can escape from a 'chroot jail' by doing: mkdir foo; chroot foo; cd .."):
 
     1. ``mkdir SCRATCH`` inside the jail (or use an existing directory if the rootfs is read-only);
     2. ``chroot SCRATCH`` without ``cd``: the root moves below the working directory, which is now outside
