@@ -119,7 +119,7 @@ def test_parse_cpus_and_pids():
     assert parse_pids("64") == 64 and parse_pids(1) == 1
     count = os.cpu_count()
     for bad, words in [("0", "more than 0"), ("-1", "more than 0"), ("half", "not a number of CPUs"),
-                       (str(count + 1), f"{count} CPUs"), ("0.001", "0.01"), ("nan", "more than 0")]:
+                       (str(count + 1), f"has \\({count} CPU"), ("0.001", "0.01"), ("nan", "more than 0")]:
         with pytest.raises(LimitError, match=words):
             parse_cpus(bad)
     for bad, words in [("0", "no room"), ("many", "not a number"), ("2.5", "not a number"),
@@ -493,3 +493,51 @@ def test_v2_memory_limit_allows_no_swap_and_cgroup_kill_empties_at_once(python):
         finally:
             reap(sleeper)
 
+
+
+# -- the v2 write order, on a stand-in tree (runs everywhere; the real kernel checks it in the VM) ------
+def test_v2_writes_enable_controllers_top_down_before_each_mkdir(tmp_path, monkeypatch):
+    """On v2 the order is the lesson: +controllers in our cgroup, mkdir stages, +controllers, mkdir ours."""
+    files = {"cgroup.procs": "", "cgroup.controllers": "memory pids cpu\n", "cgroup.subtree_control": "",
+             "memory.max": "max\n", "memory.swap.max": "max\n", "pids.max": "max\n",
+             "cpu.max": "max 100000\n",
+             "memory.events": "max 3\noom_kill 1\n", "pids.events": "max 4\n",
+             "cpu.stat": "usage_usec 9\nnr_periods 7\nnr_throttled 6\nthrottled_usec 5000\n"}
+
+    def populate(directory):  # what the kernel does on mkdir in a cgroup2 file system
+        for name, text in files.items():
+            (directory / name).write_text(text)
+
+    populate(tmp_path)
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args):
+        real_mkdir(path, *args)
+        populate(type(tmp_path)(path))
+
+    hierarchy = cgroups.Hierarchy(2, str(tmp_path), "/", cgroups.CONTROLLERS)
+    layout = cgroups.Layout({c: hierarchy for c in cgroups.CONTROLLERS}, {}, "v2")
+    monkeypatch.setattr(cgroups, "detect", lambda: layout)
+    monkeypatch.setattr(cgroups.os, "mkdir", mkdir)
+    record = StepRecord("v2")
+    made = Cgroup.create("v2-order", record=record)
+    made.set_memory("64M")
+    made.set_pids(20)
+    made.set_cpus(0.5)
+    own, parent, ours = tmp_path, tmp_path / "stages", tmp_path / "stages" / "stages-v2-order"
+    assert [step.shell for step in record.steps] == [
+        f"echo +memory +pids +cpu > {own}/cgroup.subtree_control",
+        f"mkdir {parent}",
+        f"echo +memory +pids +cpu > {parent}/cgroup.subtree_control",
+        f"mkdir {ours}",
+        f"echo 67108864 > {ours}/memory.max",
+        f"echo 0 > {ours}/memory.swap.max",
+        f"echo 20 > {ours}/pids.max",
+        f"echo 50000 100000 > {ours}/cpu.max",
+    ]
+    assert (ours / "memory.max").read_text() == "67108864"
+    assert (parent / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    stats = made.stats()
+    assert (stats.memory_limit_hits, stats.oom_kills, stats.pids_limit_hits) == (3, 1, 4)
+    assert (stats.cpu_throttled, stats.cpu_throttled_usec, stats.cpu_usage_usec) == (6, 5000, 9)
+    assert made.version == 2 and made.unique_directories() == [str(ours)]

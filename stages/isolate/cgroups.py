@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -291,7 +292,8 @@ def parse_cpus(text: str | float) -> float:
         raise LimitError(f"a CPU limit of {text} is too small: the kernel's smallest share is 0.01 CPU",
                          "give it 0.01 or more")
     if cpus > count:
-        raise LimitError(f"a CPU limit of {text} is more than this machine has ({count} CPUs)",
+        cpus_word = "CPU" if count == 1 else "CPUs"
+        raise LimitError(f"a CPU limit of {text} is more than this machine has ({count} {cpus_word})",
                          f"give it at most {count}")
     return cpus
 
@@ -568,7 +570,7 @@ class Cgroup:
         return steps.record(shell, what=what, where=where)
 
     def _write(self, path: str, value: str, what: str = "", where: str = "host") -> None:
-        with self._step(f"echo {value} > {path}", what=what, where=where):
+        with self._step(f"echo {value} > {shlex.quote(path)}", what=what, where=where):
             try:
                 # one write(2) per value: the kernel parses each write on its own (cgroups(7))
                 with open(path, "w") as handle:
@@ -578,7 +580,7 @@ class Cgroup:
 
     def _mkdir(self, path: str, what: str = "") -> None:
         what = what or "a new cgroup: the kernel fills the directory with files"
-        with self._step(f"mkdir {path}", what=what):
+        with self._step(f"mkdir {shlex.quote(path)}", what=what):
             try:
                 os.mkdir(path)
             except FileExistsError as error:
@@ -851,7 +853,7 @@ def _explain(error: OSError, doing: str) -> CgroupError:
 
 def _rmdir(owner: Cgroup | None, path: str) -> bool:
     """rmdir(2) a cgroup (the kernel allows it once it holds no process and no child cgroup)."""
-    shell = f"rmdir {path}"
+    shell = f"rmdir {shlex.quote(path)}"
     context = owner._step(shell, what="remove the cgroup") if owner else steps.record(shell)
     with context:
         for attempt in range(50):
@@ -882,8 +884,8 @@ def _remove_empty_parent(owner: Cgroup | None, parent: str) -> None:
         os.rmdir(parent)
     except OSError:
         return  # another stages cgroup appeared meanwhile, or a process: it stays, as it should
-    with (owner._step(f"rmdir {parent}", what="the stages parent, now empty") if owner
-          else steps.record(f"rmdir {parent}")):
+    shell = f"rmdir {shlex.quote(parent)}"
+    with owner._step(shell, what="the stages parent, now empty") if owner else steps.record(shell):
         pass
 
 
