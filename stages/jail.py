@@ -245,6 +245,9 @@ def run(rootfs: str | os.PathLike, command: str | Sequence[str], *, mount_proc: 
         )
     record = record if record is not None else StepRecord(title=f"chroot jail {root}")
     shell = shlex.join(words)
+    # After chroot(2) the working directory is still the parent's, outside the jail: a relative cwd would
+    # be looked up from there. Always change to an absolute one, which is looked up in the rootfs.
+    cwd = posixpath.join("/", cwd)
 
     report_read, report_write = os.pipe()  # both close-on-exec (PEP 446)
     output = subprocess.PIPE if capture else None

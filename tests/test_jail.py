@@ -68,6 +68,9 @@ def test_environment_and_working_directory_are_the_jails(busybox_rootfs, monkeyp
     names = {line.split("=", 1)[0] for line in variables}
     assert "STAGES_HOST_ONLY" not in names
     assert {"PATH", "HOME", "GREETING"} <= names
+    # a relative cwd is taken from the jail's root, never from the caller's working directory outside
+    monkeypatch.chdir(busybox_rootfs.parent)
+    assert jail.run(busybox_rootfs, ["pwd"], cwd="tmp").stdout == "/tmp\n"
 
 
 def test_steps_are_recorded_as_shell_commands(busybox_rootfs):
