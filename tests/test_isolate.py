@@ -387,3 +387,33 @@ def test_sigkill_of_the_holder_then_cleanup_removes_the_leftovers(open_rootfs, r
     assert not (run_dir / f"{iso.name}.json").exists()
     assert f"stages-{iso.name}" not in cgroups.find()
     iso._closed = True  # what close() would do is done
+
+
+def test_ctrl_c_during_a_command_ends_the_command_and_keeps_the_isolate(open_rootfs):
+    import signal
+    import threading
+
+    with Isolate(open_rootfs) as iso:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            iso.run(["sleep", "30"])
+        timer.join()
+        assert iso.run(["echo", "still here"]).stdout == "still here\n"
+
+
+def test_a_script_that_forgets_close_leaves_nothing(open_rootfs, python, run_dir):
+    import subprocess
+
+    from stages.isolate import cgroups
+
+    script = ("import sys; from stages.isolate import Isolate\n"
+              "iso = Isolate(sys.argv[1], name='forgotten').start()\n"
+              "iso.limit(pids=16); iso.unshare('mount', 'pid'); iso.mount_tmp(); print(iso.pid)\n")
+    result = subprocess.run([python, "-c", script, str(open_rootfs)], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "STAGES_RUN": str(run_dir.parent)})
+    assert result.returncode == 0, result.stderr
+    assert not os.path.exists(f"/proc/{int(result.stdout)}")
+    assert "stages-forgotten" not in cgroups.find()
+    assert not (run_dir / "forgotten.json").exists()

@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
                           f"add it: --namespaces {','.join([*names, 'net'])}")
     from stages import rootfs
 
+    def terminated(number, frame):  # SIGTERM: release everything, as for Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     directory = rootfs.default_rootfs() if args.rootfs == "default" else args.rootfs
     record = steps.StepRecord(title=f"stages isolate {args.rootfs}")
     if args.explain:

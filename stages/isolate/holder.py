@@ -412,7 +412,14 @@ class Holder:
     def op_call(self, module: str, function: str, args: list) -> dict:
         """Call ``module.function(*args)`` in a forked child inside the isolate (for example the stage-1
         escape, stages.jail.climb_out); its return value or exception comes back as data."""
-        target = getattr(importlib.import_module(module), function)
+        try:
+            target = getattr(importlib.import_module(module), function)
+        except ImportError:
+            raise StagesError(
+                f"the module {module} cannot be loaded inside the isolate: after pivot_root the host's "
+                "Python files are out of reach",
+                f"call it before pivot_root(), or add {module!r} to stages.isolate.holder.PRELOAD",
+            ) from None
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:

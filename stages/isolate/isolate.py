@@ -23,6 +23,7 @@ message is the lesson: why the kernel needs the other step first.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import secrets
@@ -31,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,19 @@ from stages.isolate.holder import Channel
 from stages.isolate.state import IsolateState, start_time
 
 DEFAULT_CAPS = privileges.DEFAULT_CAPS
+
+# Isolates started and not closed yet: closed at interpreter exit, so that a script that forgets close()
+# leaves no cgroup or network device behind (the holder itself would die with us anyway, PR_SET_PDEATHSIG).
+_open_isolates: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten() -> None:
+    for isolate in list(_open_isolates):
+        try:
+            isolate.close()
+        except Exception:  # noqa: BLE001 - at exit, release what we can
+            pass
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -167,6 +182,7 @@ class Isolate:
         except OSError as error:
             raise StagesError(f"could not start the holder process: {error}",
                               "check that this Python can run: " + sys.executable) from None
+        _open_isolates.add(self)
         self._state.holder_pid = self._process.pid
         self._state.holder_start = start_time(self._process.pid)
         self._state.rootfs = str(root)
@@ -194,6 +210,7 @@ class Isolate:
         if self._closed:
             return
         self._closed = True
+        _open_isolates.discard(self)
         errors: list[BaseException] = []
         try:
             self._stop_holder()
@@ -270,6 +287,12 @@ class Isolate:
             reply = None
             if not isinstance(error, (BrokenPipeError, ConnectionResetError)):
                 raise
+        except KeyboardInterrupt:
+            # Ctrl-C (or Jupyter's interrupt) while a command ran inside: end the command, collect the
+            # holder's answer, and keep the isolate usable.
+            if op == "run":
+                self._interrupt_command()
+            raise
         self._busy = False
         if reply is None:
             code = self._process.poll()
@@ -281,6 +304,20 @@ class Isolate:
         if not reply["ok"]:
             raise _error_from(reply["error"], op)
         return reply["result"]
+
+    def _interrupt_command(self) -> None:
+        for child in _children_of(self.pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            reply = self._channel.receive(timeout=5)
+        except (OSError, ValueError):
+            return
+        if reply is not None:
+            self.record.extend(reply.get("steps", []))
+            self._busy = False
 
     def _enter(self) -> None:
         self._pending.clear()
@@ -613,6 +650,14 @@ class Isolate:
     def __repr__(self) -> str:
         state = "running" if self.running else ("closed" if self._closed else "not started")
         return f"<Isolate {self.name} {state} pid={self.pid} namespaces={self.unshared}>"
+
+
+def _children_of(pid: int | None) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(word) for word in handle.read().split()]
+    except OSError:
+        return []
 
 
 def _listdir(path: str) -> list[str]:
