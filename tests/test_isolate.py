@@ -417,3 +417,20 @@ def test_a_script_that_forgets_close_leaves_nothing(open_rootfs, python, run_dir
     assert not os.path.exists(f"/proc/{int(result.stdout)}")
     assert "stages-forgotten" not in cgroups.find()
     assert not (run_dir / "forgotten.json").exists()
+
+
+def test_limits_the_memory_hog_is_killed_and_the_fork_bomb_stopped(open_rootfs):
+    with Isolate(open_rootfs) as iso:
+        iso.unshare("mount", "pid")
+        iso.mount_dev()
+        iso.mount_proc()
+        iso.limit(memory="32M", pids=12)
+        # tail -n 1 keeps the whole last line in memory, and /dev/zero has no newline: one big line
+        fine = iso.run("head -c 8000000 /dev/zero | tail -n 1 | wc -c")
+        assert fine.stdout.strip() == "8000000"  # 8 MB: under the limit
+        hog = iso.run("head -c 200000000 /dev/zero | tail -n 1 | wc -c")
+        assert hog.stdout.strip() != "200000000"
+        kills = iso.cgroup.stats().oom_kills
+        assert kills is None or kills >= 1
+        bomb = iso.run("for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do sleep 5 & done; wait", timeout=20)
+        assert "can't fork" in bomb.stderr or "Resource temporarily unavailable" in bomb.stderr
