@@ -25,8 +25,9 @@ USAGE = ("stages isolate ROOTFS [--namespaces uts,pid,...] [--hostname NAME] [--
 ALL_NAMESPACES = ("user", "uts", "pid", "mount", "ipc", "net", "cgroup", "time")
 DEFAULT_NAMESPACES = "uts,pid,mount,ipc,net,cgroup"
 # The order of the manual sequence: user first (it must own the others), cgroup after the limits are set
-# (so that inside, /proc/self/cgroup shows the limited cgroup as /), pid and time last (they fork).
-_ORDER = ("uts", "ipc", "net", "mount", "cgroup", "pid", "time")
+# (so that inside, /proc/self/cgroup shows the limited cgroup as /), time and pid last: they apply to
+# children, so the holder forks once for both.
+_ORDER = ("uts", "ipc", "net", "mount", "cgroup", "time", "pid")
 
 
 def _add_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
