@@ -434,3 +434,13 @@ def test_limits_the_memory_hog_is_killed_and_the_fork_bomb_stopped(open_rootfs):
         assert kills is None or kills >= 1
         bomb = iso.run("for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do sleep 5 & done; wait", timeout=20)
         assert "can't fork" in bomb.stderr or "Resource temporarily unavailable" in bomb.stderr
+
+
+def test_cleanup_leaves_a_living_isolate_alone(open_rootfs, run_dir):
+    with Isolate(open_rootfs) as iso:
+        iso.limit(pids=16)
+        saved = state.load_all()
+        expected = [(iso.name, iso._process.pid, [iso.name])]
+        assert [(s.name, s.holder_pid, s.cgroups) for s in saved] == expected
+        assert state.cleanup() == []
+        assert iso.run(["true"]).ok and iso.cgroup.pids()
