@@ -1,18 +1,23 @@
 """``stages tour``: the whole progression, run as the README runs it, must show what the kernel did.
 
 The tour runs as a subprocess of the command line (``python -m stages.cli tour``), with its state
-(``STAGES_HOME``: the embedded rootfs) and its temporary files (``TMPDIR``: the canaries) in directories
-of the test, so the test can see that it left nothing behind; the leak fixture checks mounts, network
-namespaces, veths, cgroups and processes.
+(``STAGES_HOME``: the embedded rootfs; ``STAGES_RUN``: isolate state files) and its temporary files
+(``TMPDIR``: the canaries) in directories of the test, so the test can see that it left nothing behind;
+the leak fixture checks mounts, network namespaces, veths, cgroups and processes.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import tempfile
+from pathlib import Path
 
+import psutil
 import pytest
 
 from stages import tour
@@ -20,15 +25,40 @@ from stages import tour
 pytestmark = pytest.mark.root
 
 
-def run_tour(python: str, tmp_path, *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    home, temporary = tmp_path / "home", tmp_path / "tmp"
-    temporary.mkdir(exist_ok=True)
-    environment = {**os.environ, "STAGES_HOME": str(home), "TMPDIR": str(temporary)}
+@pytest.fixture
+def stages_home():
+    """A home for the tour's rootfs that root of a user namespace (a nobody on the host) can enter:
+    pytest's own temporary directories are 0700."""
+    top = tempfile.mkdtemp(prefix="stages-tour-test-", dir="/var/tmp")
+    os.chmod(top, 0o755)
+    try:
+        yield Path(top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def environment(home: Path, tmp_path: Path) -> dict[str, str]:
+    for name in ("tmp", "run"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    return {**os.environ, "STAGES_HOME": str(home), "TMPDIR": str(tmp_path / "tmp"),
+            "STAGES_RUN": str(tmp_path / "run")}
+
+
+def assert_nothing_left(home: Path, tmp_path: Path) -> None:
+    # Every canary and temporary directory the tour made is gone, and so is every isolate state file.
+    assert os.listdir(tmp_path / "tmp") == [], os.listdir(tmp_path / "tmp")
+    assert not list((tmp_path / "run").rglob("*.json"))
+    # No holder process outlived the tour (an orphan would escape the leak fixture's child check).
+    for process in psutil.process_iter(["cmdline"]):
+        assert str(home) not in " ".join(process.info["cmdline"] or []), process
+
+
+def run_tour(python: str, home: Path, tmp_path: Path, *arguments: str,
+             timeout: float = 120) -> subprocess.CompletedProcess:
     result = subprocess.run([python, "-m", "stages.cli", "tour", *arguments], capture_output=True, text=True,
-                            env=environment, timeout=timeout, stdin=subprocess.DEVNULL)
+                            env=environment(home, tmp_path), timeout=timeout, stdin=subprocess.DEVNULL)
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    # Every canary and temporary directory the tour made is gone.
-    assert os.listdir(temporary) == [], os.listdir(temporary)
+    assert_nothing_left(home, tmp_path)
     return result
 
 
@@ -44,42 +74,100 @@ def lines_about(output: str, subject: str) -> str:
     return " ".join(" ".join(block).split())  # wrapped lines joined again
 
 
-def test_stage_1_shows_what_chroot_hides_and_the_escape(python, tmp_path):
-    result = run_tour(python, tmp_path, "--stage", "1")
+def test_the_whole_tour_shows_the_jail_leak_and_the_isolate_hold(python, stages_home, tmp_path):
+    result = run_tour(python, stages_home, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "== stage 1: the chroot jail ==" in out
-    assert "stage 2" not in out
-    # Files are hidden: the jail could not cat the host's canary by name.
-    files = lines_about(out, "files")
+    assert "== stage 1: the chroot jail ==" in out and "== stage 2: an isolate wired by hand ==" in out
+    stage1, stage2 = out.split("== stage 2: an isolate wired by hand ==")
+    host = socket.gethostname()
+
+    # Stage 1. Files are hidden: the jail could not cat the host's canary by name ...
+    files = lines_about(stage1, "files")
     assert "[isolated]" in files and "No such file" in files
-    # The hostname is the host's, seen from inside.
-    hostname = lines_about(out, "hostname")
-    assert "[SHARED]" in hostname and f"jail: {socket.gethostname()}" in hostname
-    # The escape read the canary made for it, whose random token only the tour knew.
-    canary_line = lines_about(out, "canary")
-    token = canary_line.split("holding ")[1].split()[0]
+    # ... but the hostname is the host's, seen from inside ...
+    hostname = lines_about(stage1, "hostname")
+    assert "[SHARED]" in hostname and f"jail: {host}" in hostname
+    # ... and the escape read the canary made for it, whose random token only the tour knew.
+    token = lines_about(stage1, "canary").split("holding ")[1].split()[0]
     assert token.startswith("stages-canary-")
-    escape = lines_about(out, "the escape")
+    escape = lines_about(stage1, "the escape")
     assert "[SHARED]" in escape and f"read the canary: {token}" in escape
+
+    # Stage 2: the same looks, isolated. The hostname inside differs from the host's.
+    looks = stage2.split("-- 2.2")[1].split("-- 2.3")[0]
+    hostname = lines_about(looks, "hostname")
+    assert "[isolated]" in hostname and f"host: {host}" in hostname
+    assert f"isolate: {tour.ISOLATE_HOSTNAME}" in hostname and host != tour.ISOLATE_HOSTNAME
+    assert "jail (stage 1): shared with the host" in hostname
+    processes = lines_about(looks, "processes")
+    assert "[isolated]" in processes and "PID 1 is" in processes
+    assert "isolate: lo" in lines_about(looks, "network interfaces")
+    assert "[SHARED]" in lines_about(looks, "kernel")  # still one kernel
+    # The stage 1 escape fails after pivot_root.
+    escape = lines_about(stage2.split("-- 2.3")[1], "the escape")
+    assert "[isolated]" in escape and "does not exist" in escape
+    # The memory hog was killed by the kernel, inside the cgroup only.
+    memory = lines_about(stage2, "memory")
+    assert "[isolated]" in memory and "was killed" in memory
+    assert "2.5 a network of its own" in stage2 and "skipped:" in stage2.split("-- 2.5")[1]
+    # The record, as a script, and the teardown that followed.
+    assert "unshare --user" in stage2 and "pivot_root . ." in stage2
+    assert "and its cgroup are gone" in lines_about(stage2, "teardown")
     assert "0 failed" in out
 
 
-def test_explain_prints_the_shell_steps_of_each_section(python, tmp_path):
-    result = run_tour(python, tmp_path, "--stage", "1", "--explain")
+def test_explain_prints_the_shell_steps_of_each_section(python, stages_home, tmp_path):
+    result = run_tour(python, stages_home, tmp_path, "--explain")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert out.count("the same steps, as a person would type them:") == 3
-    rootfs = os.path.join(tmp_path, "home", "rootfs", "busybox")
+    # stage 1: 3 sections; stage 2: namespaces, escape and limit (commands run inside are not steps)
+    assert out.count("the same steps, as a person would type them:") == 6
+    rootfs = os.path.join(stages_home, "rootfs", "busybox")
     assert f"    chroot {rootfs}" in out
     assert "    mount --make-rprivate /" in out
     assert "    chroot /.stages-escape" in out and "    cd ../" in out
+    stage2 = out.split("== stage 2")[1]
+    assert "    unshare --user" in stage2 and "    pivot_root . ." in stage2
+    assert "memory.limit_in_bytes" in stage2 or "memory.max" in stage2
 
 
-def test_an_unknown_stage_is_one_clear_sentence(python, tmp_path):
-    result = run_tour(python, tmp_path, "--stage", "9")
+def test_a_rootfs_nobody_may_enter_skips_the_user_namespace_and_says_so(python, stages_home, tmp_path):
+    from stages import rootfs
+
+    private = tmp_path / "private"  # pytest's directories are 0700: root of a user namespace stops here
+    built = rootfs.build(private / "rootfs", source="busybox")
+    result = run_tour(python, stages_home, tmp_path, "--stage", "2", "--rootfs", str(built))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped: the user namespace" in " ".join(result.stdout.split())
+    users = lines_about(result.stdout.split("-- 2.2")[1], "users")
+    assert "[SHARED]" in users and "uid_map 0 0 4294967295" in users
+
+
+def test_ctrl_c_in_stage_2_releases_the_isolate(python, stages_home, tmp_path):
+    process = subprocess.Popen([python, "-m", "stages.cli", "tour", "--stage", "2"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=environment(stages_home, tmp_path),
+                               stdin=subprocess.DEVNULL)
+    try:
+        for line in process.stdout:
+            if line.startswith("-- 2.2"):  # the isolate is up, with its namespaces and mounts
+                process.send_signal(signal.SIGINT)
+                break
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, (out, err)
+    assert "interrupted; everything it had set up was released" in err
+    assert "Traceback" not in err
+    assert_nothing_left(stages_home, tmp_path)
+
+
+def test_an_unknown_stage_is_one_clear_sentence(python, stages_home, tmp_path):
+    result = run_tour(python, stages_home, tmp_path, "--stage", "9")
     assert result.returncode == 1
-    assert "the tour has no stage 9" in result.stderr and "hint: choose from: 1" in result.stderr
+    assert "the tour has no stage 9" in result.stderr and "hint: choose from: 1, 2" in result.stderr
 
 
 def test_sections_return_their_findings_and_a_later_stage_can_add_itself(tmp_path, busybox_rootfs):
