@@ -236,12 +236,12 @@ def format_bytes(number: int) -> str:
     return f"{number}B"
 
 
-def parse_memory(text: str | int, *, minimum: int = MINIMUM_MEMORY) -> int:
+def parse_memory(text: str | int, *, minimum: int = MINIMUM_MEMORY, maximum: int | None = None) -> int:
     """A memory size as bytes: ``"64M"``, ``"64m"``, ``"64MiB"``, ``"1g"``, ``"512k"``, ``"67108864"``.
 
     Units are powers of 1024 (as ``docker run --memory`` reads them). Raises :class:`LimitError` for
     anything else, for a size below ``minimum`` (default 4M: a container needs that much to start a
-    shell) and for more than this machine has.
+    shell) and above ``maximum`` (default: the RAM this machine has).
     """
     if isinstance(text, bool):
         raise LimitError(f"{text!r} is not a memory size", "write a size such as 64M, 512k or 1G")
@@ -263,7 +263,7 @@ def parse_memory(text: str | int, *, minimum: int = MINIMUM_MEMORY) -> int:
             "to start a shell",
             f"give it {format_bytes(minimum)} or more, for instance 64M",
         )
-    total = machine_memory()
+    total = machine_memory() if maximum is None else maximum
     if number > total:
         raise LimitError(
             f"a memory limit of {shown} is more than this machine has ({format_bytes(total)} of RAM)",
