@@ -444,3 +444,58 @@ def test_cleanup_leaves_a_living_isolate_alone(open_rootfs, run_dir):
         assert [(s.name, s.holder_pid, s.cgroups) for s in saved] == expected
         assert state.cleanup() == []
         assert iso.run(["true"]).ok and iso.cgroup.pids()
+
+
+# == network, wired to a namespace that stands in for the host ====================================
+@pytest.mark.net
+def test_connect_and_publish_a_server_inside_answers_through_the_published_port(open_rootfs):
+    import subprocess
+
+    from stages.isolate import network
+
+    with network.test_host() as host:
+        with Isolate(open_rootfs) as iso:
+            with pytest.raises(StepOrderError, match="no network namespace"):
+                iso.connect(host_netns=host)
+            iso.unshare("net", "mount", "pid")
+            with pytest.raises(StepOrderError, match="connect\\(\\) first"):
+                iso.publish(8080, 80)
+            wiring = iso.connect(host_netns=host)
+            assert iso.publish(8080, 80) == f"8080 -> {wiring.address.ip}:80"
+            iso.mount_tmp()
+            iso.pivot_root()
+            assert iso.run(["ping", "-c", "1", "-W", "2", str(wiring.gateway.ip)]).ok
+            iso.run("mkdir -p /tmp/www && echo hello from inside > /tmp/www/index.html && "
+                    "httpd -p 80 -h /tmp/www", check=True)  # httpd goes to the background
+            fetched = subprocess.run(["ip", "netns", "exec", host, "busybox", "wget", "-q", "-O", "-",
+                                      f"http://{wiring.gateway.ip}:8080/"], capture_output=True, text=True,
+                                     timeout=20)
+            assert fetched.stdout == "hello from inside\n", fetched.stderr
+            assert any(step.where == "outside" and "netns" in step.shell for step in iso.record.steps)
+        links = subprocess.run(["ip", "-n", host, "-o", "link"], capture_output=True, text=True).stdout
+        assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
+
+
+@pytest.mark.net
+def test_sigkill_then_cleanup_removes_the_bridge_and_rules_too(open_rootfs, run_dir):
+    import subprocess
+
+    from stages.isolate import network
+
+    with network.test_host() as host:
+        iso = Isolate(open_rootfs).start()
+        iso.unshare("net")
+        iso.connect(host_netns=host)
+        iso.publish(8081, 80)
+        os.kill(iso._process.pid, 9)
+        iso._process.wait()
+        bridge = network.devices(iso.name).bridge
+        assert bridge in subprocess.run(["ip", "-n", host, "-o", "link"], capture_output=True,
+                                        text=True).stdout
+        assert state.cleanup() == [iso.name]
+        links = subprocess.run(["ip", "-n", host, "-o", "link"], capture_output=True, text=True).stdout
+        assert bridge not in links and "stg" not in links
+        rules = subprocess.run(["ip", "netns", "exec", host, "iptables-save"], capture_output=True,
+                               text=True).stdout
+        assert "stages:" not in rules
+        iso._closed = True

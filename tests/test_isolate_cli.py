@@ -115,3 +115,17 @@ def test_cleanup_after_sigkill_of_the_command_line(python, env, open_rootfs):
     from stages.isolate import cgroups
 
     assert "stages-killed" not in cgroups.find()
+
+
+@pytest.mark.net
+def test_net_and_publish_wire_the_isolate_to_a_stand_in_host(python, env, open_rootfs):
+    from stages.isolate import network
+
+    with network.test_host() as host:
+        result = cli(python, env, str(open_rootfs), "--publish", "8082:80", "--host-netns", host, "--explain",
+                     "--", "sh", "-c", "ip -4 -o addr show eth0; ip route")
+        assert result.returncode == 0, result.stderr
+        assert "eth0" in result.stdout and "default via 10." in result.stdout
+        assert "DNAT" in result.stderr or "dnat" in result.stderr  # the publish step, explained
+        links = subprocess.run(["ip", "-n", host, "-o", "link"], capture_output=True, text=True).stdout
+        assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]

@@ -44,6 +44,9 @@ def _add_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None
                         help="wire the network namespace to the host (veth pair and bridge)")
     parser.add_argument("--publish", action="append", default=default([]), metavar="HOST:CONTAINER",
                         help="forward a host port to a port inside (implies --net); may be repeated")
+    parser.add_argument("--host-netns", default=default(None), metavar="NETNS",
+                        help="with --net: wire to this network namespace instead of the real host's network "
+                             "(for tests and demos: ip netns add NETNS)")
     parser.add_argument("--explain", action="store_true", default=default(False),
                         help="print each step on stderr as the shell command it stands for")
     parser.add_argument("--name", default=default(None), help="the isolate's name (default: a random one)")
@@ -130,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
                           'give a directory, or "default": stages isolate default -- sh')
     names = _namespaces(args.namespaces)
     ports = _ports(args.publish)
+    if args.host_netns and not (args.net or ports):
+        raise StagesError("--host-netns only matters with --net or --publish", "add --net")
     if (args.net or ports) and "net" not in names:
         raise StagesError("--net and --publish need the net namespace",
                           f"add it: --namespaces {','.join([*names, 'net'])}")
@@ -155,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         if "uts" in names:
             iso.set_hostname(args.hostname or iso.name)
         if args.net or ports:
-            iso.connect()
+            iso.connect(host_netns=args.host_netns)
             for host_port, container_port in ports:
                 iso.publish(host_port, container_port)
         if "mount" in names:

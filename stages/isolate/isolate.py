@@ -624,20 +624,26 @@ class Isolate:
             self.cgroup.set_cpus(cpus)
         return self.cgroup
 
-    def connect(self, address: str | None = None, **options):
-        """Wire the isolate's network namespace to the host: a veth pair, a bridge, an address
-        (stages.isolate.network.wire). Returns the wiring."""
+    def connect(self, address: str | None = None, *, subnet: str | None = None, host_netns: str | None = None,
+                firewall: str | None = None):
+        """Wire the isolate's network namespace to the host, from outside: a veth pair whose one end is
+        moved into the isolate by pid, a bridge, addresses, a default route, forwarding and outbound NAT
+        (see :func:`stages.isolate.network.wire`). Returns the :class:`~stages.isolate.network.Wiring`.
+
+        ``address`` (e.g. ``"10.200.7.2/24"``) or ``subnet`` choose the addresses (default: a free
+        10.200.X.0/24). ``host_netns`` names a network namespace that stands in for the host (tests and
+        notebooks use :func:`stages.isolate.network.test_host`), so the real host's network is untouched.
+        """
         self._require("net", "there is no network namespace to wire: the isolate still uses the host's "
                              "network", "call unshare('net') first")
         from stages.isolate import network
 
         if self.wiring is not None:
             raise StepOrderError("the isolate is wired already", "publish ports with publish()")
-        self._state.networks.append(self.name)
+        self._state.networks.append({"name": self.name, "host_netns": host_netns})
         self._state.save()  # written down before the devices exist: cleanup() can find them
-        if address is not None:
-            options["address"] = address
-        self.wiring = network.wire(self.pid, name=self.name, record=self.record, **options)
+        self.wiring = network.wire(self.pid, name=self.name, address=address, subnet=subnet,
+                                   host_netns=host_netns, record=self.record, firewall=firewall)
         return self.wiring
 
     def publish(self, host_port: int, container_port: int):

@@ -46,7 +46,7 @@ class IsolateState:
     holder_start: int | None = None
     rootfs: str = ""
     cgroups: list[str] = field(default_factory=list)
-    networks: list[str] = field(default_factory=list)
+    networks: list[dict] = field(default_factory=list)  # {"name": ..., "host_netns": ... or None}
 
     @property
     def path(self) -> Path:
@@ -106,7 +106,9 @@ def release(state: IsolateState) -> None:
             except cgroups.CgroupError:
                 cgroups.cleanup([name])
     if state.networks:
-        importlib.import_module("stages.isolate.network").cleanup(state.networks)
+        network = importlib.import_module("stages.isolate.network")
+        for entry in state.networks:
+            network.cleanup([entry["name"]], host_netns=entry.get("host_netns"))
     state.remove()
 
 
