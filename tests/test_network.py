@@ -297,6 +297,16 @@ def test_bad_input_is_one_clear_sentence(isolate, host):
     assert links(host) == {"lo"}
 
 
+def test_a_subnet_in_use_is_refused_and_undone(isolate, host):
+    with network.wire(isolate.pid, name="first", host_netns=host, subnet="10.200.44.0/24"):
+        record = StepRecord()
+        with pytest.raises(NetworkError, match="subnet 10.200.44.0/24 is in use"):
+            network.wire(isolate.pid, name="second", host_netns=host, subnet="10.200.44.0/24", record=record)
+        assert any("link del stgsecond-h" in step.shell for step in record.steps)
+        assert network.devices("second").bridge not in links(host)
+    assert links(host) == {"lo"}
+
+
 def test_a_failure_halfway_undoes_what_was_done(host, run_dir):
     dead = subprocess.Popen(["/bin/busybox", "true"])
     dead.wait()
@@ -311,6 +321,25 @@ def test_a_failure_halfway_undoes_what_was_done(host, run_dir):
     assert f"ip -n {host} link del stghalf-h" in shells  # ... and what was done was undone
     assert links(host) == {"lo"}
     assert sysctls(host) == before
+
+
+def test_ctrl_c_halfway_undoes_what_was_done(isolate, host):
+    record = StepRecord()
+    interrupted = []
+
+    def press_ctrl_c(step):
+        if "sysctl -w net.ipv4.ip_forward=1" in step.shell and not interrupted:
+            interrupted.append(step.shell)
+            raise KeyboardInterrupt
+
+    record.listeners.append(press_ctrl_c)
+    before = sysctls(host)
+    with pytest.raises(KeyboardInterrupt):
+        network.wire(isolate.pid, name="ctrlc", host_netns=host, record=record)
+    assert interrupted
+    assert links(host) == {"lo"}
+    assert sysctls(host) == before  # forwarding was on for a moment, and is put back
+    assert "stages" not in ruleset(host)
 
 
 def test_an_explicit_address(isolate, host):

@@ -381,6 +381,7 @@ class Wiring:
             raise NetworkError(f"there is no network namespace named {host_netns}",
                                f"create it first: ip netns add {host_netns} (or use test_host())")
         self.firewall = _firewall_kind(firewall)
+        self._chosen = subnet is None and address is None  # we picked the subnet: we may pick again
         self.subnet, self.gateway, self.address = self._addresses(subnet, address)
         self.inside_name = self.devices.inside_veth
         self.published: dict[int, int] = {}  # host port -> container port
@@ -495,12 +496,27 @@ class Wiring:
         return bridge
 
     def add_addresses(self) -> tuple[str, str]:
-        """The bridge gets the first address of the subnet (the gateway), the isolate the next one."""
-        self._outside(f"the bridge's address: the isolate's gateway in {self.subnet}",
-                      "addr", "add", str(self.gateway), "dev", self.devices.bridge)
+        """The bridge gets the first address of the subnet (the gateway), the isolate the next one.
+
+        With two bridges on the same subnet, the first one's route would win and the second isolate
+        would never get an answer; so the subnet is checked again here, under a lock, just before use."""
+        with _locked():
+            self._claim_subnet()
+            self._outside(f"the bridge's address: the isolate's gateway in {self.subnet}",
+                          "addr", "add", str(self.gateway), "dev", self.devices.bridge)
         self._inside("the isolate's address", "ip", "addr", "add", str(self.address), "dev", self.inside_name)
         self._done.append("addresses")
         return str(self.gateway), str(self.address)
+
+    def _claim_subnet(self) -> None:
+        used = [network for network in _networks_in_use(self.host) if self.subnet.overlaps(network)]
+        if not used:
+            return
+        if self._chosen:
+            self.subnet, self.gateway, self.address = self._addresses(None, None)
+            return
+        raise NetworkError(f"the subnet {self.subnet} is in use in {self.host} (by {used[0]})",
+                           "choose another subnet, or leave it out and a free one is chosen")
 
     def bring_up(self) -> None:
         """Every new device starts down, including the isolate's loopback (network_namespaces(7))."""
