@@ -48,6 +48,8 @@ DEVICE_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/p
 PRELOAD = ("stages.jail",)
 
 _READ_SIZE = 65536
+HOLDER_OOM_SCORE_ADJ = -1000
+COMMAND_OOM_SCORE_ADJ = 500
 PR_SET_DUMPABLE = 4
 
 
@@ -505,6 +507,7 @@ def _exec_child(argv, env, cwd, root, pipes, report) -> None:
         for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTOU, signal.SIGTTIN,
                        signal.SIGPIPE):
             signal.signal(number, signal.SIG_DFL)  # ignored signals would stay ignored across execve
+        _set_oom_score_adj(COMMAND_OOM_SCORE_ADJ)
         if pipes:
             os.dup2(pipes["stdin"][0], 0)
             os.dup2(pipes["stdout"][1], 1)
@@ -528,6 +531,15 @@ def _exec_child(argv, env, cwd, root, pipes, report) -> None:
     os._exit(127)
 
 
+def _set_oom_score_adj(value: int) -> bool:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write(str(value))
+        return True
+    except OSError:  # lowering it needs CAP_SYS_RESOURCE (proc(5))
+        return False
+
+
 def main(argv: list[str]) -> int:
     fd, parent, rootfs = int(argv[0]), int(argv[1]), argv[2]
     # Die with the parent (prctl(2)); and if it already died before this line, go now.
@@ -540,6 +552,10 @@ def main(argv: list[str]) -> int:
     # Orphaned grandchildren of commands are reparented to us (not to the host's init), so that stop()
     # can find and end them (PR_SET_CHILD_SUBREAPER, prctl(2)).
     kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
+    # When a memory limit is hit, the kernel's OOM killer must pick the command that ate the memory, never
+    # the holder (the whole isolate would go): the holder asks to be spared, and every command is made a
+    # preferred victim (proc(5), /proc/PID/oom_score_adj), which works even where lowering is refused.
+    _set_oom_score_adj(HOLDER_OOM_SCORE_ADJ)
     for module in PRELOAD:
         try:
             importlib.import_module(module)
