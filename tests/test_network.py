@@ -163,6 +163,15 @@ def test_device_names_fit_ifnamsiz_and_can_be_found_again():
             network.devices(bad)
 
 
+def test_host_side_commands_run_where_the_host_is():
+    """Without host_netns the commands are the plain ones a person types on the host (not run here)."""
+    assert network.Host().ip("link") == ["ip", "link"]
+    assert network.Host().exec("iptables", "-S") == ["iptables", "-S"]
+    assert network.Host("ns1").ip("link") == ["ip", "-n", "ns1", "link"]
+    assert network.Host("ns1").exec("sysctl", "x") == ["ip", "netns", "exec", "ns1", "sysctl", "x"]
+    assert network.inside(42, "ip", "route") == ["nsenter", "--target", "42", "--net", "ip", "route"]
+
+
 def test_test_host_is_a_netns_with_lo_up_and_goes_away():
     with network.test_host() as name:
         assert os.path.exists(f"/run/netns/{name}")

@@ -207,6 +207,9 @@ def test_host(name: str | None = None, *, record: steps_module.StepRecord | None
             _sysctl_file(Host(name)).unlink()
 
 
+test_host.__test__ = False  # a helper for tests, not a test: pytest must not collect it when imported
+
+
 # == sysctls, written down before they change =======================================================
 def _state_dir() -> Path:
     return Path(os.environ.get("STAGES_RUN") or "/run/stages") / "network"
