@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 
 from stages import steps
@@ -173,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         iso.set_no_new_privs()
         env = {"PATH": "/bin:/sbin:/usr/bin:/usr/sbin", "HOME": "/root",
                "TERM": os.environ.get("TERM", "xterm"), "PS1": f"{args.hostname or iso.name}# "}
-        result = iso.run(command, capture=False, env=env)
+        with record.step(shlex.join(command), what="the command, inside", where="inside"):
+            result = iso.run(command, capture=False, env=env)
     if result.returncode < 0:  # killed by a signal: report it the way a shell does
         return 128 - result.returncode if -result.returncode in signal.valid_signals() else 1
     return result.returncode
