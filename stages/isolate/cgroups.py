@@ -404,9 +404,9 @@ class Cgroup:
     name: str
     directories: dict[str, str]  # controller -> directory of this cgroup in that controller's hierarchy
     versions: dict[str, int]  # controller -> 1 or 2
-    record: StepRecord | None = None
-    layout: Layout | None = None
-    managed_parents: list[str] = field(default_factory=list)  # stages-owned parents to tidy when empty
+    record: StepRecord | None = field(default=None, repr=False)  # where writes go; None: the active one
+    layout: Layout | None = field(default=None, repr=False)
+    managed_parents: list[str] = field(default_factory=list, repr=False)  # stages parents to tidy when empty
     removed: bool = False
 
     # -- making and finding ----------------------------------------------------------------------
