@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -430,9 +431,7 @@ def test_remove_kills_what_is_still_inside(cgroup, python):
             cgroup.add(child.pid)
         assert cgroup.pids() == sorted(child.pid for child in children)
         start = time.monotonic()
-        # remove() kills and waits; the test's waits let the kernel drop the zombies
-        import threading
-
+        # remove() kills and waits until the cgroup is empty; a thread reaps the children meanwhile
         reaper = threading.Thread(target=lambda: [child.wait() for child in children])
         reaper.start()
         cgroup.remove()
