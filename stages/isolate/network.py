@@ -253,6 +253,8 @@ def _restore_sysctls(host: Host, record: steps_module.StepRecord) -> None:
         return  # another wiring still routes through this namespace and needs forwarding on
     saved = json.loads(path.read_text())
     for key, value in saved.items():
+        if read_sysctl(key, host.netns) == value:
+            continue  # it was already so (forwarding on a Docker host, say): nothing to put back
         argv = host.exec("sysctl", "-w", f"{key}={value}")
         with record.step(shlex.join(argv), what=f"put {key} back as it was", where="outside"):
             _run(argv)
