@@ -126,6 +126,9 @@ class Isolate:
     ``rootfs`` is the directory that becomes its root (:func:`stages.rootfs.build` makes one). ``name``
     (letters, digits, '-', at most 12) names its cgroup and network devices; ``record`` receives every step.
     Use it as a context manager, or call :meth:`start` and :meth:`close` yourself.
+
+    The holder dies with the *thread* that started it (PR_SET_PDEATHSIG, prctl(2)), so start an isolate
+    from a thread that lives as long as the isolate: the main thread, in a script or a notebook.
     """
 
     def __init__(self, rootfs: str | os.PathLike, *, name: str | None = None,
@@ -559,7 +562,8 @@ class Isolate:
         """Run a command inside, in the isolate's root (the rootfs, chrooted until :meth:`pivot_root`),
         namespaces and privileges; return its exit code and output.
 
-        A string is run by ``sh -c``. ``capture=False`` connects the command to the caller's terminal.
+        A string is run by ``sh -c``. ``capture=False`` connects the command to the standard input and
+        output the caller had when the isolate started (the terminal, for ``stages isolate``).
         After ``timeout`` seconds the command is killed (``timed_out`` is then True). ``check=True``
         raises :class:`StagesError` on a non-zero exit code.
         """
