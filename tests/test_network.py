@@ -301,6 +301,11 @@ def test_bad_input_is_one_clear_sentence(isolate, host):
         network.wire(isolate.pid, name="bad", host_netns=host, subnet="10.200.9.0/31")
     with pytest.raises(NetworkError, match="no network namespace named"):
         network.wire(isolate.pid, name="bad", host_netns="stgns-not-there")
+    gone = subprocess.Popen(["/bin/busybox", "true"])
+    gone.wait()
+    for pid in (gone.pid, "1", None):
+        with pytest.raises(NetworkError, match="there is no process"):
+            network.wire(pid, name="bad", host_netns=host)
     with pytest.raises(NetworkError, match="not a firewall"):
         network.wire(isolate.pid, name="bad", host_netns=host, firewall="pf")
     assert links(host) == {"lo"}
@@ -317,12 +322,17 @@ def test_a_subnet_in_use_is_refused_and_undone(isolate, host):
 
 
 def test_a_failure_halfway_undoes_what_was_done(host, run_dir):
-    dead = subprocess.Popen(["/bin/busybox", "true"])
-    dead.wait()
+    # A zombie: its pid is still in /proc, but it has no namespaces left to move a device into.
+    zombie = subprocess.Popen(["/bin/busybox", "true"])
+    deadline = time.monotonic() + 5
+    while not open(f"/proc/{zombie.pid}/stat").read().rpartition(")")[2].split()[0] == "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     record = StepRecord()
     before = sysctls(host)
     with pytest.raises(NetworkError, match="netns") as error:
-        network.wire(dead.pid, name="half", host_netns=host, record=record)
+        network.wire(zombie.pid, name="half", host_netns=host, record=record)
+    zombie.wait()
     assert "isolate's process is gone" in error.value.hint
     shells = [step.shell for step in record.steps]
     assert any("link add stghalf-h" in shell for shell in shells)  # it got that far ...

@@ -374,7 +374,10 @@ class Wiring:
     def __init__(self, pid: int, *, name: str, subnet: str | None = None, address: str | None = None,
                  host_netns: str | None = None, record: steps_module.StepRecord | None = None,
                  firewall: str | None = None):
-        self.pid = int(pid)
+        if isinstance(pid, bool) or not isinstance(pid, int) or not os.path.exists(f"/proc/{pid}"):
+            raise NetworkError(f"there is no process {pid!r} to wire",
+                               "give the pid of a process in the isolate's network namespace (Isolate.pid)")
+        self.pid = pid
         self.name = check_name(name)
         self.devices = devices(name)
         self.host = Host(host_netns)
