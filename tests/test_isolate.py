@@ -285,6 +285,8 @@ def test_user_namespace_order_errors(open_rootfs):
         iso.map_user()
         with pytest.raises(StepOrderError, match="only once"):
             iso.map_user()
+        with pytest.raises(StepOrderError, match="PID namespace that user namespace owns"):
+            iso.mount_proc()
         iso.pivot_root()
         with pytest.raises(StepOrderError, match="before pivot_root"):
             iso.mount_dev()

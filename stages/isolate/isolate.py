@@ -465,6 +465,12 @@ class Isolate:
         """Mount a fresh /proc. Before the PID namespace it shows the host's processes; after it, the
         isolate's own (PID 1 first). Calling it again after unshare('pid') replaces the old one."""
         self._mount("/proc")
+        if "user" in self.unshared and "pid" not in self.unshared:
+            raise StepOrderError(
+                "inside a user namespace, a /proc can be mounted only for a PID namespace that user "
+                "namespace owns, and this isolate still shares the host's",
+                "call unshare('pid') first",
+            )
         replace = "proc" in self.mounted
         if replace and self.mounted["proc"] == self._pid_namespace():
             raise StepOrderError("/proc is mounted already, for this PID namespace",
