@@ -83,16 +83,24 @@ def isolate():
         process.wait()
 
 
+def netns_name() -> str:
+    """A name that says these tests made it (other tests use test_host's default, stgns...)."""
+    return f"stgtnet{os.getpid() % 100000}{next(_counter)}"
+
+
+_counter = iter(range(1_000_000))
+
+
 @pytest.fixture
 def host():
-    with network.test_host() as name:
+    with network.test_host(netns_name()) as name:
         yield name
 
 
 @pytest.fixture
 def world(host):
     """The host netns plus an "outside" netns joined to it by a veth pair; yields (host, outside)."""
-    with network.test_host() as outside:
+    with network.test_host(netns_name()) as outside:
         run(["ip", "-n", host, "link", "add", "tsth", "type", "veth", "peer", "name", "tsto",
              "netns", outside])
         run(["ip", "-n", host, "addr", "add", f"{HOST_ADDRESS}/24", "dev", "tsth"])
@@ -173,7 +181,7 @@ def test_host_side_commands_run_where_the_host_is():
 
 
 def test_test_host_is_a_netns_with_lo_up_and_goes_away():
-    with network.test_host() as name:
+    with network.test_host(netns_name()) as name:
         assert os.path.exists(f"/run/netns/{name}")
         assert links(name) == {"lo"}
         assert "UP" in run(["ip", "-n", name, "link", "show", "lo"]).stdout
