@@ -30,6 +30,13 @@ packages=(busybox-static iproute2 iptables nftables procps util-linux)
 if [[ $job == test || $job == setup ]]; then
     # the cgroup v2 VM (tests/vm): QEMU software emulation, debootstrap, the initramfs tools
     packages+=(qemu-system-x86 debootstrap cpio e2fsprogs)
+    # vagrant/ (tests/test_vagrant.py): shellcheck for provision.sh, vagrant to validate the Vagrantfile
+    packages+=(shellcheck)
+    # The notebooks in a real browser (tests/test_browser.py) drive Debian's chromium deb (Ubuntu ships
+    # chromium only as a snap); vagrant too comes from Debian. Elsewhere those tests skip, saying why.
+    if grep -qsx 'ID=debian' /etc/os-release; then
+        packages+=(chromium vagrant)
+    fi
 fi
 python=${PYTHON:-python3}
 if ! command -v "$python" >/dev/null 2>&1; then
@@ -52,7 +59,7 @@ if ((${#missing[@]})); then
 fi
 
 # -- the virtualenv ---------------------------------------------------------------------------------
-extras=test
+extras="test"
 [[ $job == tour ]] && extras=""
 stamp=".venv/.installed-${extras:-base}"
 if [[ ! -x .venv/bin/python ]]; then
