@@ -510,15 +510,49 @@ def stage2_limit(t: Tour) -> Section:
 def stage2_network(t: Tour) -> Section:
     import importlib.util
     import inspect
+    import subprocess
 
     if importlib.util.find_spec("stages.isolate.network") is None:
         return Section(skipped="the network part: stages.isolate.network is not in this version yet")
+    from stages import rootfs
     from stages.isolate import network
 
     if "host_netns" not in inspect.signature(network.wire).parameters:
         return Section(skipped="the network part: the isolate's network API takes no host_netns, and the "
                                "tour wires nothing to the real host's network")
-    return Section(skipped="the network part: not written for this network API yet")
+    iso = _isolate(t)
+    start = len(iso.record.steps)
+    busybox = rootfs.find_busybox()
+    host_devices = sorted(os.listdir("/sys/class/net"))
+    findings = []
+    # The "host" side is a network namespace the tour makes (ip netns add) and removes: nothing touches
+    # the real host's network, and nothing can leave the machine.
+    with network.test_host(record=iso.record) as host_netns:
+        wiring = iso.connect(host_netns=host_netns)
+        try:
+            findings.append(Finding("wiring", wiring.diagram(), verbatim=True))
+            out = iso.run(["ping", "-c", "1", "-W", "2", str(wiring.gateway.ip)])
+            findings.append(Finding("isolate -> host", f"ping {wiring.gateway.ip} (the bridge) "
+                                    + ("answered" if out.returncode == 0 else
+                                       f"failed: {(out.stdout + out.stderr).strip()[-120:]}")))
+            back = subprocess.run(["ip", "netns", "exec", host_netns, busybox, "ping", "-c", "1", "-W", "2",
+                                   str(wiring.address.ip)], capture_output=True, text=True, timeout=30)
+            findings.append(Finding("host -> isolate", f"ping {wiring.address.ip} (the isolate's eth0) "
+                                    + ("answered" if back.returncode == 0 else
+                                       f"failed: {(back.stdout + back.stderr).strip()[-120:]}")))
+            t.facts["stage2 pings"] = (out.returncode == 0, back.returncode == 0)
+        finally:
+            wiring.teardown()
+    untouched = sorted(os.listdir("/sys/class/net")) == host_devices
+    findings.append(Finding("the real host", f"its interfaces are the same before and after "
+                            f"({', '.join(host_devices)}): the host side was the network namespace "
+                            f"{host_netns}, removed again" if untouched else
+                            "its interfaces changed during the network part", isolated=untouched))
+    return Section(
+        lesson="A new network namespace has only a loopback device. A veth pair is a cable with two ends: "
+               "one is pushed into the isolate and named eth0, the other plugged into a bridge on the host "
+               "side; addresses, a default route and NAT follow.",
+        findings=findings, record=_since(iso, start, "a network of its own"))
 
 
 @section(2, "the whole isolate, as a script")

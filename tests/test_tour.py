@@ -110,7 +110,12 @@ def test_the_whole_tour_shows_the_jail_leak_and_the_isolate_hold(python, stages_
     # The memory hog was killed by the kernel, inside the cgroup only.
     memory = lines_about(stage2, "memory")
     assert "[isolated]" in memory and "was killed" in memory
-    assert "2.5 a network of its own" in stage2 and "skipped:" in stage2.split("-- 2.5")[1]
+    # The network: a veth pair to a stand-in host (a network namespace the tour made), pinged both ways.
+    wired = stage2.split("-- 2.5")[1].split("-- 2.6")[0]
+    assert "veth pair" in wired and "eth0" in wired
+    assert "answered" in lines_about(wired, "isolate -> host")
+    assert "answered" in lines_about(wired, "host -> isolate")
+    assert "[isolated]" in lines_about(wired, "the real host")
     # The record, as a script, and the teardown that followed.
     assert "unshare --user" in stage2 and "pivot_root . ." in stage2
     assert "and its cgroup are gone" in lines_about(stage2, "teardown")
@@ -121,8 +126,8 @@ def test_explain_prints_the_shell_steps_of_each_section(python, stages_home, tmp
     result = run_tour(python, stages_home, tmp_path, "--explain")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    # stage 1: 3 sections; stage 2: namespaces, escape and limit (commands run inside are not steps)
-    assert out.count("the same steps, as a person would type them:") == 6
+    # stage 1: 3 sections; stage 2: namespaces, escape, limit, network (commands run inside are not steps)
+    assert out.count("the same steps, as a person would type them:") == 7
     rootfs = os.path.join(stages_home, "rootfs", "busybox")
     assert f"    chroot {rootfs}" in out
     assert "    mount --make-rprivate /" in out
@@ -130,6 +135,7 @@ def test_explain_prints_the_shell_steps_of_each_section(python, stages_home, tmp
     stage2 = out.split("== stage 2")[1]
     assert "    unshare --user" in stage2 and "    pivot_root . ." in stage2
     assert "memory.limit_in_bytes" in stage2 or "memory.max" in stage2
+    assert "    ip netns add stgns" in stage2 and "type veth peer name" in stage2
 
 
 def test_a_rootfs_nobody_may_enter_skips_the_user_namespace_and_says_so(python, stages_home, tmp_path):
