@@ -470,6 +470,28 @@ def check_pivot_root() -> Check:
                  "run the workshop in the VM: a machine whose / cannot be pivoted cannot host stage 2")
 
 
+# -- where the rootfs lives ------------------------------------------------------------------------
+def check_state_directory() -> Check:
+    """Whether programs may run from where stages keeps its rootfs (:func:`stages.rootfs.state_dir`): a
+    filesystem mounted noexec there makes every jail and isolate fail with EACCES (mount(8), noexec)."""
+    from stages import rootfs
+
+    directory = rootfs.state_dir()
+    try:
+        noexec = rootfs.is_noexec(directory)
+        exists = "exists" if directory.exists() else "will be made on first use"
+    except OSError as error:  # not root: a parent such as /root may be closed to us
+        return Check("state directory", False, f"cannot look at {directory}: "
+                     f"{os.strerror(error.errno or errno.EACCES)}", ROOT_FIX)
+    if noexec:
+        point = rootfs.mount_point(directory)
+        return Check("state directory", False, f"{directory} is on {point}, mounted noexec: nothing in a "
+                     "rootfs there could run",
+                     f"keep it elsewhere (export STAGES_HOME=/var/tmp/stages), or allow programs there: "
+                     f"mount -o remount,exec {point}")
+    return Check("state directory", True, f"{directory} ({exists}) allows running programs")
+
+
 # == all of them ======================================================================================
 def checks(path: str | None = None) -> list[Check]:
     """Every pre-flight check, in the order the stages need them. ``path`` is where to look for tools
@@ -481,6 +503,7 @@ def checks(path: str | None = None) -> list[Check]:
         check_overlay(),
         *check_cgroups(),
         check_unprivileged_userns(),
+        check_state_directory(),
         *check_tools(path),
     ]
 

@@ -205,3 +205,20 @@ def test_cgroup_v2_without_the_controller_below_us_says_why(tmp_path, monkeypatc
     assert check.ok is ok and words in check.detail, check
     assert not check.ok or not check.fix
     assert sorted(os.listdir(own)) == ["cgroup.controllers"]  # the probe cgroup was removed
+
+
+def _noexec_state_directory(directory: str) -> None:
+    """In a probe child with a private mount namespace: STAGES_HOME on a tmpfs mounted noexec."""
+    doctor._private_mounts()
+    kernel.mount("tmpfs", directory, "tmpfs", kernel.MS_NOEXEC, "size=64k")
+    os.environ["STAGES_HOME"] = os.path.join(directory, "stages")
+    check = doctor.check_state_directory()
+    if check.ok or "mounted noexec" not in check.detail or "STAGES_HOME" not in check.fix:
+        raise AssertionError(f"a noexec state directory passed: {check}")
+
+
+def test_a_state_directory_on_a_noexec_filesystem_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAGES_HOME", str(tmp_path / "stages"))
+    assert doctor.check_state_directory().ok  # pytest's /tmp allows programs here
+    # The noexec mount lives only in a probe child's own mount namespace, as the doctor's probes do.
+    assert doctor.probe(lambda: _noexec_state_directory(str(tmp_path))) is None
