@@ -84,7 +84,8 @@ def test_provision_script_is_clean_shell():
     syntax = subprocess.run(["bash", "-n", str(PROVISION)], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (bash workshop.sh test installs it: apt-get install shellcheck)")
+        pytest.skip("shellcheck is not installed (bash workshop.sh test installs it: "
+                    "apt-get install shellcheck)")
     lint = subprocess.run(["shellcheck", str(PROVISION)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     # provision.sh stands on workshop.sh: it must be sound too (warnings and errors).
@@ -97,8 +98,8 @@ def test_provision_script_is_clean_shell():
 def provision(tmp_path: Path, port: int, **environment: str) -> subprocess.CompletedProcess:
     """Run provision.sh for real against this checkout, with its token, unit and pid file in tmp_path."""
     env = {
-        **os.environ, "STAGES_CONFIG_DIR": str(tmp_path / "etc"), "STAGES_SYSTEMD_DIR": str(tmp_path / "units"),
-        "STAGES_JUPYTER_PORT": str(port), **environment,
+        **os.environ, "STAGES_CONFIG_DIR": str(tmp_path / "etc"),
+        "STAGES_SYSTEMD_DIR": str(tmp_path / "units"), "STAGES_JUPYTER_PORT": str(port), **environment,
     }
     return subprocess.run(["bash", str(PROVISION)], env=env, capture_output=True, text=True, timeout=600,
                           stdin=subprocess.DEVNULL)
