@@ -342,11 +342,15 @@ def stage2_namespaces(t: Tour) -> Section:
     wanted = ["uts", "ipc", "net", "mount", "cgroup", "pid"]
     skipped = ""
     if _reachable_by_anyone(t.rootfs):
-        views = iso.unshare("user")
-        uid_map = " ".join(iso.map_user().split())
-        findings.append(Finding("user", f"uid_map {uid_map}: root inside is uid {uid_map.split()[1]} on the "
-                                        "host, with no power over the host's files or processes",
-                                isolated=views["user"].own))
+        try:
+            views = iso.unshare("user")
+        except StagesError as error:  # user.max_user_namespaces=0, or a kernel without them
+            skipped = f"the user namespace: {error.message} (see stages doctor)"
+        else:
+            uid_map = " ".join(iso.map_user().split())
+            findings.append(Finding("user", f"uid_map {uid_map}: root inside is uid {uid_map.split()[1]} on "
+                                            "the host, with no power over the host's files or processes",
+                                    isolated=views["user"].own))
     else:
         skipped = (f"the user namespace: {t.rootfs} is below a directory only root may enter, and root of "
                    "a user namespace is a nobody on the host (make each parent directory mode 0755)")
