@@ -28,7 +28,7 @@ import secrets
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -255,7 +255,7 @@ def stage1_observations(t: Tour) -> Section:
 
 
 @contextlib.contextmanager
-def canary(label: str) -> Iterable[tuple[Path, str]]:
+def canary(label: str) -> Iterator[tuple[Path, str]]:
     """A host file with a random token, removed however the block ends: what an escape tries to read."""
     token = f"stages-canary-{secrets.token_hex(6)}"
     with tempfile.TemporaryDirectory(prefix="stages-tour-") as directory:
