@@ -28,21 +28,21 @@ import os
 import selectors
 import signal
 import socket
-import stat
 import sys
 import time
 import traceback
 
 from stages import kernel, steps
-from stages.errors import StagesError, StepOrderError
+from stages.errors import StagesError
+from stages.isolate import filesystem
+
+# The device nodes and links of a minimal /dev live with the other filesystem steps, shared with stage 3.
+DEVICES = filesystem.DEVICES
+DEVICE_LINKS = filesystem.DEVICE_LINKS
 
 # What a command inside sees unless the caller says otherwise.
 DEFAULT_ENV = {"PATH": "/bin:/sbin:/usr/bin:/usr/sbin", "HOME": "/root", "TERM": "xterm", "LANG": "C"}
 
-# The device nodes a minimal /dev has (as in the OCI runtime spec's default devices): name -> (major, minor)
-DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
-DEVICE_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
-                "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
 # Modules a step may call inside (see ``call``); imported now, while the host's library is reachable.
 PRELOAD = ("stages.jail",)
@@ -197,94 +197,24 @@ class Holder:
         return socket.gethostname()
 
     def op_make_private(self) -> list[str]:
-        kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE,
-                     what="no mount event crosses between the host and the isolate")
-        return _propagations()
+        return filesystem.make_private()
 
     def op_mount_proc(self, replace: bool = False) -> str:
-        target = self.base("/proc")
-        if replace:
-            kernel.umount(target, kernel.MNT_DETACH, what="the old /proc belongs to the old PID namespace")
-        kernel.mount("proc", target, "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC,
-                     what="a /proc that shows the processes of our PID namespace")
-        return target
+        return filesystem.mount_proc(self.base("/proc"), replace)
 
     def op_mount_sys(self) -> str:
-        target = self.base("/sys")
-        flags = kernel.MS_RDONLY | kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC
-        try:
-            kernel.mount("sysfs", target, "sysfs", flags, what="a read-only /sys")
-        except PermissionError:
-            # sysfs may be mounted only by a user namespace that owns the network namespace; otherwise
-            # borrow the host's /sys, read-only, while it is still reachable.
-            if self.pivoted:
-                raise StepOrderError(
-                    "this user namespace may not mount a new sysfs (it does not own the network namespace), "
-                    "and after pivot_root the host's /sys cannot be borrowed",
-                    "unshare the net namespace together with (or after) the user namespace, or call "
-                    "mount_sys() before pivot_root()",
-                ) from None
-            kernel.mount("/sys", target, None, kernel.MS_BIND | kernel.MS_REC,
-                         what="borrow the host's /sys (a new sysfs needs our own network namespace)")
-            kernel.mount(None, target, None, kernel.MS_BIND | kernel.MS_REMOUNT | flags,
-                         what="make it read-only")
-        return target
+        return filesystem.mount_sys(self.base("/sys"), self.pivoted)
 
     def op_mount_tmp(self) -> str:
-        target = self.base("/tmp")
-        kernel.mount("tmpfs", target, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV, "mode=1777",
-                     what="a /tmp of the isolate's own, in memory")
-        return target
+        return filesystem.mount_tmp(self.base("/tmp"))
 
     def op_mount_dev(self) -> list[str]:
-        dev = self.base("/dev")
-        kernel.mount("tmpfs", dev, "tmpfs", kernel.MS_NOSUID, "mode=755,size=65536k",
-                     what="an empty /dev in memory, instead of the host's with all its disks")
-        for name, (major, minor) in DEVICES.items():
-            path = os.path.join(dev, name)
-            if self.in_user_namespace:
-                # mknod(2) of a device needs CAP_MKNOD in the *initial* user namespace (user_namespaces(7)),
-                # which a process in a new user namespace never has: bind-mount the host's node instead.
-                with steps.record(f"touch {path}", where="inside", what="a file to mount the device on"):
-                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
-                kernel.mount(f"/dev/{name}", path, None, kernel.MS_BIND,
-                             what=f"the host's /dev/{name}: mknod is refused inside a user namespace")
-            else:
-                with steps.record(f"mknod -m 666 {path} c {major} {minor}", where="inside",
-                                  what=f"the {name} device"):
-                    os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
-                    os.chmod(path, 0o666)  # mknod's mode is filtered by the umask
-        pts = os.path.join(dev, "pts")
-        with steps.record(f"mkdir {pts} {dev}/shm", where="inside"):
-            os.mkdir(pts, 0o755)
-            os.mkdir(os.path.join(dev, "shm"), 0o1777)
-            os.chmod(os.path.join(dev, "shm"), 0o1777)
-        # newinstance: pseudo-terminals of our own, not the host's (see devpts in the kernel's docs)
-        kernel.mount("devpts", pts, "devpts", kernel.MS_NOSUID | kernel.MS_NOEXEC,
-                     "newinstance,ptmxmode=0666,mode=0620", what="pseudo-terminals of our own")
-        kernel.mount("shm", os.path.join(dev, "shm"), "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV,
-                     "mode=1777", what="POSIX shared memory of our own")
-        for name, target in DEVICE_LINKS.items():
-            with steps.record(f"ln -s {target} {dev}/{name}", where="inside"):
-                os.symlink(target, os.path.join(dev, name))
-        return sorted(os.listdir(dev))
+        return filesystem.mount_dev(self.base("/dev"), self.in_user_namespace)
 
     def op_pivot_root(self) -> list[str]:
-        root = self.rootfs
-        kernel.mount(root, root, None, kernel.MS_BIND | kernel.MS_REC,
-                     what="pivot_root(2) needs the new root to be a mount point: bind-mount it on itself")
-        with steps.record(f"cd {root}", where="inside"):
-            os.chdir(root)
-        # pivot_root(".", ".") stacks the old root on top of the new one, so no put_old directory is
-        # needed (pivot_root(2), NOTES): good, since inside a user namespace we could not create one in
-        # a rootfs owned by the host's root.
-        kernel.pivot_root(".", ".", what="the rootfs becomes /, the old root is stacked on top of it")
-        kernel.umount(".", kernel.MNT_DETACH,
-                      what="detach the old root: the host's files are now out of reach")
-        with steps.record("cd /", where="inside"):
-            os.chdir("/")
+        names = filesystem.pivot_root(self.rootfs)
         self.pivoted = True
-        return sorted(os.listdir("/"))
+        return names
 
     # -- privileges ---------------------------------------------------------------------------------
     def op_drop_capabilities(self, keep: list[str]) -> dict:
@@ -483,12 +413,6 @@ def _children_of(pid: int) -> list[int]:
             return [int(word) for word in handle.read().split()]
     except OSError:
         return []
-
-
-def _propagations() -> list[str]:
-    with open("/proc/self/mountinfo") as handle:
-        return [f"{line.split(' ')[4]} {' '.join(line.split(' - ')[0].split(' ')[6:]) or 'private'}"
-                for line in handle]
 
 
 def _read_all(fd: int) -> bytes:
