@@ -1,0 +1,193 @@
+"""The docs build, offline, with every notebook executed, and nothing loaded from outside.
+
+One build (about a minute: the notebooks run) serves every test here. It is the build an instructor runs,
+``python -m sphinx -W --keep-going docs OUT``: a warning fails it, and so does a notebook whose check
+cell fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+pytest.importorskip("sphinx", reason="the docs extra is not installed: pip install -e '.[docs]'")
+pytest.importorskip("myst_nb", reason="the docs extra is not installed: pip install -e '.[docs]'")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The docs, built once for this module into a temporary directory."""
+    from conftest import leaks, snapshot  # the leak check, around the build (this fixture outlives tests)
+
+    out = tmp_path_factory.mktemp("docs")
+    # sys.executable as it is, not its realpath: the virtualenv's python is a link to the base interpreter,
+    # and only the link finds the virtualenv's packages (sphinx, myst-nb).
+    python = sys.executable
+    before = snapshot()
+    built = subprocess.run(
+        [python, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", "-d", str(out / "doctrees"),
+         str(DOCS), str(out / "html")],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        # No proxy: nothing in the build may need the network (and a proxy would hide it if it did).
+        env={**os.environ, "STAGES_DOCS_EXECUTE": "force", "http_proxy": "", "https_proxy": "",
+             "no_proxy": "*"},
+    )
+    assert built.returncode == 0, f"sphinx-build failed:\n{built.stdout[-3000:]}\n{built.stderr[-6000:]}"
+    left = leaks(before, snapshot())
+    assert not left, "building the docs (running the notebooks) left these behind:\n  " + "\n  ".join(left)
+    return out / "html"
+
+
+class _Resources(HTMLParser):
+    """Every URL a page makes the browser load: scripts, stylesheets, images, frames, media."""
+
+    LOADS = {("script", "src"), ("img", "src"), ("iframe", "src"), ("source", "src"), ("audio", "src"),
+             ("video", "src"), ("embed", "src"), ("object", "data")}
+
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        values = dict(attrs)
+        for element, attribute in self.LOADS:
+            if tag == element and values.get(attribute):
+                self.urls.append(values[attribute])
+        rel = set((values.get("rel") or "").split())
+        if tag == "link" and values.get("href") and rel & {"stylesheet", "preload", "modulepreload", "icon"}:
+            self.urls.append(values["href"])
+
+
+def _remote(url: str) -> bool:
+    return bool(re.match(r"^([a-z][a-z0-9+.-]*:)?//", url, re.IGNORECASE)) and not url.startswith("data:")
+
+
+def _page(site: Path, notebook: Path) -> Path:
+    return site / "notebooks" / (notebook.stem + ".html")
+
+
+def _text(page: Path) -> str:
+    return re.sub(r"<[^>]+>", "", page.read_text())
+
+
+def test_every_notebook_is_rendered_with_its_outputs(site):
+    assert NOTEBOOKS, "no notebooks found"
+    learners = (site / "learners.html").read_text()
+    for notebook in NOTEBOOKS:
+        # The notebooks are committed without outputs, so every output on the page came from the build.
+        stored = json.loads(notebook.read_text())
+        assert all(not cell.get("outputs") for cell in stored["cells"]), f"{notebook.name} stores outputs"
+        page = _page(site, notebook)
+        assert page.exists(), f"{notebook.name} has no page"
+        html = page.read_text()
+        assert html.count('class="cell_output') >= 3, f"{notebook.name}'s page shows (almost) no output"
+        assert 'class="output stream' in html, f"{notebook.name}'s page shows nothing the notebook printed"
+        assert "Traceback" not in _text(page), f"{notebook.name} raised while the docs were built"
+        link = f'href="notebooks/{notebook.stem}.html"'
+        assert link in learners, f"the learner's path does not link {notebook.name}"
+
+
+def test_a_notebook_prints_its_check(site):
+    page = _page(site, REPO / "notebooks" / "02-namespaces-by-hand.ipynb")
+    if not page.exists():
+        pytest.skip("notebook 02 is not there")
+    assert "all checks passed" in _text(page)
+
+
+def test_the_notebooks_run_in_the_notebooks_directory():
+    """myst-nb runs a notebook in its source's directory: docs/notebooks must lead to notebooks/."""
+    assert (DOCS / "notebooks").resolve() == (REPO / "notebooks").resolve()
+
+
+def test_widget_state_is_embedded_and_the_widget_script_is_local(site):
+    with_widgets = [notebook for notebook in NOTEBOOKS if "ipywidgets" in notebook.read_text()]
+    assert with_widgets, "no notebook uses ipywidgets"
+    for notebook in with_widgets:
+        html = _page(site, notebook).read_text()
+        states = re.findall(r'<script type="application/vnd.jupyter.widget-state\+json">(.*?)</script>',
+                            html, re.DOTALL)
+        assert len(states) == 1, f"{notebook.name}: no widget state embedded"
+        state = json.loads(states[0])["state"]
+        assert state, f"{notebook.name}: the widget state is empty"
+        # embed.js renders the widgets ipywidgets ships; any other module would need a loader and a CDN.
+        modules = {model["model_module"] for model in state.values()}
+        assert modules <= {"@jupyter-widgets/controls", "@jupyter-widgets/base", "@jupyter-widgets/output"}, \
+            f"{notebook.name} uses widgets the offline bundle cannot render: {modules}"
+        assert 'type="application/vnd.jupyter.widget-view+json"' in html, f"{notebook.name}: no widget view"
+        assert re.search(r'<script src="\.\./_static/widgets/embed\.js[?"]', html), \
+            f"{notebook.name} does not load the vendored embed.js"
+    sums = (DOCS / "_vendor" / "html-manager" / "SHA256SUMS").read_text().split()
+    assert hashlib.sha256((site / "_static" / "widgets" / "embed.js").read_bytes()).hexdigest() == sums[0]
+
+
+def test_no_page_loads_anything_from_outside(site):
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 10
+    for page in pages:
+        parser = _Resources()
+        parser.feed(page.read_text())
+        remote = [url for url in parser.urls if _remote(url)]
+        assert not remote, f"{page.relative_to(site)} loads {remote}"
+        # Nothing else spelled out either: a CDN named in an attribute or a script body (require.js
+        # config, data-jupyter-widgets-cdn) would be fetched by the JavaScript at run time.
+        html = page.read_text()
+        for cdn in ("cdn.jsdelivr.net", "unpkg.com", "cdnjs.cloudflare.com", "googleapis.com"):
+            assert cdn not in html.lower(), f"{page.relative_to(site)} names {cdn}"
+    for script in (site / "_static").rglob("*.js"):
+        if script.name == "embed.js":
+            continue  # the bundle holds a CDN default it never uses without a module loader (see below)
+        assert "cdn.jsdelivr.net" not in script.read_text(errors="replace"), script
+
+
+def test_api_reference_lists_each_stage(site):
+    expected = {
+        "api/jail.html": ["stages.jail.run", "stages.jail.escape"],
+        "api/kernel.html": ["stages.kernel.pivot_root", "stages.kernel.unshare"],
+        "api/steps.html": ["stages.steps.StepRecord"],
+        "api/errors.html": ["stages.errors.StagesError"],
+        "api/observe.html": ["stages.observe.mounts"],
+        "api/rootfs.html": ["stages.rootfs.build"],
+        "api/doctor.html": ["stages.doctor.checks"],
+        "api/isolate.html": ["stages.isolate.isolate.Isolate", "stages.isolate.cgroups.Cgroup"],
+    }
+    for page, names in expected.items():
+        html = (site / page).read_text()
+        for name in names:
+            assert f'id="{name}"' in html, f"{page} does not document {name}"
+    # Every submodule of stages.isolate is there, found on disk (a new one joins by itself).
+    isolate = (site / "api" / "isolate.html").read_text()
+    for module in sorted((REPO / "stages" / "isolate").glob("[!_]*.py")):
+        assert f'id="module-stages.isolate.{module.stem}"' in isolate, f"stages.isolate.{module.stem} missing"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium to render a page in")
+def test_widgets_render_in_a_browser_without_network(site, tmp_path):
+    """Chromium, with every host name unresolvable, renders the notebook's widgets from the build alone."""
+    notebook = next((n for n in NOTEBOOKS if "ipywidgets" in n.read_text()), None)
+    if notebook is None:
+        pytest.skip("no notebook uses ipywidgets")
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+         "--virtual-time-budget=5000", "--dump-dom", _page(site, notebook).as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    # The page as built holds only <script> tags with the widgets' JSON; the classes come from embed.js.
+    assert "lm-Widget" not in _page(site, notebook).read_text()
+    assert re.search(r'class="lm-Widget[^"]*jupyter-widgets', dom), \
+        "the widgets did not render: embed.js did not run offline"
