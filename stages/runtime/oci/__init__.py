@@ -1,0 +1,39 @@
+"""Our low-level container runtime: it executes an OCI runtime bundle, as runc, crun and youki do.
+
+An engine (images, builds, networks) writes a *bundle* — a rootfs directory and a ``config.json`` per the
+OCI runtime spec — and this runtime executes it, with the operations the spec names (runtime.md)::
+
+    from stages.runtime import oci
+
+    bundle = oci.write_bundle("/tmp/demo", oci.default_spec(["hostname"]))   # + a rootfs in /tmp/demo/rootfs
+    oci.create("demo", bundle)      # the init sets itself up and waits
+    oci.state("demo")["status"]     # "created"
+    oci.start("demo")               # it execs `hostname`
+    oci.wait("demo")                # 0
+    oci.delete("demo")
+
+It is built from stage 2's primitives (:mod:`stages.kernel`, :mod:`stages.isolate.filesystem`,
+:mod:`stages.isolate.cgroups`), so its step record reads like the steps a person typed in stage 2.
+"""
+
+from __future__ import annotations
+
+from stages.runtime.oci.container import (
+    create,
+    delete,
+    kill,
+    list_containers,
+    run,
+    signal_number,
+    start,
+    state,
+    wait,
+)
+from stages.runtime.oci.spec import SpecError, default_spec, load, parse_mount_options, write_bundle
+from stages.runtime.oci.state import ContainerNotFoundError
+
+__all__ = [
+    "ContainerNotFoundError", "SpecError", "create", "default_spec", "delete", "kill", "list_containers",
+    "load",
+    "parse_mount_options", "run", "signal_number", "start", "state", "wait", "write_bundle",
+]

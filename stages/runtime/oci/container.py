@@ -1,0 +1,362 @@
+"""The runtime spec's operations on one container: create, start, state, kill, delete (runtime.md).
+
+``create`` does everything but run the program: it reads the bundle, makes the state directory and the
+cgroup (with its limits), starts the setup process (see :mod:`stages.runtime.oci.process`), writes its
+uid_map/gid_map and moves it into the cgroup from outside, and returns once the init has set itself up
+and waits. ``start`` releases the init (one byte into ``exec.fifo``); ``kill`` signals it; ``delete``
+removes what is left. Every step lands in a :class:`stages.steps.StepRecord`, in stage 2's words: the
+record of one run is the list of manual steps it replaced.
+
+Whatever goes wrong halfway, an :class:`contextlib.ExitStack` undoes what was done; a runtime killed by
+SIGKILL leaves at most a state directory and a cgroup, which ``delete(id, force=True)`` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import os
+import signal
+import socket
+import sys
+import time
+
+from stages import kernel
+from stages.errors import NotRootError, StagesError
+from stages.runtime.oci import spec as oci_spec
+from stages.runtime.oci import state as oci_state
+from stages.steps import StepRecord
+
+#: How long ``create`` waits for the init to report (a rootfs on a slow disk, a busy machine).
+CREATE_TIMEOUT = 60.0
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _fd(item) -> int | None:
+    if item is None:
+        return None
+    return item if isinstance(item, int) else item.fileno()
+
+
+def _spawn(plan: oci_spec.Plan, fifo: str, stdio) -> tuple[int, socket.socket]:
+    """Start the setup process: a fork of this process when it is single-threaded (fast, as a CLI is),
+    else a fresh ``python -m stages.runtime.oci.process`` (a notebook kernel has threads, and
+    unshare(CLONE_NEWUSER) refuses a threaded process)."""
+    from stages.runtime.oci import process
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [_fd(item) for item in (stdio or (None, None, None))]
+    try:
+        if _single_threaded():
+            pid = os.fork()
+            if pid == 0:  # the setup process: never returns into the caller's code
+                try:
+                    ours.close()
+                    process.setup_process(theirs, plan, fifo, fds)
+                finally:
+                    os._exit(1)
+        else:
+            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
+            actions.append((os.POSIX_SPAWN_DUP2, theirs.fileno(), 3))  # dup2 clears close-on-exec
+            package = os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__)))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [package] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+            python = os.path.realpath(sys.executable)
+            pid = os.posix_spawn(python, [python, "-m", "stages.runtime.oci.process", "3"], env,
+                                 file_actions=actions)
+            process.send(ours, {"plan": plan.to_dict(), "fifo": fifo})
+    finally:
+        theirs.close()
+    return pid, ours
+
+
+def _write_maps(pid: int, plan: oci_spec.Plan, record: StepRecord) -> None:
+    """uid_map and gid_map of the setup process, written from outside (user_namespaces(7)).
+
+    We are root on the host, so setgroups stays allowed: process.user.additionalGids can be set inside.
+    """
+    for name, mappings in (("uid_map", plan.uid_mappings), ("gid_map", plan.gid_mappings)):
+        value = "\n".join(f"{inside} {outside} {size}" for inside, outside, size in mappings)
+        path = f"/proc/{pid}/{name}"
+        shell = f"echo '{value}' > {path}".replace("\n", "\\n")
+        inside, outside, _ = mappings[0]
+        what = f"{name.split('_')[0]} {inside} inside is {outside} on the host"
+        with record.step(shell, where="outside", what=what):
+            with open(path, "w") as handle:
+                handle.write(value + "\n")
+
+
+def _cgroup_name(container_id: str, cgroups_path: str) -> str:
+    # We create cgroups only below our own (cgroups(7), and the project's rule); cgroupsPath's last part
+    # names ours, in the shape systemd ("slice:prefix:name") or a path ("/a/b/name") gives it.
+    name = cgroups_path.replace(":", "/").rstrip("/").rpartition("/")[2] if cgroups_path else container_id
+    cleaned = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name).lstrip("._-")[:56]
+    return cleaned or container_id[:56]
+
+
+def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike | None = None,
+           pid_file: str | os.PathLike | None = None, stdio=None, record: StepRecord | None = None) -> dict:
+    """Create the container ``container_id`` from the OCI bundle ``bundle``; returns its state.
+
+    The init is left waiting: ``start`` makes it exec ``process.args``. ``root`` is the state root
+    (default ``$STAGES_OCI_ROOT`` or /run/stages/oci); ``pid_file`` receives the init's PID; ``stdio`` is
+    ``(stdin, stdout, stderr)``, each a file descriptor, a file object or None (inherit ours);
+    ``record`` collects the steps (a new :class:`StepRecord` otherwise).
+    """
+    from stages.isolate.cgroups import Cgroup
+    from stages.runtime.oci import process
+
+    oci_spec.check_id(container_id)
+    if not kernel.is_root():
+        raise NotRootError("creating a container")
+    config, plan = oci_spec.load(bundle)
+    record = record if record is not None else StepRecord(f"create {container_id}")
+    base = oci_state.root_directory(root)
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    where = os.path.join(base, container_id)
+    try:
+        os.mkdir(where, 0o700)
+    except FileExistsError:
+        raise StagesError(f"a container named {container_id!r} exists already (in {base})",
+                          f"pick another ID, or delete({container_id!r}) it first") from None
+    state_file = os.path.join(where, oci_state.STATE_FILE)
+    data = {"ociVersion": config["ociVersion"], "id": container_id, "status": "creating", "pid": 0,
+            "bundle": plan.bundle, "annotations": plan.annotations,
+            "stages": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                       "rootfs": plan.rootfs, "cgroup": None, "setup_pid": 0}}
+    with contextlib.ExitStack() as undo, record.active():
+        undo.callback(oci_state.remove, container_id, root)
+        oci_state.write(state_file, data)
+        fifo = os.path.join(where, oci_state.FIFO)
+        with record.step(f"mkfifo {fifo}", what="the init waits on it until start"):
+            os.mkfifo(fifo, 0o600)
+        cgroup = Cgroup.create(_cgroup_name(container_id, plan.cgroups_path), record=record)
+        undo.callback(cgroup.remove)
+        data["stages"]["cgroup"] = cgroup.name
+        oci_state.write(state_file, data)
+        if plan.memory is not None:
+            cgroup.set_memory(plan.memory)
+        if plan.cpus is not None:
+            cgroup.set_cpus(plan.cpus)
+        if plan.pids is not None:
+            cgroup.set_pids(plan.pids)
+        setup_pid, channel = _spawn(plan, fifo, stdio)
+        undo.callback(_end_setup, setup_pid)
+        undo.callback(channel.close)
+        data["stages"].update(setup_pid=setup_pid, setup_started=oci_state.start_time(setup_pid))
+        oci_state.write(state_file, data)
+        channel.settimeout(CREATE_TIMEOUT)
+        pid = 0
+        while True:
+            try:
+                message = process.receive(channel)
+            except TimeoutError:
+                raise StagesError(f"the container's init did not report within {CREATE_TIMEOUT:g} s",
+                                  "look at what it was doing with the step record; try again") from None
+            if message is None:
+                raise StagesError("the container's setup process ended before the container was created",
+                                  "run it again with a step record to see the last step it took")
+            record.extend(message.get("steps", []))
+            if "error" in message:
+                raise _rebuild(message["error"])
+            if "unshared" in message:
+                if plan.user_namespace:
+                    _write_maps(message["unshared"], plan, record)
+                cgroup.add(message["unshared"])
+                process.send(channel, {"go": True})
+            if "pid" in message:
+                pid = message["pid"]
+            if message.get("created"):
+                break
+        data.update(status="created", pid=pid)
+        data["stages"]["init_started"] = oci_state.start_time(pid)
+        oci_state.write(state_file, data)
+        if pid_file is not None:
+            oci_state.write_text(os.fspath(pid_file), f"{pid}\n")
+        channel.close()
+        undo.pop_all()
+    return oci_state.spec_state(data, root)
+
+
+def _rebuild(error: dict) -> BaseException:
+    if error.get("stages"):
+        rebuilt = StagesError(error["message"], error.get("hint"))
+        rebuilt.__class__ = _error_class(error.get("type", ""))
+        return rebuilt
+    if "errno" in error:
+        return OSError(error["errno"], error["message"])
+    return StagesError(f"the container's setup failed: {error.get('type')}: {error.get('message')}",
+                       "this is a bug in stages: please report it with the step record")
+
+
+def _error_class(name: str) -> type:
+    from stages import errors
+
+    found = getattr(errors, name, None) or getattr(oci_spec, name, None)
+    return found if isinstance(found, type) and issubclass(found, StagesError) else StagesError
+
+
+def _end_setup(pid: int) -> None:
+    """Kill the setup process (its init dies with it, PR_SET_PDEATHSIG) and reap it."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(pid, 5.0)
+
+
+def _reap(pid: int, timeout: float) -> int | None:
+    """Collect ``pid``'s exit status if it is our child; None if it is not, or did not end in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.002)
+
+
+def start(container_id: str, *, root: str | os.PathLike | None = None,
+          record: StepRecord | None = None) -> dict:
+    """Run the program of a created container: one byte into its exec.fifo releases the waiting init."""
+    data = oci_state.read(container_id, root)
+    status = oci_state.status(data, root)
+    if status != "created":
+        raise StagesError(f"container {container_id!r} is {status}; only a created container can be started",
+                          "create it again" if status == "stopped" else "it is started already")
+    fifo = os.path.join(oci_state.directory(container_id, root), oci_state.FIFO)
+    shell = f"echo 0 > {fifo}"
+    with (record.step(shell, what="release the init: it execs process.args") if record is not None
+          else contextlib.nullcontext()):
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno in (errno.ENXIO, errno.ENOENT):
+                raise StagesError(f"container {container_id!r} is no longer waiting to start",
+                                  "its init has gone; delete it and create it again") from None
+            raise
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        os.unlink(fifo)
+    data["status"] = "running"
+    oci_state.write(os.path.join(oci_state.directory(container_id, root), oci_state.STATE_FILE), data)
+    return oci_state.spec_state(data, root)
+
+
+def state(container_id: str, *, root: str | os.PathLike | None = None) -> dict:
+    """The container's state (runtime.md): ociVersion, id, status, pid, bundle, annotations."""
+    return oci_state.spec_state(oci_state.read(container_id, root), root)
+
+
+def signal_number(value: int | str) -> int:
+    """``9``, ``"9"``, ``"KILL"`` or ``"SIGKILL"`` as a signal number."""
+    if isinstance(value, int) or str(value).isdigit():
+        number = int(value)
+        if 0 < number < signal.NSIG:
+            return number
+    else:
+        name = str(value).upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        found = getattr(signal.Signals, name, None) if hasattr(signal.Signals, name) else None
+        if found is not None:
+            return int(found)
+    raise StagesError(f"{value!r} is not a signal", "give a number or a name such as TERM, KILL or SIGHUP")
+
+
+def kill(container_id: str, sig: int | str = signal.SIGTERM, *,
+         root: str | os.PathLike | None = None) -> None:
+    """Send ``sig`` to the container's init (PID 1 inside).
+
+    PID 1 of a PID namespace gets only the signals it has a handler for, and SIGKILL from outside
+    (pid_namespaces(7)): a plain ``sleep`` as PID 1 ignores SIGTERM, as it would under runc.
+    """
+    number = signal_number(sig)
+    data = oci_state.read(container_id, root)
+    status = oci_state.status(data, root)
+    if status not in ("created", "running"):
+        raise StagesError(f"container {container_id!r} is {status}: there is no process to signal",
+                          f"delete({container_id!r}) removes it")
+    os.kill(data["pid"], number)
+
+
+def delete(container_id: str, force: bool = False, *, root: str | os.PathLike | None = None,
+           record: StepRecord | None = None) -> None:
+    """Remove a stopped container: its cgroup and its state. ``force`` kills a live one first (SIGKILL)."""
+    from stages.errors import CgroupError
+    from stages.isolate.cgroups import Cgroup
+
+    data = oci_state.read(container_id, root)
+    status = oci_state.status(data, root)
+    private = data.get("stages", {})
+    if status != "stopped" and not force:
+        raise StagesError(f"container {container_id!r} is {status}; only a stopped container can be deleted",
+                          f"kill({container_id!r}, 'KILL') it first, or delete it with force=True")
+    for pid, started in ((data.get("pid"), private.get("init_started")),
+                         (private.get("setup_pid"), private.get("setup_started"))):
+        if pid and oci_state.alive(pid, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if private.get("setup_pid"):
+        _reap(private["setup_pid"], 5.0)  # if it is our child, no zombie stays behind
+    if private.get("cgroup"):
+        try:
+            Cgroup.open(private["cgroup"], record=record).remove()
+        except CgroupError:
+            pass  # never made, or removed already
+    oci_state.remove(container_id, root)
+
+
+def list_containers(root: str | os.PathLike | None = None) -> list[dict]:
+    """The state of every container under the root, by ID."""
+    base = oci_state.root_directory(root)
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    result = []
+    for name in names:
+        try:
+            result.append(state(name, root=root))
+        except StagesError:
+            continue
+    return result
+
+
+def wait(container_id: str, *, root: str | os.PathLike | None = None) -> int | None:
+    """Wait for the container to stop; its exit code (negative: the signal that ended it), like
+    :mod:`subprocess`. None when this process did not create it (only the parent learns an exit code)."""
+    data = oci_state.read(container_id, root)
+    setup = data.get("stages", {}).get("setup_pid")
+    try:
+        _, status = os.waitpid(setup, 0)
+        return os.waitstatus_to_exitcode(status)
+    except ChildProcessError:
+        while oci_state.status(data, root) != "stopped":
+            time.sleep(0.01)
+        return None
+
+
+def run(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike | None = None, stdio=None,
+        record: StepRecord | None = None, keep: bool = False) -> int | None:
+    """create + start + wait, then delete (unless ``keep``): the container's exit code, negative for the
+    signal that killed it."""
+    create(container_id, bundle, root=root, stdio=stdio, record=record)
+    try:
+        start(container_id, root=root, record=record)
+        return wait(container_id, root=root)
+    finally:
+        if not keep:
+            delete(container_id, force=True, root=root, record=record)

@@ -1,0 +1,378 @@
+"""The container's first processes: the setup chain, in the order the kernel needs.
+
+Two processes do the work, because of two rules of unshare(2): a user namespace can be made only by a
+single-threaded process, and a new PID namespace takes in only the *children* of the process that asks
+for it. So:
+
+- the **setup process** (forked from the runtime, or started as ``python -m stages.runtime.oci.process``
+  when the caller has threads) joins the namespaces config.json names by path (setns(2)), makes the new
+  ones (unshare(2)), waits while the runtime writes its uid_map and gid_map and moves it into the cgroup
+  (from outside, as LXC's monitor does), then forks the init and stays behind only to pass on how it ended
+  (like ``unshare --fork``);
+- the **init** is the container's PID 1. It does everything inside — hostname, mounts, pivot_root, masked
+  and read-only paths, sysctls, limits, user, capabilities, no_new_privs — tells the runtime "created",
+  and then *waits*, like runc's exec.fifo: it blocks reading a FIFO in the state directory until
+  ``start`` writes one byte into it, and only then executes the container's program.
+
+:func:`init_chain` is that one readable function; compare contained.c's ``child()``.
+Nothing may be imported after pivot_root (the host's Python files are out of reach): everything used
+below is imported at the top of this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+
+from stages import kernel, steps
+from stages.errors import CommandNotFoundError, StagesError
+from stages.isolate import filesystem
+from stages.runtime.oci.spec import Mount, Plan
+
+PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+_MS_NODIRATIME = 2048
+# statvfs(3) f_flag bits -> mount(2) flags, for remounts that must keep the flags a user namespace
+# cannot clear ("locked" mount flags, mount_namespaces(7)).
+_STATVFS_FLAGS = [(1, kernel.MS_RDONLY), (2, kernel.MS_NOSUID), (4, kernel.MS_NODEV), (8, kernel.MS_NOEXEC),
+                  (1024, kernel.MS_NOATIME), (2048, _MS_NODIRATIME), (4096, kernel.MS_RELATIME)]
+_MESSAGE_SIZE = 1 << 20
+_RESET_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTOU, signal.SIGTTIN,
+                  signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
+                  signal.SIGUSR2)
+_FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+
+
+# -- talking to the runtime: one JSON object per SOCK_SEQPACKET message --------------------------------
+def send(sock: socket.socket, message: dict) -> None:
+    sock.send(json.dumps(message, default=str).encode())
+
+
+def receive(sock: socket.socket) -> dict | None:
+    data = sock.recv(_MESSAGE_SIZE)
+    return json.loads(data) if data else None
+
+
+def error_reply(error: BaseException) -> dict:
+    """An exception as plain data, so that the runtime can raise the same kind of error."""
+    reply = {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, StagesError):
+        reply.update(message=error.message, hint=error.hint, stages=True)
+    elif isinstance(error, OSError):
+        reply.update(errno=error.errno or errno.EIO, message=error.strerror or str(error))
+    return reply
+
+
+# -- the setup process -----------------------------------------------------------------------------------
+def setup_process(sock: socket.socket, plan: Plan, fifo: str, stdio: list[int | None] | None = None):
+    """The setup process's life (never returns): namespaces, then fork the init and pass on its end."""
+    status = 1
+    try:
+        for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
+            # Ctrl-C reaches the container's process itself (same process group); we only pass its end on
+            signal.signal(number, signal.SIG_IGN)
+        if stdio:
+            for target, fd in enumerate(stdio):
+                if fd is not None and fd != target:
+                    os.dup2(fd, target)
+        record = steps.StepRecord()
+        with record.active():
+            # setns(2) before unshare(2): once in a new user namespace we would hold no capability over
+            # the host's namespaces any more.
+            for word, path in plan.join_namespaces:
+                kernel.setns(path, kernel.NAMESPACES[word][0], what=f"join the {word} namespace at {path}")
+            # The cgroup namespace is made after the runtime has moved us into the container's cgroup, so
+            # that its root is that cgroup (cgroup_namespaces(7)).
+            flags = kernel.namespace_flags([w for w in plan.new_namespaces if w != "cgroup"])
+            if flags:
+                kernel.unshare(flags, what="the container's new namespaces")
+        send(sock, {"unshared": os.getpid(), "steps": record.to_dicts()})
+        if receive(sock) is None:  # the runtime died or gave up
+            os._exit(1)
+        record = steps.StepRecord()
+        with record.active():
+            if plan.user_namespace:
+                become_root()
+            if "cgroup" in plan.new_namespaces:
+                kernel.unshare(kernel.CLONE_NEWCGROUP,
+                               what="a cgroup namespace rooted at the container's cgroup")
+            with steps.record("# fork: the child is PID 1 of the new PID namespace", where="inside",
+                              what="unshare(2) moves only our children into a new PID namespace"):
+                pid = os.fork()
+            if pid == 0:
+                init_process(sock, plan, fifo)  # never returns
+        send(sock, {"pid": pid, "steps": record.to_dicts()})
+        sock.close()
+        for number in _FORWARDED:
+            signal.signal(number, lambda signum, _frame: _forward(pid, signum))
+        status = _wait(pid)
+    except BaseException as error:  # noqa: B036 - reported to the runtime, never raised into a forked caller
+        try:
+            send(sock, {"error": error_reply(error), "steps": []})
+        except OSError:
+            pass
+        os._exit(1)
+    _end_like(status)
+
+
+def become_root() -> None:
+    """Switch to root of the new user namespace, now that the runtime has written our uid_map."""
+    # Our kernel IDs (the host's root) are not in the map, so we show as nobody; the IDs we switch to are
+    # mapped, and we may switch because we hold CAP_SETUID and CAP_SETGID in the new user namespace
+    # (user_namespaces(7)).
+    with steps.record("setpriv --regid 0 --reuid 0", where="inside",
+                      what="become the mapped root: the IDs we had are not in the map"):
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    # Changing IDs made us non-dumpable, which gives our /proc files to a root this namespace cannot see.
+    kernel.prctl(PR_SET_DUMPABLE, 1)
+
+
+def _forward(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
+def _wait(pid: int) -> int:
+    while True:
+        try:
+            done, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return 0
+        if done == pid:
+            return status
+
+
+def _end_like(status: int) -> None:
+    """End the way the init ended: with its exit code, or killed by the same signal (as unshare --fork)."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+        os.kill(os.getpid(), number)
+        os._exit(128 + number)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+# -- the init --------------------------------------------------------------------------------------------
+def init_process(sock: socket.socket, plan: Plan, fifo: str) -> None:
+    """The init's life (never returns): set up, report, wait for ``start``, exec."""
+    record = steps.StepRecord()
+    try:
+        kernel.set_parent_death_signal(signal.SIGKILL)  # no init outlives its setup process
+        with record.active():
+            executable, fifo_fd = init_chain(plan, fifo)
+        send(sock, {"created": True, "steps": record.to_dicts()})
+        sock.close()
+    except BaseException as error:  # noqa: B036 - reported to the runtime
+        try:
+            send(sock, {"error": error_reply(error), "steps": record.to_dicts()})
+        except OSError:
+            pass
+        os._exit(1)
+    try:
+        # Block until `start` writes its byte (the FIFO is open read-write, so there is always a writer
+        # and the read waits instead of seeing end-of-file).
+        if os.read(fifo_fd, 1) != b"0":
+            os._exit(1)
+        os.close(fifo_fd)
+        for number in _RESET_SIGNALS:
+            signal.signal(number, signal.SIG_DFL)  # ignored signals would stay ignored across execve(2)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.execve(executable, plan.process.args, plan.process.env)
+    except OSError as error:
+        os.write(2, f"stages: cannot run {plan.process.args[0]}: {error.strerror}\n".encode())
+    os._exit(127)
+
+
+def init_chain(plan: Plan, fifo: str) -> tuple[str, int]:
+    """Everything the init does before it waits for ``start``, in order. Returns the program to exec and
+    the FIFO's file descriptor."""
+    process = plan.process
+    # 1. names (sethostname(2) in our own UTS namespace)
+    if plan.hostname:
+        kernel.sethostname(plan.hostname, what="the container's own hostname")
+    if plan.domainname:
+        with steps.record(f"domainname {plan.domainname}", where="inside"):
+            with open("/proc/sys/kernel/domainname", "w") as handle:  # our UTS namespace's value
+                handle.write(plan.domainname)
+    # 2. the root filesystem, while the host's files are still reachable
+    kernel.mount(None, "/", None, plan.rootfs_propagation,
+                 what="no mount event crosses from the container to the host (mount_namespaces(7))")
+    filesystem.bind_on_itself(plan.rootfs)
+    dev_is_ours = False
+    for item in plan.mounts:
+        mount_one(item, plan.user_namespace)
+        dev_is_ours |= item.destination.rstrip("/") == "/dev" and item.type == "tmpfs"
+    if dev_is_ours:  # the default devices the spec promises (config-linux.md, "Default Devices")
+        dev = os.path.join(plan.rootfs, "dev")
+        filesystem.make_devices(dev, plan.user_namespace)
+        filesystem.make_device_links(dev)
+    # The FIFO is opened now: after pivot_root the state directory is out of reach.
+    fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
+    filesystem.pivot_root(plan.rootfs, bind=False)
+    # 3. what /proc and /sys may show and change
+    for key, value in plan.sysctl.items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        with steps.record(f"sysctl -w {key}={value}", where="inside"):
+            with open(path, "w") as handle:
+                handle.write(value)
+    for path in plan.masked_paths:
+        mask(path)
+    for path in plan.readonly_paths:
+        make_readonly(path)
+    if plan.readonly:
+        kernel.mount(None, "/", None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY | _locked("/"),
+                     what="root.readonly: the rootfs cannot be changed from inside")
+    # 4. the process: limits, directory, program, user, capabilities
+    for number, soft, hard, name in process.rlimits:
+        word = _RLIMIT_WORDS.get(name, name)
+        with steps.record(f"prlimit --{word}={soft}:{hard} --pid $$", where="inside"):
+            resource.setrlimit(number, (soft, hard))
+    if process.oom_score_adj is not None:
+        with steps.record(f"echo {process.oom_score_adj} > /proc/self/oom_score_adj", where="inside"):
+            with open("/proc/self/oom_score_adj", "w") as handle:
+                handle.write(str(process.oom_score_adj))
+    if process.umask is not None:
+        os.umask(process.umask)
+    with steps.record(f"cd {process.cwd}", where="inside"):
+        os.chdir(process.cwd)
+    executable = find_program(process.args[0], process.env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+    become_user(process)
+    if process.no_new_privileges:
+        kernel.set_no_new_privs(what="noNewPrivileges: execve can never grant more privileges")
+    kernel.set_parent_death_signal(signal.SIGKILL)  # a change of IDs cleared it (prctl(2))
+    return executable, fifo_fd
+
+
+_RLIMIT_WORDS = {"RLIMIT_NOFILE": "nofile", "RLIMIT_NPROC": "nproc", "RLIMIT_CORE": "core",
+                 "RLIMIT_STACK": "stack", "RLIMIT_AS": "as", "RLIMIT_CPU": "cpu", "RLIMIT_FSIZE": "fsize",
+                 "RLIMIT_DATA": "data", "RLIMIT_MEMLOCK": "memlock"}
+
+
+def _locked(path: str) -> int:
+    """The flags ``path``'s mount has now that a remount must keep (a user namespace may not clear them)."""
+    have = os.statvfs(path).f_flag
+    return sum(flag for bit, flag in _STATVFS_FLAGS if have & bit and flag != kernel.MS_RDONLY)
+
+
+def mount_one(item: Mount, in_user_namespace: bool) -> None:
+    """One entry of config.json's ``mounts``, below the rootfs (``item.target`` was resolved there)."""
+    target = item.target
+    if item.bind and not os.path.isdir(item.source):
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with steps.record(f"touch {target}", where="inside", what="a file to bind the file on"):
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+    elif not os.path.isdir(target):
+        with steps.record(f"mkdir -p {target}", where="inside"):
+            os.makedirs(target, exist_ok=True)
+    if item.bind:
+        kernel.mount(item.source, target, None, item.flags & (kernel.MS_BIND | kernel.MS_REC),
+                     what=f"{item.source} from the host at {item.destination}")
+        # A bind mount ignores every other flag; they take a remount (mount(2), "Creating a bind mount").
+        extra = item.flags & ~(kernel.MS_BIND | kernel.MS_REC)
+        if extra:
+            kernel.mount(None, target, None, kernel.MS_BIND | kernel.MS_REMOUNT | extra | _locked(target),
+                         what="apply the options to the bind mount")
+    else:
+        try:
+            kernel.mount(item.source, target, item.type, item.flags, item.data, what=f"{item.destination}")
+        except PermissionError:
+            if item.type != "sysfs" or not in_user_namespace:
+                raise
+            # sysfs needs a network namespace owned by our user namespace; borrow the host's, read-only
+            filesystem.mount_sys(target)
+    if item.propagation:
+        kernel.mount(None, target, None, item.propagation)
+
+
+def mask(path: str) -> None:
+    """maskedPaths: /dev/null over a file, an empty read-only tmpfs over a directory; missing is fine."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        kernel.mount("tmpfs", path, "tmpfs", kernel.MS_RDONLY, what=f"hide {path}: an empty directory")
+    else:
+        kernel.mount("/dev/null", path, None, kernel.MS_BIND, what=f"hide {path}: it reads as empty")
+
+
+def make_readonly(path: str) -> None:
+    """readonlyPaths: bind ``path`` on itself and remount that read-only; missing is fine."""
+    if not os.path.lexists(path):
+        return
+    kernel.mount(path, path, None, kernel.MS_BIND | kernel.MS_REC, what=f"{path} on itself, to remount it")
+    kernel.mount(None, path, None,
+                 kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY | kernel.MS_REC | _locked(path),
+                 what=f"{path} read-only")
+
+
+def find_program(name: str, path: str) -> str:
+    """The file ``execvp`` would run for ``name``, looked up now so that a typo fails at ``create``."""
+    candidates = [name] if "/" in name else [os.path.join(d or ".", name) for d in path.split(":")]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise CommandNotFoundError(f"{name} was not found in the container's rootfs (PATH={path})",
+                               "check process.args[0] and process.env's PATH in config.json")
+
+
+def become_user(process) -> None:
+    """The bounding set, then the user and groups, then the other capability sets (capabilities(7)).
+
+    The bounding set is dropped first: it needs CAP_SETPCAP, which we still hold. Changing from root to
+    another user clears the permitted set unless PR_SET_KEEPCAPS is on (prctl(2)), so it is on meanwhile;
+    then capset(2) keeps exactly the configured sets, and each ambient one is raised so that a non-root
+    program keeps it across execve(2). (A root program gets its bounding and inheritable sets at execve
+    whatever capset said: that is how root works, capabilities(7), "Capabilities and execution of
+    programs by root".)
+    """
+    caps = process.capabilities
+    if caps is not None:
+        known = kernel.CAPABILITIES[: kernel.last_capability() + 1]
+        drop = [name for name in known if name not in caps["bounding"] and kernel.in_bounding_set(name)]
+        if drop:
+            kernel.drop_bounding(drop, what="process.capabilities.bounding: no program can ever gain these")
+        kernel.prctl(PR_SET_KEEPCAPS, 1)
+    groups = ",".join(map(str, process.additional_gids)) or "none"
+    with steps.record(f"setpriv --regid {process.gid} --groups {groups} --reuid {process.uid}",
+                      where="inside", what="process.user: the IDs the program runs as"):
+        os.setgroups(process.additional_gids)
+        os.setresgid(process.gid, process.gid, process.gid)
+        os.setresuid(process.uid, process.uid, process.uid)
+    if caps is not None:
+        kernel.prctl(PR_SET_KEEPCAPS, 0)
+        kernel.capset(kernel.capability_mask(caps["effective"]), kernel.capability_mask(caps["permitted"]),
+                      kernel.capability_mask(caps["inheritable"]),
+                      what="process.capabilities: effective, permitted, inheritable")
+        if caps["ambient"]:
+            with steps.record("setpriv --ambient-caps " + ",".join(f"+{n}" for n in caps["ambient"]),
+                              where="inside", what="ambient: kept across execve by a non-root program"):
+                for name in caps["ambient"]:
+                    kernel.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, kernel.capability_number(name))
+
+
+def main(argv: list[str]) -> int:
+    """``python -m stages.runtime.oci.process FD``: the setup process, started fresh by a threaded caller."""
+    sock = socket.socket(fileno=int(argv[0]))
+    message = receive(sock)
+    if message is None:
+        return 1
+    ctypes.get_errno()
+    setup_process(sock, Plan.from_dict(message["plan"]), message["fifo"])
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

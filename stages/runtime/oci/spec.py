@@ -1,0 +1,575 @@
+"""config.json: what the OCI runtime spec says a bundle holds, what we support, and a plan to execute it.
+
+A *bundle* is a directory with a ``config.json`` and a root filesystem (the spec's bundle.md). The
+configuration says which namespaces to make or join, what to mount, which limits to set and which
+program to start (config.md, config-linux.md). :func:`load` reads it, checks every field we know and turns
+it into a :class:`Plan`: plain data the container's first process can follow without deciding anything.
+
+The spec says a runtime ignores properties it does not know, and refuses values it cannot honour. So a
+field we know but do not implement (hooks, seccomp, AppArmor, a terminal ...) is refused *by its name*,
+with a hint, rather than silently skipped: a container that quietly runs without its seccomp filter is
+worse than one that does not start.
+
+:func:`default_spec` writes a configuration like ``runc spec`` does, and :func:`write_bundle` puts it next
+to a rootfs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+from dataclasses import asdict, dataclass, field
+
+from stages import kernel
+from stages.errors import LimitError, StagesError
+
+OCI_VERSION = "1.0.2"
+
+#: The spec's namespace types and the learner's word for each (stages.kernel.NAMESPACES).
+NAMESPACE_TYPES = {"pid": "pid", "network": "net", "mount": "mount", "ipc": "ipc", "uts": "uts",
+                   "user": "user", "cgroup": "cgroup", "time": "time"}
+
+# mount(8) option words -> (flags to set, flags to clear); the spec passes them as in fstab (config.md).
+_FLAG_OPTIONS = {
+    "ro": (kernel.MS_RDONLY, 0), "rw": (0, kernel.MS_RDONLY),
+    "nosuid": (kernel.MS_NOSUID, 0), "suid": (0, kernel.MS_NOSUID),
+    "nodev": (kernel.MS_NODEV, 0), "dev": (0, kernel.MS_NODEV),
+    "noexec": (kernel.MS_NOEXEC, 0), "exec": (0, kernel.MS_NOEXEC),
+    "sync": (16, 0), "async": (0, 16), "dirsync": (128, 0),
+    "remount": (kernel.MS_REMOUNT, 0), "mand": (64, 0), "nomand": (0, 64),
+    "atime": (0, kernel.MS_NOATIME), "noatime": (kernel.MS_NOATIME, 0),
+    "diratime": (0, 2048), "nodiratime": (2048, 0),
+    "relatime": (kernel.MS_RELATIME, 0), "norelatime": (0, kernel.MS_RELATIME),
+    "strictatime": (1 << 24, 0), "nostrictatime": (0, 1 << 24),
+    "bind": (kernel.MS_BIND, 0), "rbind": (kernel.MS_BIND | kernel.MS_REC, 0),
+}
+_MS_UNBINDABLE = 1 << 17
+_PROPAGATION_OPTIONS = {
+    "private": kernel.MS_PRIVATE, "rprivate": kernel.MS_PRIVATE | kernel.MS_REC,
+    "shared": kernel.MS_SHARED, "rshared": kernel.MS_SHARED | kernel.MS_REC,
+    "slave": kernel.MS_SLAVE, "rslave": kernel.MS_SLAVE | kernel.MS_REC,
+    "unbindable": _MS_UNBINDABLE, "runbindable": _MS_UNBINDABLE | kernel.MS_REC,
+}
+
+#: Namespaced sysctls (the prefix) and the namespace each needs of its own (runc's validation, sysctl(8)).
+_SYSCTL_NAMESPACES = {"net.": "net", "kernel.msg": "ipc", "kernel.sem": "ipc", "kernel.shm": "ipc",
+                      "fs.mqueue.": "ipc", "kernel.hostname": "uts", "kernel.domainname": "uts"}
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+# Fields of config.json we know but do not implement: refused when set to anything but "empty".
+_UNSUPPORTED = {
+    "hooks": "hooks (prestart, createRuntime ...) are not run by this runtime",
+    "process.apparmorProfile": "AppArmor profiles are not applied by this runtime",
+    "process.selinuxLabel": "SELinux labels are not applied by this runtime",
+    "process.ioPriority": "I/O priorities are not set by this runtime",
+    "process.scheduler": "scheduling policies are not set by this runtime",
+    "process.execCPUAffinity": "CPU affinity is not set by this runtime",
+    "process.user.username": "user names are for Windows containers",
+    "linux.seccomp": "seccomp profiles from config.json are not loaded by this runtime yet",
+    "linux.devices": "extra device nodes are not created by this runtime yet (the default ones are)",
+    "linux.mountLabel": "SELinux mount labels are not applied by this runtime",
+    "linux.personality": "execution domains (personality(2)) are not set by this runtime",
+    "linux.intelRdt": "Intel RDT is not configured by this runtime",
+    "linux.timeOffsets": "time namespace offsets are not set by this runtime",
+    "linux.resources.devices": "the devices cgroup is not configured by this runtime (the container's "
+                               "/dev only holds the default devices anyway)",
+    "linux.resources.blockIO": "block I/O limits are not set by this runtime",
+    "linux.resources.hugepageLimits": "huge page limits are not set by this runtime",
+    "linux.resources.network": "network class IDs and priorities are not set by this runtime",
+    "linux.resources.rdma": "RDMA limits are not set by this runtime",
+    "linux.resources.unified": "raw cgroup v2 files are not written by this runtime",
+    "linux.resources.memory.reservation": "soft memory limits are not set by this runtime",
+    "linux.resources.memory.kernel": "kernel memory limits are deprecated and not set by this runtime",
+    "linux.resources.memory.kernelTCP": "kernel TCP memory limits are not set by this runtime",
+    "linux.resources.memory.swappiness": "swappiness is not set by this runtime",
+    "linux.resources.cpu.shares": "CPU shares (weights) are not set by this runtime; quota and period are",
+    "linux.resources.cpu.realtimeRuntime": "real-time CPU time is not set by this runtime",
+    "linux.resources.cpu.realtimePeriod": "real-time CPU time is not set by this runtime",
+    "linux.resources.cpu.cpus": "cpusets are not set by this runtime; quota and period are",
+    "linux.resources.cpu.mems": "cpusets are not set by this runtime",
+    "linux.resources.cpu.idle": "SCHED_IDLE cgroups are not set by this runtime",
+}
+
+
+class SpecError(StagesError):
+    """config.json holds a value this runtime cannot honour; the message names the field."""
+
+
+def refuse(field_name: str, why: str, hint: str | None = None) -> SpecError:
+    return SpecError(f"config.json: {field_name}: {why}",
+                     hint or f"remove {field_name} from config.json, or use runc for this bundle")
+
+
+# -- the plan -----------------------------------------------------------------------------------------
+@dataclass
+class Mount:
+    """One mount(2) call, decided: ``target`` is absolute on the host (below the rootfs)."""
+
+    destination: str
+    target: str
+    type: str | None
+    source: str | None
+    flags: int
+    data: str | None
+    propagation: int = 0
+    bind: bool = False
+
+
+@dataclass
+class Process:
+    """What to exec, as whom, with which privileges (config.md "process")."""
+
+    args: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int = 0
+    gid: int = 0
+    additional_gids: list[int] = field(default_factory=list)
+    umask: int | None = None
+    capabilities: dict[str, list[str]] | None = None  # set name -> capability words, None: keep them all
+    rlimits: list[tuple[int, int, int, str]] = field(default_factory=list)  # resource, soft, hard, name
+    no_new_privileges: bool = False
+    oom_score_adj: int | None = None
+
+
+@dataclass
+class Plan:
+    """Everything the container's first process will do, as plain data (JSON in and out)."""
+
+    bundle: str
+    rootfs: str
+    readonly: bool
+    new_namespaces: list[str]  # the learner's words: "uts", "net" ...
+    join_namespaces: list[tuple[str, str]]  # (word, /proc/.../ns/... path)
+    uid_mappings: list[tuple[int, int, int]]
+    gid_mappings: list[tuple[int, int, int]]
+    hostname: str | None
+    domainname: str | None
+    mounts: list[Mount]
+    rootfs_propagation: int
+    masked_paths: list[str]
+    readonly_paths: list[str]
+    sysctl: dict[str, str]
+    process: Process
+    memory: int | None = None
+    memory_swap: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    cgroups_path: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        data = dict(data)
+        data["mounts"] = [Mount(**item) for item in data["mounts"]]
+        data["process"] = Process(**data["process"])
+        data["join_namespaces"] = [tuple(item) for item in data["join_namespaces"]]
+        return cls(**data)
+
+    @property
+    def user_namespace(self) -> bool:
+        return "user" in self.new_namespaces
+
+
+# -- reading ------------------------------------------------------------------------------------------
+def check_id(container_id: str) -> str:
+    """A container ID: letters, digits and ``_ . + -``, at most 64 (it names a directory and a cgroup)."""
+    if not isinstance(container_id, str) or not _ID.match(container_id):
+        raise StagesError(f"{container_id!r} cannot be a container ID",
+                          "use letters, digits, '_', '.', '+' and '-', at most 64, starting with a letter "
+                          "or digit, for instance web-1")
+    return container_id
+
+
+def load(bundle: str | os.PathLike) -> tuple[dict, Plan]:
+    """Read ``bundle/config.json``, check it, and return it with its :class:`Plan`."""
+    bundle = os.path.abspath(bundle)
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        raise StagesError(f"{bundle} is not an OCI bundle: it has no config.json",
+                          "write one with stages.runtime.oci.default_spec() (or `runc spec`)") from None
+    except ValueError as error:
+        raise StagesError(f"{path} is not valid JSON: {error}", "fix the file, or write it again") from None
+    if not isinstance(config, dict):
+        raise refuse("(top level)", "must be a JSON object")
+    return config, plan(config, bundle)
+
+
+def _get(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _typed(value, kind, name: str, default=None):
+    if value is None:
+        return default
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        expected = {int: "a whole number", str: "a string", bool: "true or false", list: "a list",
+                    dict: "an object"}.get(kind, str(kind))
+        raise refuse(name, f"must be {expected}, not {json.dumps(value)}", f"correct {name} in config.json")
+    return value
+
+
+def plan(config: dict, bundle: str) -> Plan:
+    """Check ``config`` (a parsed config.json of the bundle directory ``bundle``) and decide every step."""
+    version = _typed(config.get("ociVersion"), str, "ociVersion")
+    if not version or not version.startswith("1."):
+        raise refuse("ociVersion", f"{version!r} is not a version 1 of the runtime spec",
+                     f'set "ociVersion": "{OCI_VERSION}"')
+    for name, why in _UNSUPPORTED.items():
+        if _get(config, name) not in (None, [], {}, ""):
+            raise refuse(name, why)
+    linux = _typed(config.get("linux"), dict, "linux", {})
+
+    root = _typed(config.get("root"), dict, "root")
+    if not root or not root.get("path"):
+        raise refuse("root.path", "is missing: the container needs a root filesystem",
+                     'add "root": {"path": "rootfs"} with the rootfs directory beside config.json')
+    rootfs = os.path.realpath(os.path.join(bundle, _typed(root["path"], str, "root.path")))
+    if not os.path.isdir(rootfs):
+        raise refuse("root.path", f"{rootfs} is not a directory",
+                     "build one there, for instance with stages.rootfs.build(path)")
+    if not os.access(os.path.join(rootfs, "."), os.X_OK):
+        raise refuse("root.path", f"{rootfs} cannot be entered")
+
+    new, join = _namespaces(linux)
+    if "mount" not in new:
+        raise refuse("linux.namespaces", "must include a new mount namespace: this runtime pivots into the "
+                     "rootfs, which would change the host's root without one", 'add {"type": "mount"}')
+    uid_mappings = _mappings(linux, "uidMappings")
+    gid_mappings = _mappings(linux, "gidMappings")
+    if ("user" in new) != bool(uid_mappings and gid_mappings):
+        raise refuse("linux.uidMappings" if "user" in new else "linux.namespaces",
+                     "a new user namespace needs linux.uidMappings and linux.gidMappings, and mappings "
+                     "need a new user namespace",
+                     'give both, for instance [{"containerID": 0, "hostID": 100000, "size": 65536}], with '
+                     '{"type": "user"} in linux.namespaces')
+
+    hostname = _typed(config.get("hostname"), str, "hostname")
+    domainname = _typed(config.get("domainname"), str, "domainname")
+    for name, value in (("hostname", hostname), ("domainname", domainname)):
+        if value and "uts" not in new:
+            raise refuse(name, "needs a UTS namespace of the container's own, or the host would be renamed",
+                         'add {"type": "uts"} to linux.namespaces')
+
+    mounts = [_mount(item, index, rootfs, bundle)
+              for index, item in enumerate(_typed(config.get("mounts"), list, "mounts", []))]
+    propagation = _typed(linux.get("rootfsPropagation"), str, "linux.rootfsPropagation", "rprivate")
+    if propagation not in ("private", "rprivate", "slave", "rslave"):
+        raise refuse("linux.rootfsPropagation", f"{propagation!r} is not supported here: mounts inside must "
+                     "never propagate to the host", 'use "rprivate" or "rslave"')
+
+    sysctl = {str(k): str(v) for k, v in _typed(linux.get("sysctl"), dict, "linux.sysctl", {}).items()}
+    for key in sysctl:
+        if "/" in key or ".." in key:
+            raise refuse(f"linux.sysctl[{key!r}]", "is not a sysctl name",
+                         "write names like net.ipv4.ip_forward")
+        needed = next((ns for prefix, ns in _SYSCTL_NAMESPACES.items() if key.startswith(prefix)), None)
+        if needed is None:
+            raise refuse(f"linux.sysctl[{key!r}]", "is not namespaced: setting it would change the host",
+                         "set only net.*, kernel.msg*/sem*/shm*, fs.mqueue.* or kernel.hostname")
+        if needed not in new:
+            words = {v: k for k, v in NAMESPACE_TYPES.items()}
+            raise refuse(f"linux.sysctl[{key!r}]",
+                         f"needs a {words[needed]} namespace of the container's own",
+                         f'add {{"type": "{words[needed]}"}} to linux.namespaces')
+
+    def paths(name: str) -> list[str]:
+        items = _typed(linux.get(name), list, f"linux.{name}", [])
+        for item in items:
+            if not isinstance(item, str) or not item.startswith("/"):
+                raise refuse(f"linux.{name}", f"{item!r} is not an absolute path")
+        return items
+
+    result = Plan(
+        bundle=bundle, rootfs=rootfs,
+        readonly=bool(_typed(root.get("readonly"), bool, "root.readonly", False)),
+        new_namespaces=new, join_namespaces=join, uid_mappings=uid_mappings, gid_mappings=gid_mappings,
+        hostname=hostname, domainname=domainname, mounts=mounts,
+        rootfs_propagation=_PROPAGATION_OPTIONS[propagation],
+        masked_paths=paths("maskedPaths"), readonly_paths=paths("readonlyPaths"), sysctl=sysctl,
+        process=_process(config, uid_mappings, gid_mappings),
+        cgroups_path=_typed(linux.get("cgroupsPath"), str, "linux.cgroupsPath", ""),
+        annotations={str(k): str(v) for k, v in
+                     _typed(config.get("annotations"), dict, "annotations", {}).items()},
+    )
+    _resources(linux, result)
+    return result
+
+
+def _namespaces(linux: dict) -> tuple[list[str], list[tuple[str, str]]]:
+    new: list[str] = []
+    join: list[tuple[str, str]] = []
+    for index, item in enumerate(_typed(linux.get("namespaces"), list, "linux.namespaces", [])):
+        name = f"linux.namespaces[{index}]"
+        _typed(item, dict, name)
+        kind = item.get("type")
+        if kind not in NAMESPACE_TYPES:
+            raise refuse(f"{name}.type", f"{kind!r} is not a namespace type",
+                         f"use one of {', '.join(NAMESPACE_TYPES)}")
+        word = NAMESPACE_TYPES[kind]
+        if word in new or word in (w for w, _ in join):
+            raise refuse(name, f"the {kind} namespace is listed twice")
+        if not kernel.namespace_available(word):
+            raise refuse(name, f"this kernel has no {kind} namespaces")
+        path = _typed(item.get("path"), str, f"{name}.path")
+        if path:
+            if word in ("mount", "user"):
+                raise refuse(f"{name}.path", f"joining an existing {kind} namespace is not supported by this "
+                             "runtime", f"let the container have a new {kind} namespace (drop the path)")
+            if not os.path.exists(path):
+                raise refuse(f"{name}.path", f"{path} does not exist",
+                             "give a namespace file such as /proc/PID/ns/net or /run/netns/NAME")
+            join.append((word, path))
+        else:
+            new.append(word)
+    return new, join
+
+
+def _mappings(linux: dict, name: str) -> list[tuple[int, int, int]]:
+    result = []
+    for index, item in enumerate(_typed(linux.get(name), list, f"linux.{name}", [])):
+        where = f"linux.{name}[{index}]"
+        _typed(item, dict, where)
+        numbers = tuple(_typed(item.get(key), int, f"{where}.{key}")
+                        for key in ("containerID", "hostID", "size"))
+        if any(number is None or number < 0 for number in numbers) or numbers[2] == 0:
+            raise refuse(where, "needs containerID, hostID and size, whole numbers (size at least 1)")
+        result.append(numbers)
+    return result
+
+
+def _mapped(mappings, number: int) -> bool:
+    return any(inside <= number < inside + size for inside, _, size in mappings)
+
+
+def parse_mount_options(options: list[str]) -> tuple[int, int, str | None]:
+    """mount(8) words as ``(flags, propagation flags, data)``: ``["nosuid", "ro", "mode=755"]`` is
+    ``(MS_NOSUID | MS_RDONLY, 0, "mode=755")``; words mount(2) does not know as flags become the data."""
+    flags = 0
+    propagation = 0
+    data = []
+    for word in options:
+        if word in _FLAG_OPTIONS:
+            add, clear = _FLAG_OPTIONS[word]
+            flags = (flags | add) & ~clear
+        elif word in _PROPAGATION_OPTIONS:
+            propagation |= _PROPAGATION_OPTIONS[word]
+        else:
+            data.append(word)
+    return flags, propagation, ",".join(data) or None
+
+
+def _mount(item, index: int, rootfs: str, bundle: str) -> Mount:
+    from stages.rootfs import resolve
+
+    name = f"mounts[{index}]"
+    _typed(item, dict, name)
+    destination = _typed(item.get("destination"), str, f"{name}.destination")
+    if not destination or not destination.startswith("/"):
+        raise refuse(f"{name}.destination", f"{destination!r} must be an absolute path inside the container")
+    options = _typed(item.get("options"), list, f"{name}.options", [])
+    for word in options:
+        _typed(word, str, f"{name}.options")
+    for unsupported in ("idmap", "ridmap", "tmpcopyup"):
+        if unsupported in options:
+            raise refuse(f"{name}.options", f"{unsupported!r} is not supported by this runtime")
+    flags, propagation, data = parse_mount_options(options)
+    kind = _typed(item.get("type"), str, f"{name}.type")
+    source = _typed(item.get("source"), str, f"{name}.source")
+    bind = bool(flags & kernel.MS_BIND) or kind == "bind"
+    if bind:
+        flags |= kernel.MS_BIND
+        if not source:
+            raise refuse(f"{name}.source", "a bind mount needs a source")
+        # bind mount sources may be relative to the bundle (config.md, "mounts")
+        source = os.path.normpath(os.path.join(bundle, source))
+        if not os.path.exists(source):
+            raise refuse(f"{name}.source", f"{source} does not exist", "create it, or fix the path")
+        kind = None
+    elif not kind:
+        raise refuse(f"{name}.type", "is missing (proc, tmpfs, sysfs, devpts, mqueue ... or bind)")
+    return Mount(destination=destination, target=str(resolve(rootfs, destination)), type=kind, source=source,
+                 flags=flags, data=data, propagation=propagation, bind=bind)
+
+
+def _process(config: dict, uid_mappings, gid_mappings) -> Process:
+    process = _typed(config.get("process"), dict, "process")
+    if not process:
+        raise refuse("process", "is missing: there is nothing to run", "add process.args, e.g. [\"sh\"]")
+    if process.get("terminal"):
+        raise refuse("process.terminal", "a terminal (console socket) is not supported by this runtime yet",
+                     'set "terminal": false and connect stdin/stdout/stderr instead')
+    args = _typed(process.get("args"), list, "process.args")
+    if not args or not all(isinstance(a, str) for a in args):
+        raise refuse("process.args", "must be a non-empty list of strings", 'for instance ["sh", "-c", "id"]')
+    env = {}
+    for entry in _typed(process.get("env"), list, "process.env", []):
+        if not isinstance(entry, str) or "=" not in entry:
+            raise refuse("process.env", f"{entry!r} is not NAME=value")
+        key, _, value = entry.partition("=")
+        env[key] = value
+    cwd = _typed(process.get("cwd"), str, "process.cwd", "/")
+    if not cwd.startswith("/"):
+        raise refuse("process.cwd", f"{cwd!r} must be an absolute path", 'for instance "/"')
+    user = _typed(process.get("user"), dict, "process.user", {})
+    uid = _typed(user.get("uid"), int, "process.user.uid", 0)
+    gid = _typed(user.get("gid"), int, "process.user.gid", 0)
+    groups = _typed(user.get("additionalGids"), list, "process.user.additionalGids", [])
+    for number in groups:
+        _typed(number, int, "process.user.additionalGids")
+    if uid_mappings:
+        for name, number, mappings in [("process.user.uid", uid, uid_mappings),
+                                       ("process.user.gid", gid, gid_mappings),
+                                       ("linux.uidMappings", 0, uid_mappings),
+                                       ("linux.gidMappings", 0, gid_mappings)] + \
+                                      [("process.user.additionalGids", g, gid_mappings) for g in groups]:
+            if not _mapped(mappings, number):
+                raise refuse(name, f"ID {number} is not mapped into the user namespace",
+                             "map it in linux.uidMappings/gidMappings (this runtime needs ID 0 mapped)")
+    capabilities = None
+    if process.get("capabilities") is not None:
+        sets = _typed(process.get("capabilities"), dict, "process.capabilities")
+        capabilities = {}
+        for name in ("bounding", "effective", "permitted", "inheritable", "ambient"):
+            words = []
+            for word in _typed(sets.get(name), list, f"process.capabilities.{name}", []):
+                try:
+                    number = kernel.capability_number(str(word))
+                except ValueError:
+                    raise refuse(f"process.capabilities.{name}", f"{word!r} is not a capability",
+                                 "use names from capabilities(7), like CAP_CHOWN") from None
+                if number <= kernel.last_capability():  # one this kernel does not have: nothing to keep
+                    words.append(kernel.CAPABILITIES[number])
+            capabilities[name] = words
+    rlimits = []
+    for index, item in enumerate(_typed(process.get("rlimits"), list, "process.rlimits", [])):
+        where = f"process.rlimits[{index}]"
+        _typed(item, dict, where)
+        kind = _typed(item.get("type"), str, f"{where}.type", "")
+        number = getattr(resource, kind, None) if kind.startswith("RLIMIT_") else None
+        if number is None:
+            raise refuse(f"{where}.type", f"{kind!r} is not a resource limit",
+                         "see getrlimit(2): RLIMIT_NOFILE ...")
+        soft = _typed(item.get("soft"), int, f"{where}.soft")
+        hard = _typed(item.get("hard"), int, f"{where}.hard")
+        if soft is None or hard is None or soft > hard:
+            raise refuse(where, "needs soft and hard, with soft <= hard")
+        _, current_hard = resource.getrlimit(number)
+        if current_hard != resource.RLIM_INFINITY and hard > current_hard:
+            raise LimitError(
+                f"config.json: {where}: the hard limit {hard} of {kind} is above this machine's "
+                f"{current_hard}, and raising a hard limit needs CAP_SYS_RESOURCE, which we do not hold",
+                f"lower {where}.hard to at most {current_hard}")
+        rlimits.append((number, soft, hard, kind))
+    umask = _typed(user.get("umask"), int, "process.user.umask")
+    oom = _typed(process.get("oomScoreAdj"), int, "process.oomScoreAdj")
+    return Process(args=args, env=env, cwd=cwd, uid=uid, gid=gid, additional_gids=groups, umask=umask,
+                   capabilities=capabilities, rlimits=rlimits,
+                   no_new_privileges=bool(_typed(process.get("noNewPrivileges"), bool,
+                                                 "process.noNewPrivileges", False)),
+                   oom_score_adj=oom)
+
+
+def _resources(linux: dict, result: Plan) -> None:
+    resources = _typed(linux.get("resources"), dict, "linux.resources", {})
+    memory = _typed(resources.get("memory"), dict, "linux.resources.memory", {})
+    limit = _typed(memory.get("limit"), int, "linux.resources.memory.limit")
+    if limit is not None and limit > 0:
+        result.memory = limit
+    swap = _typed(memory.get("swap"), int, "linux.resources.memory.swap")
+    if swap is not None and swap > 0 and swap != limit:
+        raise refuse("linux.resources.memory.swap", "this runtime allows no swap beyond the memory limit",
+                     "set swap equal to limit, or leave it out")
+    cpu = _typed(resources.get("cpu"), dict, "linux.resources.cpu", {})
+    quota = _typed(cpu.get("quota"), int, "linux.resources.cpu.quota")
+    period = _typed(cpu.get("period"), int, "linux.resources.cpu.period") or 100_000
+    if quota is not None and quota > 0:
+        result.cpus = quota / period
+    pids = _typed(resources.get("pids"), dict, "linux.resources.pids", {})
+    pids_limit = _typed(pids.get("limit"), int, "linux.resources.pids.limit")
+    if pids_limit is not None and pids_limit > 0:
+        result.pids = pids_limit
+
+
+# -- writing ------------------------------------------------------------------------------------------
+#: Files below /proc and /sys a container must not read (maskedPaths), as runc spec writes them.
+MASKED_PATHS = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                "/proc/scsi"]
+#: ... and those it may read but not change (readonlyPaths).
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+
+DEFAULT_NAMESPACES = ("pid", "network", "ipc", "uts", "mount")
+
+
+def default_spec(args: list[str] | None = None, *, rootfs: str = "rootfs", hostname: str = "stages",
+                 readonly: bool = True, namespaces: tuple[str, ...] = DEFAULT_NAMESPACES,
+                 capabilities: list[str] | None = None, env: list[str] | None = None) -> dict:
+    """A config.json as ``runc spec`` writes it, for ``args`` (default ``["sh"]``).
+
+    The capabilities default to stage 2's :data:`stages.isolate.privileges.DEFAULT_CAPS` (Docker's list),
+    in every set; no_new_privs is on, the root is read-only, RLIMIT_NOFILE is 1024.
+    """
+    from stages.isolate.privileges import DEFAULT_CAPS
+
+    caps = [f"CAP_{name.upper()}" for name in (DEFAULT_CAPS if capabilities is None else capabilities)]
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": list(args or ["sh"]),
+            "env": env or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm",
+                           "HOME=/root"],
+            "cwd": "/",
+            "capabilities": {name: list(caps) for name in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": rootfs, "readonly": readonly},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "linux": {
+            "namespaces": [{"type": kind} for kind in namespaces],
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+        },
+    }
+
+
+def write_bundle(directory: str | os.PathLike, config: dict) -> str:
+    """Write ``config`` as ``directory/config.json`` (the rootfs goes beside it); returns the bundle path."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, ".config.json.tmp")
+    with open(temporary, "w") as handle:
+        json.dump(config, handle, indent=2)
+    os.replace(temporary, os.path.join(directory, "config.json"))
+    return directory
