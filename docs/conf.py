@@ -41,7 +41,7 @@ _link_notebooks()
 
 project = "stages"
 author = "the stages workshop"
-copyright = "the stages workshop authors"  # noqa: A001 (Sphinx's name)
+copyright = "the stages workshop authors"
 
 extensions = [
     "myst_nb",
