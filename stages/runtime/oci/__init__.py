@@ -30,7 +30,7 @@ from stages.runtime.oci.container import (
     wait,
 )
 from stages.runtime.oci.spec import SpecError, default_spec, load, parse_mount_options, write_bundle
-from stages.runtime.oci.state import ContainerNotFoundError
+from stages.runtime.oci.statefile import ContainerNotFoundError
 
 __all__ = [
     "ContainerNotFoundError", "SpecError", "create", "default_spec", "delete", "kill", "list_containers",

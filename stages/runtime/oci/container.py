@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import gc
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ import time
 from stages import kernel
 from stages.errors import NotRootError, StagesError
 from stages.runtime.oci import spec as oci_spec
-from stages.runtime.oci import state as oci_state
+from stages.runtime.oci import statefile as oci_state
 from stages.steps import StepRecord
 
 #: How long ``create`` waits for the init to report (a rootfs on a slow disk, a busy machine).
@@ -45,7 +46,7 @@ def _fd(item) -> int | None:
     return item if isinstance(item, int) else item.fileno()
 
 
-def _spawn(plan: oci_spec.Plan, fifo: str, stdio) -> tuple[int, socket.socket]:
+def _spawn(plan: oci_spec.Plan, fifo: int, stdio) -> tuple[int, socket.socket]:
     """Start the setup process: a fork of this process when it is single-threaded (fast, as a CLI is),
     else a fresh ``python -m stages.runtime.oci.process`` (a notebook kernel has threads, and
     unshare(CLONE_NEWUSER) refuses a threaded process)."""
@@ -58,6 +59,9 @@ def _spawn(plan: oci_spec.Plan, fifo: str, stdio) -> tuple[int, socket.socket]:
             pid = os.fork()
             if pid == 0:  # the setup process: never returns into the caller's code
                 try:
+                    # A collection would touch every object the caller (a test runner, a big program)
+                    # holds, copying its pages into the container's cgroup (copy-on-write, fork(2)).
+                    gc.disable()
                     ours.close()
                     process.setup_process(theirs, plan, fifo, fds)
                 finally:
@@ -65,13 +69,14 @@ def _spawn(plan: oci_spec.Plan, fifo: str, stdio) -> tuple[int, socket.socket]:
         else:
             actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
             actions.append((os.POSIX_SPAWN_DUP2, theirs.fileno(), 3))  # dup2 clears close-on-exec
+            actions.append((os.POSIX_SPAWN_DUP2, fifo, 4))
             package = os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__)))
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [package] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
             python = os.path.realpath(sys.executable)
-            pid = os.posix_spawn(python, [python, "-m", "stages.runtime.oci.process", "3"], env,
+            pid = os.posix_spawn(python, [python, "-m", "stages.runtime.oci.process", "3", "4"], env,
                                  file_actions=actions)
-            process.send(ours, {"plan": plan.to_dict(), "fifo": fifo})
+            process.send(ours, {"plan": plan.to_dict()})
     finally:
         theirs.close()
     return pid, ours
@@ -130,7 +135,8 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     data = {"ociVersion": config["ociVersion"], "id": container_id, "status": "creating", "pid": 0,
             "bundle": plan.bundle, "annotations": plan.annotations,
             "stages": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                       "rootfs": plan.rootfs, "cgroup": None, "setup_pid": 0}}
+                       "rootfs": plan.rootfs, "cgroup": None, "setup_pid": 0,
+                       "runtime_pid": os.getpid(), "runtime_started": oci_state.start_time(os.getpid())}}
     with contextlib.ExitStack() as undo, record.active():
         undo.callback(oci_state.remove, container_id, root)
         oci_state.write(state_file, data)
@@ -147,7 +153,11 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             cgroup.set_cpus(plan.cpus)
         if plan.pids is not None:
             cgroup.set_pids(plan.pids)
-        setup_pid, channel = _spawn(plan, fifo, stdio)
+        fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            setup_pid, channel = _spawn(plan, fifo_fd, stdio)
+        finally:
+            os.close(fifo_fd)
         undo.callback(_end_setup, setup_pid)
         undo.callback(channel.close)
         data["stages"].update(setup_pid=setup_pid, setup_started=oci_state.start_time(setup_pid))
@@ -161,11 +171,11 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
                 raise StagesError(f"the container's init did not report within {CREATE_TIMEOUT:g} s",
                                   "look at what it was doing with the step record; try again") from None
             if message is None:
-                raise StagesError("the container's setup process ended before the container was created",
-                                  "run it again with a step record to see the last step it took")
+                raise _died(setup_pid, plan)
             record.extend(message.get("steps", []))
             if "error" in message:
-                raise _rebuild(message["error"])
+                failed = [item["shell"] for item in message.get("steps", []) if not item["ok"]]
+                raise _rebuild(message["error"], failed[-1] if failed else None)
             if "unshared" in message:
                 if plan.user_namespace:
                     _write_maps(message["unshared"], plan, record)
@@ -185,13 +195,35 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     return oci_state.spec_state(data, root)
 
 
-def _rebuild(error: dict) -> BaseException:
+def _died(setup_pid: int, plan: oci_spec.Plan) -> StagesError:
+    status = _reap(setup_pid, 2.0)
+    how = ""
+    if status is not None and os.WIFSIGNALED(status):
+        how = f": killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    hint = "run it again with a step record to see the last step it took"
+    if how and plan.memory is not None:
+        hint = (f"the memory limit ({plan.memory} bytes) may be too small even for setting up: "
+                "raise linux.resources.memory.limit")
+    return StagesError(f"the container's setup process ended before the container was created{how}", hint)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"its init was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"its init exited with {os.waitstatus_to_exitcode(status)}"
+
+
+def _rebuild(error: dict, step: str | None = None) -> BaseException:
+    """The init's error, raised again here; ``step`` is the shell line of the step that failed."""
     if error.get("stages"):
         rebuilt = StagesError(error["message"], error.get("hint"))
         rebuilt.__class__ = _error_class(error.get("type", ""))
         return rebuilt
     if "errno" in error:
-        return OSError(error["errno"], error["message"])
+        message = error["message"]
+        if step and step not in message:
+            message = f"{message} (in the container, at: {step})"
+        return OSError(error["errno"], message)
     return StagesError(f"the container's setup failed: {error.get('type')}: {error.get('message')}",
                        "this is a bug in stages: please report it with the step record")
 
@@ -233,7 +265,10 @@ def start(container_id: str, *, root: str | os.PathLike | None = None,
     data = oci_state.read(container_id, root)
     status = oci_state.status(data, root)
     if status != "created":
-        raise StagesError(f"container {container_id!r} is {status}; only a created container can be started",
+        ended = _reap(data.get("stages", {}).get("setup_pid") or -1, 0) if status == "stopped" else None
+        how = f" ({_describe(ended)})" if ended is not None else ""
+        raise StagesError(f"container {container_id!r} is {status}{how}; only a created container can be "
+                          "started",
                           "create it again" if status == "stopped" else "it is started already")
     fifo = os.path.join(oci_state.directory(container_id, root), oci_state.FIFO)
     shell = f"echo 0 > {fifo}"

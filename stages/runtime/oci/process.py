@@ -72,8 +72,12 @@ def error_reply(error: BaseException) -> dict:
 
 
 # -- the setup process -----------------------------------------------------------------------------------
-def setup_process(sock: socket.socket, plan: Plan, fifo: str, stdio: list[int | None] | None = None):
-    """The setup process's life (never returns): namespaces, then fork the init and pass on its end."""
+def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | None] | None = None):
+    """The setup process's life (never returns): namespaces, then fork the init and pass on its end.
+
+    ``fifo`` is the exec FIFO, opened by the runtime (the state directory may be out of reach for the
+    root of a new user namespace); ``stdio`` the descriptors to make 0, 1 and 2.
+    """
     status = 1
     try:
         for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
@@ -109,6 +113,7 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: str, stdio: list[int | 
                 pid = os.fork()
             if pid == 0:
                 init_process(sock, plan, fifo)  # never returns
+        os.close(fifo)  # only the init may hold it: an open FIFO is how `start` knows someone waits
         send(sock, {"pid": pid, "steps": record.to_dicts()})
         sock.close()
         for number in _FORWARDED:
@@ -158,7 +163,8 @@ def _end_like(status: int) -> None:
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        signal.signal(number, signal.SIG_DFL)
+        if number not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(number, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
         os.kill(os.getpid(), number)
         os._exit(128 + number)
@@ -166,13 +172,13 @@ def _end_like(status: int) -> None:
 
 
 # -- the init --------------------------------------------------------------------------------------------
-def init_process(sock: socket.socket, plan: Plan, fifo: str) -> None:
+def init_process(sock: socket.socket, plan: Plan, fifo: int) -> None:
     """The init's life (never returns): set up, report, wait for ``start``, exec."""
     record = steps.StepRecord()
     try:
         kernel.set_parent_death_signal(signal.SIGKILL)  # no init outlives its setup process
         with record.active():
-            executable, fifo_fd = init_chain(plan, fifo)
+            executable = init_chain(plan)
         send(sock, {"created": True, "steps": record.to_dicts()})
         sock.close()
     except BaseException as error:  # noqa: B036 - reported to the runtime
@@ -184,9 +190,9 @@ def init_process(sock: socket.socket, plan: Plan, fifo: str) -> None:
     try:
         # Block until `start` writes its byte (the FIFO is open read-write, so there is always a writer
         # and the read waits instead of seeing end-of-file).
-        if os.read(fifo_fd, 1) != b"0":
+        if os.read(fifo, 1) != b"0":
             os._exit(1)
-        os.close(fifo_fd)
+        os.close(fifo)
         for number in _RESET_SIGNALS:
             signal.signal(number, signal.SIG_DFL)  # ignored signals would stay ignored across execve(2)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -196,9 +202,8 @@ def init_process(sock: socket.socket, plan: Plan, fifo: str) -> None:
     os._exit(127)
 
 
-def init_chain(plan: Plan, fifo: str) -> tuple[str, int]:
-    """Everything the init does before it waits for ``start``, in order. Returns the program to exec and
-    the FIFO's file descriptor."""
+def init_chain(plan: Plan) -> str:
+    """Everything the init does before it waits for ``start``, in order. Returns the program to exec."""
     process = plan.process
     # 1. names (sethostname(2) in our own UTS namespace)
     if plan.hostname:
@@ -219,8 +224,6 @@ def init_chain(plan: Plan, fifo: str) -> tuple[str, int]:
         dev = os.path.join(plan.rootfs, "dev")
         filesystem.make_devices(dev, plan.user_namespace)
         filesystem.make_device_links(dev)
-    # The FIFO is opened now: after pivot_root the state directory is out of reach.
-    fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
     filesystem.pivot_root(plan.rootfs, bind=False)
     # 3. what /proc and /sys may show and change
     for key, value in plan.sysctl.items():
@@ -253,7 +256,7 @@ def init_chain(plan: Plan, fifo: str) -> tuple[str, int]:
     if process.no_new_privileges:
         kernel.set_no_new_privs(what="noNewPrivileges: execve can never grant more privileges")
     kernel.set_parent_death_signal(signal.SIGKILL)  # a change of IDs cleared it (prctl(2))
-    return executable, fifo_fd
+    return executable
 
 
 _RLIMIT_WORDS = {"RLIMIT_NOFILE": "nofile", "RLIMIT_NPROC": "nproc", "RLIMIT_CORE": "core",
@@ -364,13 +367,14 @@ def become_user(process) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m stages.runtime.oci.process FD``: the setup process, started fresh by a threaded caller."""
+    """``python -m stages.runtime.oci.process SOCKET FIFO``: the setup process, started fresh by a threaded
+    caller; both are file descriptors."""
     sock = socket.socket(fileno=int(argv[0]))
     message = receive(sock)
     if message is None:
         return 1
     ctypes.get_errno()
-    setup_process(sock, Plan.from_dict(message["plan"]), message["fifo"])
+    setup_process(sock, Plan.from_dict(message["plan"]), int(argv[1]))
     return 1
 
 

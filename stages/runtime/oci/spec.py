@@ -258,6 +258,9 @@ def plan(config: dict, bundle: str) -> Plan:
                      'give both, for instance [{"containerID": 0, "hostID": 100000, "size": 65536}], with '
                      '{"type": "user"} in linux.namespaces')
 
+    if "user" in new:
+        _check_reachable(rootfs, uid_mappings, gid_mappings)
+
     hostname = _typed(config.get("hostname"), str, "hostname")
     domainname = _typed(config.get("domainname"), str, "domainname")
     for name, value in (("hostname", hostname), ("domainname", domainname)):
@@ -337,6 +340,35 @@ def _namespaces(linux: dict) -> tuple[list[str], list[tuple[str, str]]]:
         else:
             new.append(word)
     return new, join
+
+
+def _host_id(mappings, inside: int) -> int | None:
+    for start, host, size in mappings:
+        if start <= inside < start + size:
+            return host + inside - start
+    return None
+
+
+def _check_reachable(rootfs: str, uid_mappings, gid_mappings) -> None:
+    """The init, root of the new user namespace, is a nobody on the host: it must be able to reach the
+    rootfs (search permission on every directory above it, path_resolution(7))."""
+    uid, gid = _host_id(uid_mappings, 0), _host_id(gid_mappings, 0)
+    path = rootfs
+    while True:
+        info = os.stat(path)
+        if info.st_uid == uid:
+            allowed = info.st_mode & 0o100
+        elif info.st_gid == gid:
+            allowed = info.st_mode & 0o010
+        else:
+            allowed = info.st_mode & 0o001
+        if not allowed:
+            raise refuse("root.path", f"{path} cannot be entered by uid {uid}, which is root of the "
+                         "container's user namespace", f"let others enter it (chmod o+x {path}), or keep "
+                         "the bundle somewhere every user may reach")
+        if path == "/":
+            return
+        path = os.path.dirname(path)
 
 
 def _mappings(linux: dict, name: str) -> list[tuple[int, int, int]]:

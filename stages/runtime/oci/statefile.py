@@ -79,8 +79,9 @@ def status(data: dict, root: str | os.PathLike | None = None) -> str:
     private = data.get("stages", {})
     pid = data.get("pid") or 0
     if not pid:
-        setup = private.get("setup_pid") or 0
-        if data.get("status") == "creating" and alive(setup, private.get("setup_started")):
+        if data.get("status") == "creating" and (
+                alive(private.get("setup_pid") or 0, private.get("setup_started"))
+                or alive(private.get("runtime_pid") or 0, private.get("runtime_started"))):
             return "creating"
         return "stopped"
     if not alive(pid, private.get("init_started")):

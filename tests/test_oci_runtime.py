@@ -1,0 +1,431 @@
+"""Stage 3's low-level runtime executes OCI bundles: each test runs a real container and looks at the effect.
+
+Bundles point at the session's busybox rootfs (root.path may be absolute), which no test changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from stages.errors import CommandNotFoundError, LimitError
+from stages.isolate import cgroups
+from stages.runtime import oci
+from stages.runtime.oci import statefile as oci_state
+from stages.steps import StepRecord
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A state root of the test's own; anything left in it is removed (and fails the leak check)."""
+    directory = tmp_path / "state"
+    yield str(directory)
+    for item in oci.list_containers(str(directory)):
+        oci.delete(item["id"], force=True, root=str(directory))
+
+
+def make_bundle(tmp_path, rootfs, args, change=None, **options) -> str:
+    config = oci.default_spec(args, rootfs=str(rootfs), **options)
+    if change:
+        change(config)
+    return oci.write_bundle(tmp_path / "bundle", config)
+
+
+def run(tmp_path, root, rootfs, args, change=None, record=None, **options) -> tuple[int, str]:
+    """Run ``args`` in a container; its exit code and what it wrote (stdout and stderr together)."""
+    bundle = make_bundle(tmp_path, rootfs, args, change, **options)
+    output = tmp_path / "output"
+    with open(os.devnull) as stdin, open(output, "w") as out:
+        name = f"t-{os.getpid()}-{tmp_path.name[-20:]}"[:60]
+        code = oci.run(name, bundle, root=root, stdio=(stdin, out, out), record=record)
+    return code, output.read_text()
+
+
+def status_field(text: str, name: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(name + ":"))
+
+
+# -- isolation ---------------------------------------------------------------------------------------------
+def test_a_container_has_its_own_hostname_pid_1_and_only_lo(tmp_path, root, busybox_rootfs):
+    record = StepRecord("run")
+    code, out = run(tmp_path, root, busybox_rootfs,
+                    ["sh", "-c", "hostname; echo pid=$$; ls /sys/class/net; ps -o pid,args; true"],
+                    hostname="box", record=record)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "box" and os.uname().nodename != "box"
+    assert lines[1] == "pid=1"
+    assert lines[2:lines.index("PID   COMMAND")] == ["lo"] and sorted(os.listdir("/sys/class/net")) != ["lo"]
+    rows = lines[lines.index("PID   COMMAND") + 1:]
+    processes = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in rows}
+    assert processes["1"].startswith("sh -c hostname") and len(processes) == 2, out
+    # the record reads like stage 2's manual steps
+    script = record.script()
+    for shell in ("unshare --mount --uts --ipc --pid --net", "hostname box", "pivot_root . .",
+                  "mount -t proc proc", "echo 0 > "):
+        assert shell in script
+
+
+def test_exit_codes_come_back(tmp_path, root, busybox_rootfs):
+    assert run(tmp_path, root, busybox_rootfs, ["sh", "-c", "exit 3"])[0] == 3
+
+
+def test_a_missing_program_is_refused_at_create(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["no-such-program"])
+    with pytest.raises(CommandNotFoundError, match="no-such-program"):
+        oci.create("missing", bundle, root=root)
+    assert oci.list_containers(root) == []
+    assert not any(name.endswith("stages-missing") for name in cgroups.find())
+
+
+# -- mounts and paths ----------------------------------------------------------------------------------------
+def test_mounts_readonly_root_masked_and_readonly_paths(tmp_path, root, busybox_rootfs):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hello").write_text("from the host\n")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+
+    def change(config):
+        config["mounts"] += [
+            {"destination": "/mnt", "type": "bind", "source": str(shared), "options": ["rbind", "rw"]},
+            {"destination": "/data", "type": "bind", "source": str(readonly), "options": ["bind", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1m"]},
+        ]
+
+    # /proc/kcore is masked by default; some kernels have no /proc/kcore, so take a masked file that exists
+    masked = next(path for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list") if os.path.exists(path))
+    with open(masked, "rb") as handle:
+        assert handle.read(1)  # not empty on the host
+    script = ("cat /mnt/hello; echo inside > /mnt/written; "
+              "touch /data/x 2>/dev/null || echo data-refused; "
+              "touch /root-file 2>/dev/null || echo root-refused; "
+              "touch /tmp/ok && echo tmp-writable; "
+              f"echo masked=$(wc -c < {masked}); "
+              "echo 1 > /proc/sys/kernel/hostname 2>/dev/null || echo proc-sys-refused; "
+              "ls /proc/acpi | wc -l")
+    code, out = run(tmp_path, root, busybox_rootfs, ["sh", "-c", script], change=change)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "from the host"
+    assert (shared / "written").read_text() == "inside\n"
+    assert "data-refused" in lines and not (readonly / "x").exists()
+    assert "root-refused" in lines and not (busybox_rootfs / "root-file").exists()
+    assert "tmp-writable" in lines
+    assert "masked=0" in lines
+    assert "proc-sys-refused" in lines
+    assert lines[-1] == "0"
+
+
+def test_parse_mount_options():
+    from stages import kernel
+
+    flags, propagation, data = oci.parse_mount_options(["nosuid", "nodev", "ro", "mode=755", "size=65536k",
+                                                        "rprivate"])
+    assert flags == kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_RDONLY
+    assert propagation == kernel.MS_PRIVATE | kernel.MS_REC
+    assert data == "mode=755,size=65536k"
+    assert oci.parse_mount_options(["ro", "rw", "rbind"])[0] == kernel.MS_BIND | kernel.MS_REC
+
+
+# -- the process ---------------------------------------------------------------------------------------------
+def test_env_cwd_user_and_groups(tmp_path, root, busybox_rootfs):
+    def change(config):
+        config["process"]["env"].append("GREETING=hello there")
+        config["process"]["cwd"] = "/etc"
+        config["process"]["user"] = {"uid": 1234, "gid": 2345, "additionalGids": [10, 20]}
+
+    code, out = run(tmp_path, root, busybox_rootfs,
+                    ["sh", "-c", 'echo "$GREETING"; pwd; id -u; id -g; id -G'], change=change)
+    assert code == 0, out
+    assert out.splitlines() == ["hello there", "/etc", "1234", "2345", "2345 10 20"]
+
+
+def test_capabilities_no_new_privs_and_rlimits(tmp_path, root, busybox_rootfs):
+    wanted = ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+
+    def change(config):
+        config["process"]["capabilities"] = {name: list(wanted)
+                                             for name in ("bounding", "effective", "permitted")}
+        config["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 64, "hard": 128}]
+
+    code, out = run(tmp_path, root, busybox_rootfs,
+                    ["sh", "-c",
+                     "grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status; ulimit -n; ulimit -Hn"],
+                    change=change)
+    assert code == 0, out
+    mask = (1 << 0) | (1 << 5) | (1 << 10)  # chown, kill, net_bind_service (capabilities(7))
+    assert int(status_field(out, "CapBnd"), 16) == mask
+    assert int(status_field(out, "CapEff"), 16) == mask
+    assert status_field(out, "NoNewPrivs") == "1"
+    assert out.splitlines()[-2:] == ["64", "128"]
+
+
+def test_a_non_root_user_keeps_ambient_capabilities(tmp_path, root, busybox_rootfs):
+    def change(config):
+        config["process"]["user"] = {"uid": 1000, "gid": 1000}
+        config["process"]["capabilities"] = {name: ["CAP_NET_BIND_SERVICE"] for name in
+                                             ("bounding", "effective", "permitted", "inheritable", "ambient")}
+
+    code, out = run(tmp_path, root, busybox_rootfs, ["grep", "-E", "^Cap(Eff|Amb)", "/proc/self/status"],
+                    change=change)
+    assert code == 0, out
+    assert int(status_field(out, "CapEff"), 16) == 1 << 10
+    assert int(status_field(out, "CapAmb"), 16) == 1 << 10
+
+
+def test_an_rlimit_above_the_hard_limit_is_refused(tmp_path, root, busybox_rootfs):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit to exceed here")
+
+    def change(config):
+        config["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 64, "hard": hard + 1}]
+
+    with pytest.raises(LimitError, match=r"process.rlimits\[0\].*CAP_SYS_RESOURCE"):
+        oci.create("rlimit", make_bundle(tmp_path, busybox_rootfs, ["true"], change), root=root)
+    assert oci.list_containers(root) == []
+
+
+def test_sysctl_in_the_containers_network_namespace(tmp_path, root, busybox_rootfs):
+    with open("/proc/sys/net/ipv4/ip_forward") as handle:
+        host = handle.read()
+    value = "0" if host.strip() == "1" else "1"
+
+    def change(config):
+        config["linux"]["sysctl"] = {"net.ipv4.ip_forward": value}
+
+    code, out = run(tmp_path, root, busybox_rootfs, ["cat", "/proc/sys/net/ipv4/ip_forward"], change=change)
+    assert (code, out.strip()) == (0, value)
+    with open("/proc/sys/net/ipv4/ip_forward") as handle:
+        assert handle.read() == host
+
+
+# -- limits --------------------------------------------------------------------------------------------------
+def test_the_memory_limit_kills_a_hog(tmp_path, root, busybox_rootfs):
+    def limit(config):
+        config["linux"]["resources"] = {"memory": {"limit": 32 << 20}}
+
+    # dd's buffer is one block: 8 MB fits, 200 MB cannot (and no swap is allowed beyond the limit)
+    small = run(tmp_path, root, busybox_rootfs, ["dd", "if=/dev/zero", "of=/dev/null", "bs=8M", "count=1"],
+                change=limit)
+    assert small[0] == 0, small[1]
+    big = run(tmp_path, root, busybox_rootfs, ["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"],
+              change=limit)
+    assert big[0] == -signal.SIGKILL, big
+
+
+def test_the_pids_limit_stops_a_fork(tmp_path, root, busybox_rootfs):
+    def limit(config):
+        config["linux"]["resources"] = {"pids": {"limit": 4}}
+
+    code, out = run(tmp_path, root, busybox_rootfs,
+                    ["sh", "-c", "for i in 1 2 3 4 5 6; do sleep 1 & done; wait; echo done"], change=limit)
+    assert "can't fork" in out or "Resource temporarily unavailable" in out, out
+
+
+# -- the lifecycle -------------------------------------------------------------------------------------------
+def test_create_waits_start_runs_kill_stops_delete_removes(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["sleep", "60"])
+    seen = []
+
+    def watch(step):
+        if step.shell.startswith("mkfifo"):
+            seen.append(oci.state("life", root=root)["status"])
+
+    record = StepRecord(listeners=[watch])
+    pid_file = tmp_path / "pid"
+    created = oci.create("life", bundle, root=root, record=record, pid_file=pid_file)
+    assert seen == ["creating"]
+    assert created["status"] == "created" and created["id"] == "life" and created["bundle"] == bundle
+    pid = created["pid"]
+    assert int(pid_file.read_text()) == pid
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        assert b"sleep" not in handle.read()  # set up, but not exec'd
+    on_disk = json.loads((tmp_path / "state" / "life" / "state.json").read_text())
+    assert on_disk["ociVersion"].startswith("1.") and on_disk["pid"] == pid
+
+    assert oci.start("life", root=root)["status"] == "running"
+    deadline = time.monotonic() + 5
+    while b"sleep" not in open(f"/proc/{pid}/cmdline", "rb").read():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert oci.state("life", root=root)["status"] == "running"
+    with pytest.raises(Exception, match="running; only a stopped container"):
+        oci.delete("life", root=root)
+
+    cgroup_dirs = cgroups.Cgroup.open("life").unique_directories()
+    assert all(os.path.isdir(d) for d in cgroup_dirs)
+    oci.kill("life", "KILL", root=root)
+    assert oci.wait("life", root=root) == -signal.SIGKILL
+    assert oci.state("life", root=root) | {"pid": 0} == oci.state("life", root=root)
+    assert oci.state("life", root=root)["status"] == "stopped"
+    oci.delete("life", root=root)
+    assert not any(os.path.exists(d) for d in cgroup_dirs)
+    assert not (tmp_path / "state" / "life").exists()
+    with pytest.raises(oci.ContainerNotFoundError):
+        oci.state("life", root=root)
+
+
+def test_sigterm_comes_back_as_such_without_a_pid_namespace(tmp_path, root, busybox_rootfs):
+    # PID 1 of a PID namespace ignores SIGTERM unless it has a handler (pid_namespaces(7)); here the
+    # container shares our PID namespace, so `sleep` dies of it.
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["sleep", "60"], namespaces=("ipc", "uts", "mount"))
+    oci.create("term", bundle, root=root)
+    oci.start("term", root=root)
+    time.sleep(0.05)
+    oci.kill("term", signal.SIGTERM, root=root)
+    assert oci.wait("term", root=root) == -signal.SIGTERM
+    oci.delete("term", root=root)
+
+
+@pytest.mark.parametrize("field, change", [
+    ("hooks", lambda c: c.update(hooks={"prestart": [{"path": "/bin/true"}]})),
+    ("process.terminal", lambda c: c["process"].update(terminal=True)),
+    ("linux.seccomp", lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_ALLOW"})),
+    ("linux.resources.blockIO", lambda c: c["linux"].update(resources={"blockIO": {"weight": 10}})),
+    ("linux.sysctl['kernel.pid_max']", lambda c: c["linux"].update(sysctl={"kernel.pid_max": "100"})),
+    ("linux.sysctl['net.ipv4.ip_forward']",
+     lambda c: (c.pop("hostname"), c["linux"].update(sysctl={"net.ipv4.ip_forward": "1"},
+                                                     namespaces=[{"type": "mount"}]))),
+    ("linux.namespaces", lambda c: c["linux"].update(namespaces=[{"type": "uts"}])),
+])
+def test_an_unsupported_field_is_refused_by_name(tmp_path, root, busybox_rootfs, field, change):
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["true"], change)
+    with pytest.raises(oci.SpecError) as caught:
+        oci.create("refused", bundle, root=root)
+    assert caught.value.message.startswith(f"config.json: {field}:")
+    assert caught.value.hint
+    assert oci.list_containers(root) == []
+
+
+# -- namespaces ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def reachable_rootfs():
+    """A rootfs that root of a user namespace (a nobody on the host) may enter: not below a 0700 directory."""
+    import shutil
+    import tempfile
+
+    from stages import rootfs
+
+    top = tempfile.mkdtemp(prefix="stages-oci-test-")
+    os.chmod(top, 0o755)
+    try:
+        yield rootfs.build(os.path.join(top, "rootfs"), source="busybox")
+    finally:
+        shutil.rmtree(top)
+
+
+def test_a_user_namespace_refuses_a_rootfs_its_root_cannot_reach(tmp_path, root, busybox_rootfs):
+    def change(config):
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+
+    os.chmod(tmp_path, 0o700)
+    with pytest.raises(oci.SpecError, match="root.path: .* cannot be entered by uid 100000"):
+        oci.create("far", make_bundle(tmp_path, busybox_rootfs, ["true"], change), root=root)
+
+
+def test_a_user_namespace_maps_root_to_an_unprivileged_uid(tmp_path, root, reachable_rootfs):
+    busybox_rootfs = reachable_rootfs
+
+    def change(config):
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["sh", "-c", "id -u; cat /proc/self/uid_map"], change)
+    output = tmp_path / "output"
+    with open(output, "w") as out:
+        created = oci.create("userns", bundle, root=root, stdio=(None, out, out))
+        with open(f"/proc/{created['pid']}/status") as handle:
+            assert status_field(handle.read(), "Uid").split()[0] == "100000"
+        oci.start("userns", root=root)
+        assert oci.wait("userns", root=root) == 0
+    oci.delete("userns", root=root)
+    assert output.read_text().split() == ["0", "0", "100000", "65536"]
+
+
+def test_joining_an_existing_network_namespace_by_path(tmp_path, root, busybox_rootfs):
+    name = f"stages-oci-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "oci-a", "type", "veth", "peer", "name", "oci-b"],
+                       check=True)
+
+        def change(config):
+            config["linux"]["namespaces"] = [
+                {"type": "network", "path": f"/run/netns/{name}"} if item["type"] == "network" else item
+                for item in config["linux"]["namespaces"]]
+
+        code, out = run(tmp_path, root, busybox_rootfs, ["ls", "/sys/class/net"], change=change)
+        assert code == 0, out
+        assert sorted(out.split()) == ["lo", "oci-a", "oci-b"]
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def test_a_threaded_caller_starts_a_fresh_setup_process(tmp_path, root, busybox_rootfs):
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        code, out = run(tmp_path, root, busybox_rootfs, ["sh", "-c", "echo pid=$$"], hostname="threaded")
+    finally:
+        stop.set()
+        helper.join()
+    assert (code, out.strip()) == (0, "pid=1")
+
+
+# -- crashes -------------------------------------------------------------------------------------------------
+def test_sigkill_of_the_init_then_delete_leaves_nothing(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["sleep", "60"])
+    created = oci.create("crash", bundle, root=root)
+    oci.start("crash", root=root)
+    os.kill(created["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while oci.state("crash", root=root)["status"] != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    oci.delete("crash", root=root)
+    assert oci.list_containers(root) == []
+
+
+def test_sigkill_of_the_runtime_then_delete_force_leaves_nothing(tmp_path, root, busybox_rootfs, python):
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["sleep", "60"])
+    script = ("import os, signal, sys\nfrom stages.runtime import oci\n"
+              f"oci.create('orphan', {bundle!r}, root={root!r})\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    project = os.path.abspath(os.path.join(os.path.dirname(oci.__file__), "..", "..", ".."))
+    result = subprocess.run([python, "-c", script], env=dict(os.environ, PYTHONPATH=project))
+    assert result.returncode == -signal.SIGKILL
+    left = oci.state("orphan", root=root)
+    assert left["status"] == "created" and oci_state.alive(left["pid"], None)
+    oci.delete("orphan", force=True, root=root)
+    deadline = time.monotonic() + 5
+    while oci_state.alive(left["pid"], None):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert oci.list_containers(root) == []
+    assert not any(name == "stages-orphan" for name in cgroups.find())
+
+
+def test_signal_names_and_numbers():
+    assert oci.signal_number("KILL") == oci.signal_number("SIGKILL") == oci.signal_number("9") == 9
+    with pytest.raises(Exception, match="not a signal"):
+        oci.signal_number("NOPE")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
