@@ -196,10 +196,17 @@ def test_api_reference_lists_each_stage(site):
         html = (site / page).read_text()
         for name in names:
             assert f'id="{name}"' in html, f"{page} does not document {name}"
-    # Every submodule of stages.isolate is there, found on disk (a new one joins by itself).
-    isolate = (site / "api" / "isolate.html").read_text()
-    for module in sorted((REPO / "stages" / "isolate").glob("[!_]*.py")):
-        assert f'id="module-stages.isolate.{module.stem}"' in isolate, f"stages.isolate.{module.stem} missing"
+    # Every module of stages.isolate and stages.runtime is there, found on disk (a new one joins by itself).
+    for package in ("isolate", "runtime"):
+        page = site / "api" / f"{package}.html"
+        for source in sorted((REPO / "stages" / package).rglob("*.py")):
+            parts = source.relative_to(REPO).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if any(part.startswith("_") for part in parts):
+                continue
+            module = ".".join(parts)
+            assert f'id="module-{module}"' in page.read_text(), f"the API reference lacks {module}"
 
 
 CHROMIUM = "/usr/bin/chromium"

@@ -3,9 +3,9 @@
 - The widget JavaScript, offline: the vendored ``@jupyter-widgets/html-manager`` bundle (see
   ``_vendor/fetch-widgets.sh``) is unpacked into the build's ``_static/widgets/`` and checked against its
   SHA256SUMS, so a rendered notebook's widgets load from the build itself and never from a CDN.
-- ``{stages-submodules} PACKAGE``: one section with the autodoc reference per submodule of PACKAGE, found
-  on disk, so a module added to ``stages.isolate`` (or to a stage-3 package) joins the API reference
-  without anyone editing the docs.
+- ``.. stages-submodules:: PACKAGE``: one section with the autodoc reference per submodule of PACKAGE
+  (subpackages included), found on disk, so a module added to ``stages.isolate`` or ``stages.runtime``
+  joins the API reference without anyone editing the docs.
 """
 
 from __future__ import annotations
@@ -48,27 +48,33 @@ def unpack_widgets(app: Sphinx) -> None:
 
 
 class SubmodulesDirective(SphinxDirective):
-    """``{stages-submodules} stages.isolate``: a section and an ``automodule`` per submodule."""
+    """``.. stages-submodules:: stages.isolate``: a section with its reference per submodule, found on disk.
+
+    Subpackages are walked too. A module gets its members; a package only its docstring, since what it
+    offers is imported from its modules, where each name is documented once (twice would be a duplicate
+    object description, which -W turns into an error).
+    """
 
     required_arguments = 1
     has_content = False
 
     def run(self) -> list[nodes.Node]:
         package = importlib.import_module(self.arguments[0])
-        names = sorted(
-            info.name for info in pkgutil.iter_modules(package.__path__, package.__name__ + ".")
-            if not info.name.rsplit(".", 1)[1].startswith("_")  # __main__ and private helpers
+        found = sorted(
+            (info.name, info.ispkg)
+            for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+            if not any(part.startswith("_") for part in info.name.split("."))  # __main__, private helpers
         )
         lines: list[str] = []
-        for name in names:
+        for name, is_package in found:
             title = f"``{name}``"
-            lines += [title, "-" * len(title), "", f".. automodule:: {name}", "   :members:",
-                      "   :show-inheritance:", ""]
+            lines += [title, "-" * len(title), "", f".. automodule:: {name}"]
+            lines += ["   :no-members:", ""] if is_package else ["   :members:", "   :show-inheritance:", ""]
         container = nodes.section()
         container.document = self.state.document
         nested_parse_with_titles(self.state, StringList(lines, source=self.get_source_info()[0]), container)
-        # Rebuild the page when a submodule appears or goes.
-        for name in names:
+        # Rebuild the page when a submodule changes; a new one is found at the next full build.
+        for name, _ in found:
             module = importlib.import_module(name)
             if getattr(module, "__file__", None):
                 self.env.note_dependency(module.__file__)
