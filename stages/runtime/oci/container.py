@@ -73,7 +73,7 @@ def _spawn(plan: oci_spec.Plan, fifo: int, stdio) -> tuple[int, socket.socket]:
             package = os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__)))
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [package] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-            python = os.path.realpath(sys.executable)
+            python = sys.executable  # the virtualenv's own, so that its packages are found
             pid = os.posix_spawn(python, [python, "-m", "stages.runtime.oci.process", "3", "4"], env,
                                  file_actions=actions)
             process.send(ours, {"plan": plan.to_dict()})
