@@ -389,6 +389,48 @@ def test_a_threaded_caller_starts_a_fresh_setup_process(tmp_path, root, busybox_
     assert (code, out.strip()) == (0, "pid=1")
 
 
+# -- exec ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threaded", [False, True], ids=["forked", "spawned"])
+def test_exec_joins_a_running_container(tmp_path, root, reachable_rootfs, threaded):
+    def change(config):
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+
+    bundle = make_bundle(tmp_path, reachable_rootfs, ["sleep", "60"], change, hostname="execbox")
+    created = oci.create("execd", bundle, root=root)
+    oci.start("execd", root=root)
+    output = tmp_path / "exec-output"
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    if threaded:
+        helper.start()
+    try:
+        with open(output, "w") as out:
+            code = oci.exec_process("execd", {
+                "args": ["sh", "-c", "hostname; id -u; echo $WHO; pwd; ps -o pid,args | sed -n 2p; "
+                                     "grep NoNewPrivs /proc/self/status; ls /"],
+                "env": ["PATH=/bin:/sbin", "WHO=visitor"], "cwd": "/etc", "user": {"uid": 1000, "gid": 1000},
+                "noNewPrivileges": True,
+            }, root=root, stdio=(None, out, out))
+    finally:
+        stop.set()
+        if threaded:
+            helper.join()
+    lines = output.read_text().splitlines()
+    assert code == 0, lines
+    assert lines[:4] == ["execbox", "1000", "visitor", "/etc"] and lines[4].split() == ["1", "sleep", "60"]
+    assert status_field(lines[5], "NoNewPrivs") == "1"
+    assert "proc" in lines[6:] and "work" not in lines[6:]  # the container's root, not the host's
+    # the exec'd process sat in the container's cgroup
+    assert created["pid"] in cgroups.Cgroup.open("execd").pids()
+    with pytest.raises(CommandNotFoundError):
+        oci.exec_process("execd", {"args": ["no-such-program"], "cwd": "/"}, root=root)
+    oci.kill("execd", "KILL", root=root)
+    oci.wait("execd", root=root)
+    oci.delete("execd", root=root)
+
+
 # -- crashes -------------------------------------------------------------------------------------------------
 def test_sigkill_of_the_init_then_delete_leaves_nothing(tmp_path, root, busybox_rootfs):
     bundle = make_bundle(tmp_path, busybox_rootfs, ["sleep", "60"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 from stages.runtime.oci.container import (
     create,
     delete,
+    exec_process,
     kill,
     list_containers,
     run,
@@ -33,7 +34,8 @@ from stages.runtime.oci.spec import SpecError, default_spec, load, parse_mount_o
 from stages.runtime.oci.statefile import ContainerNotFoundError
 
 __all__ = [
-    "ContainerNotFoundError", "SpecError", "create", "default_spec", "delete", "kill", "list_containers",
+    "ContainerNotFoundError", "SpecError", "create", "default_spec", "delete", "exec_process", "kill",
+    "list_containers",
     "load",
     "parse_mount_options", "run", "signal_number", "start", "state", "wait", "write_bundle",
 ]

@@ -70,16 +70,20 @@ def _spawn(plan: oci_spec.Plan, fifo: int, stdio) -> tuple[int, socket.socket]:
             actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
             actions.append((os.POSIX_SPAWN_DUP2, theirs.fileno(), 3))  # dup2 clears close-on-exec
             actions.append((os.POSIX_SPAWN_DUP2, fifo, 4))
-            package = os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__)))
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                [package] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
             python = sys.executable  # the virtualenv's own, so that its packages are found
-            pid = os.posix_spawn(python, [python, "-m", "stages.runtime.oci.process", "3", "4"], env,
-                                 file_actions=actions)
+            pid = os.posix_spawn(python, [python, "-m", "stages.runtime.oci.process", "3", "4"],
+                                 _child_environment(), file_actions=actions)
             process.send(ours, {"plan": plan.to_dict()})
     finally:
         theirs.close()
     return pid, ours
+
+
+def _child_environment() -> dict[str, str]:
+    """Our environment, with this package findable by a fresh interpreter."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 
 
 def _write_maps(pid: int, plan: oci_spec.Plan, record: StepRecord) -> None:
@@ -195,13 +199,13 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     return oci_state.spec_state(data, root)
 
 
-def _died(setup_pid: int, plan: oci_spec.Plan) -> StagesError:
+def _died(setup_pid: int, plan: oci_spec.Plan | None) -> StagesError:
     status = _reap(setup_pid, 2.0)
     how = ""
     if status is not None and os.WIFSIGNALED(status):
         how = f": killed by {signal.Signals(os.WTERMSIG(status)).name}"
     hint = "run it again with a step record to see the last step it took"
-    if how and plan.memory is not None:
+    if how and plan is not None and plan.memory is not None:
         hint = (f"the memory limit ({plan.memory} bytes) may be too small even for setting up: "
                 "raise linux.resources.memory.limit")
     return StagesError(f"the container's setup process ended before the container was created{how}", hint)
@@ -395,3 +399,70 @@ def run(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike
     finally:
         if not keep:
             delete(container_id, force=True, root=root, record=record)
+
+
+def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | None = None, stdio=None,
+                 record: StepRecord | None = None, detach: bool = False) -> int | None:
+    """Run one more process in a running container (``runc exec``); its exit code, or with ``detach``
+    its PID (on the host) as soon as it runs.
+
+    ``process`` is config.json's ``process`` object (args, env, cwd, user, capabilities, rlimits,
+    noNewPrivileges). The new process joins the container's cgroup, then its namespaces by
+    /proc/PID/ns/* (setns(2)), which also puts it in the container's root, then takes its user and
+    capabilities and execs.
+    """
+    from stages.isolate.cgroups import Cgroup
+    from stages.runtime.oci import process as oci_process
+
+    data = oci_state.read(container_id, root)
+    status = oci_state.status(data, root)
+    if status != "running":
+        raise StagesError(f"container {container_id!r} is {status}; exec needs a running container",
+                          f"start({container_id!r}) it first" if status == "created" else "create it again")
+    wanted = oci_spec._process({"process": process}, [], [])
+    cgroup_files = []
+    if data.get("stages", {}).get("cgroup"):
+        cgroup = Cgroup.open(data["stages"]["cgroup"])
+        cgroup_files = [os.path.join(d, "cgroup.procs") for d in cgroup.unique_directories()]
+    record = record if record is not None else StepRecord(f"exec {container_id}")
+    message = {"exec": {"target": data["pid"], "cgroup_files": cgroup_files, "process": wanted.__dict__}}
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [_fd(item) for item in (stdio or (None, None, None))]
+    try:
+        if _single_threaded():
+            helper = os.fork()
+            if helper == 0:
+                try:
+                    gc.disable()
+                    ours.close()
+                    oci_process.exec_process(theirs, data["pid"], cgroup_files, wanted, fds)
+                finally:
+                    os._exit(1)
+        else:
+            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
+            actions.append((os.POSIX_SPAWN_DUP2, theirs.fileno(), 3))
+            helper = os.posix_spawn(sys.executable, [sys.executable, "-m", "stages.runtime.oci.process", "3"],
+                                    _child_environment(), file_actions=actions)
+            oci_process.send(ours, message)
+    finally:
+        theirs.close()
+    pid = None
+    with contextlib.ExitStack() as undo, ours:
+        undo.callback(_end_setup, helper)
+        ours.settimeout(CREATE_TIMEOUT)
+        while True:
+            reply = oci_process.receive(ours)
+            if reply is None:
+                break
+            record.extend(reply.get("steps", []))
+            if "error" in reply:
+                failed = [item["shell"] for item in reply.get("steps", []) if not item["ok"]]
+                raise _rebuild(reply["error"], failed[-1] if failed else None)
+            pid = reply.get("pid", pid)
+        if pid is None:
+            raise _died(helper, None)
+        undo.pop_all()
+    if detach:
+        return pid
+    _, status = os.waitpid(helper, 0)
+    return os.waitstatus_to_exitcode(status)

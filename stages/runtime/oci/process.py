@@ -33,7 +33,7 @@ import sys
 from stages import kernel, steps
 from stages.errors import CommandNotFoundError, StagesError
 from stages.isolate import filesystem
-from stages.runtime.oci.spec import Mount, Plan
+from stages.runtime.oci.spec import Mount, Plan, Process
 
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
@@ -366,15 +366,102 @@ def become_user(process) -> None:
                     kernel.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, kernel.capability_number(name))
 
 
+# -- exec: one more process in a running container ------------------------------------------------------
+#: The order to join a container's namespaces in (as nsenter(1)): the user namespace last, so that we
+#: join the others while we still hold the host's capabilities over them.
+JOIN_ORDER = ("cgroup", "ipc", "uts", "net", "pid", "time", "mount", "user")
+
+
+def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], process: Process,
+                 stdio: list[int | None] | None = None) -> None:
+    """The exec helper's life (never returns): join the cgroup and the namespaces of process ``target``
+    (the container's init), fork the new process into its PID namespace, and pass on how it ended."""
+    status = 1
+    try:
+        for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
+            signal.signal(number, signal.SIG_IGN)
+        if stdio:
+            for fd_target, fd in enumerate(stdio):
+                if fd is not None and fd != fd_target:
+                    os.dup2(fd, fd_target)
+        record = steps.StepRecord()
+        with record.active():
+            for path in cgroup_files:  # before setns: after it the host's /sys/fs/cgroup is out of sight
+                with steps.record(f"echo {os.getpid()} > {path}", what="join the container's cgroup"):
+                    with open(path, "w") as handle:
+                        handle.write(str(os.getpid()))
+            for word in JOIN_ORDER:
+                ns_file = kernel.NAMESPACES[word][1]
+                theirs = f"/proc/{target}/ns/{ns_file}"
+                ours = f"/proc/self/ns/{ns_file}"
+                if not os.path.exists(theirs) or os.stat(theirs).st_ino == os.stat(ours).st_ino:
+                    continue
+                # setns(2) into a mount namespace also moves our root and working directory to its root:
+                # the container's rootfs, as its init sees it after pivot_root.
+                kernel.setns(theirs, kernel.NAMESPACES[word][0],
+                             what=f"join the container's {word} namespace")
+            with steps.record("# fork: the child lives in the container's PID namespace", where="inside"):
+                pid = os.fork()
+            if pid == 0:
+                _exec_child(sock, process)  # never returns
+        send(sock, {"pid": pid, "steps": record.to_dicts()})
+        sock.close()
+        for number in _FORWARDED:
+            signal.signal(number, lambda signum, _frame: _forward(pid, signum))
+        status = _wait(pid)
+    except BaseException as error:  # noqa: B036 - reported to the runtime
+        try:
+            send(sock, {"error": error_reply(error), "steps": []})
+        except OSError:
+            pass
+        os._exit(1)
+    _end_like(status)
+
+
+def _exec_child(sock: socket.socket, process: Process) -> None:
+    record = steps.StepRecord()
+    try:
+        kernel.set_parent_death_signal(signal.SIGKILL)
+        with record.active():
+            for number, soft, hard, name in process.rlimits:
+                with steps.record(f"prlimit --{_RLIMIT_WORDS.get(name, name)}={soft}:{hard}", where="inside"):
+                    resource.setrlimit(number, (soft, hard))
+            if process.umask is not None:
+                os.umask(process.umask)
+            with steps.record(f"cd {process.cwd}", where="inside"):
+                os.chdir(process.cwd)
+            executable = find_program(process.args[0],
+                                      process.env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+            become_user(process)
+            if process.no_new_privileges:
+                kernel.set_no_new_privs(what="noNewPrivileges")
+            kernel.set_parent_death_signal(signal.SIGKILL)
+        send(sock, {"steps": record.to_dicts()})
+        for number in _RESET_SIGNALS:
+            signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.execve(executable, process.args, process.env)  # the socket closes on exec: that says "started"
+    except BaseException as error:  # noqa: B036 - reported to the runtime
+        try:
+            send(sock, {"error": error_reply(error), "steps": record.to_dicts()})
+        except OSError:
+            pass
+    os._exit(127)
+
+
 def main(argv: list[str]) -> int:
-    """``python -m stages.runtime.oci.process SOCKET FIFO``: the setup process, started fresh by a threaded
-    caller; both are file descriptors."""
+    """``python -m stages.runtime.oci.process SOCKET [FIFO]``: the setup process (or an exec helper),
+    started fresh by a threaded caller; both are file descriptors."""
     sock = socket.socket(fileno=int(argv[0]))
     message = receive(sock)
     if message is None:
         return 1
     ctypes.get_errno()
-    setup_process(sock, Plan.from_dict(message["plan"]), int(argv[1]))
+    if "exec" in message:
+        exec_process(sock, message["exec"]["target"], message["exec"]["cgroup_files"],
+                     Process(**message["exec"]["process"]))
+    else:
+        setup_process(sock, Plan.from_dict(message["plan"]), int(argv[1]))
     return 1
 
 
