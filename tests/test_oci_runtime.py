@@ -463,6 +463,54 @@ def test_sigkill_of_the_runtime_then_delete_force_leaves_nothing(tmp_path, root,
     assert not any(name == "stages-orphan" for name in cgroups.find())
 
 
+def test_ctrl_c_halfway_through_create_undoes_everything(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["true"])
+
+    def interrupt(step):
+        if step.shell.startswith("echo") and step.shell.endswith("cgroup.procs"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        oci.create("halfway", bundle, root=root, record=StepRecord(listeners=[interrupt]))
+    assert oci.list_containers(root) == []
+    assert "stages-halfway" not in cgroups.find()
+
+
+def test_sigkill_of_the_runtime_halfway_then_delete_force_leaves_nothing(tmp_path, root, busybox_rootfs,
+                                                                         python):
+    bundle = make_bundle(tmp_path, busybox_rootfs, ["true"])
+    script = ("import os, signal\nfrom stages.runtime import oci\nfrom stages.steps import StepRecord\n"
+              "def die(step):\n    if step.shell.endswith('cgroup.procs'):\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"oci.create('torn', {bundle!r}, root={root!r}, record=StepRecord(listeners=[die]))\n")
+    project = os.path.abspath(os.path.join(os.path.dirname(oci.__file__), "..", "..", ".."))
+    result = subprocess.run([python, "-c", script], env=dict(os.environ, PYTHONPATH=project))
+    assert result.returncode == -signal.SIGKILL
+    # its setup process saw the runtime go (end of file on their socket) and ended too
+    deadline = time.monotonic() + 5
+    while oci.state("torn", root=root)["status"] != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "stages-torn" in cgroups.find()
+    oci.delete("torn", force=True, root=root)
+    assert oci.list_containers(root) == []
+    assert "stages-torn" not in cgroups.find()
+
+
+def test_cpu_quota_and_period_reach_the_cgroup(tmp_path, root, busybox_rootfs):
+    def change(config):
+        config["linux"]["resources"] = {"cpu": {"quota": 25_000, "period": 50_000}}
+
+    oci.create("cpu", make_bundle(tmp_path, busybox_rootfs, ["true"], change), root=root)
+    cgroup = cgroups.Cgroup.open("cpu")
+    if cgroup.versions["cpu"] == 2:
+        assert open(cgroup.file("cpu", "cpu.max")).read().split() == ["50000", "100000"]
+    else:
+        assert open(cgroup.file("cpu", "cpu.cfs_quota_us")).read().strip() == "50000"
+        assert open(cgroup.file("cpu", "cpu.cfs_period_us")).read().strip() == "100000"
+    oci.delete("cpu", force=True, root=root)
+
+
 def test_signal_names_and_numbers():
     assert oci.signal_number("KILL") == oci.signal_number("SIGKILL") == oci.signal_number("9") == 9
     with pytest.raises(Exception, match="not a signal"):
