@@ -436,6 +436,29 @@ def test_prune_after_the_runtime_and_its_container_were_killed(manager, host, co
     assert_all_gone(manager, host)
 
 
+DIE_HALFWAY = """
+import os, signal, sys
+from stages.runtime.network import NetworkManager
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+NetworkManager._configure_inside = die  # killed after the bridge, the NAT and the veth, before the inside
+NetworkManager(state_dir=sys.argv[1], host_netns=sys.argv[2]).attach("halfway", int(sys.argv[3]))
+"""
+
+
+def test_prune_after_the_runtime_was_killed_halfway_through_attach(manager, host, containers):
+    container = containers()
+    argv = [VENV_PYTHON, "-c", DIE_HALFWAY, str(manager.directory.parent), host, str(container.pid)]
+    runtime = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                             cwd=Path(__file__).resolve().parents[1])
+    assert runtime.returncode == -signal.SIGKILL, runtime.stderr
+    assert "stages0" in links(host) and network.veth_name("halfway") in links(host)
+    assert "masquerade" in ruleset(host)
+    assert manager.prune([]) == ["halfway"]
+    assert_all_gone(manager, host)
+    assert run([*in_container(container.pid), "ip", "link", "show", "eth0"], check=False).returncode != 0
+
+
 def test_prune_removes_a_living_containers_veth_too(manager, host, containers):
     container = containers()
     attachment = manager.attach("orphan", container.pid)

@@ -405,30 +405,32 @@ class NetworkManager:
         inside_pinned = f"/proc/{os.getpid()}/fd/{inside_fd}"
         veth = veth_name(container_id)
         try:
-            with self._locked() as state, contextlib.ExitStack() as undo:
+            with self._locked() as state, contextlib.ExitStack() as undo, _rtnetlink(self.host_path) as host:
                 entry = state["containers"].get(container_id)
                 if entry is not None and entry["veth_host"] is not None:
                     raise NetworkError(f"container {container_id} is attached already, as {entry['address']}",
                                        "detach it first")
-                self._ensure_bridge(state, undo)
+                self._ensure_bridge(state, undo, host)
                 address = self._allocate(state, container_id)
                 undo.callback(state["containers"].pop, container_id, None)
                 entry = state["containers"][container_id]
                 entry.update(pid=pid, veth_host=veth)
-                with _rtnetlink(self.host_path) as host:
-                    undo.callback(self._delete_host_link, veth)
-                    with self._step(self._ip("link", "add", veth, "type", "veth", "peer", "name", INSIDE_NAME,
-                                             "netns", str(pid)),
-                                    "a veth pair, one end born inside the container's network namespace"):
-                        host.link("add", ifname=veth, kind="veth",
-                                  peer={"ifname": INSIDE_NAME, "net_ns_fd": inside_fd})
-                    index = host.link_lookup(ifname=veth)[0]
-                    bridge_index = host.link_lookup(ifname=self.bridge)[0]
-                    with self._step(self._ip("link", "set", veth, "master", self.bridge),
-                                    "plug the host end into the bridge"):
-                        host.link("set", index=index, master=bridge_index)
-                    with self._step(self._ip("link", "set", veth, "up"), "host end up"):
-                        host.link("set", index=index, state="up")
+                # Written down before the veth exists: a runtime killed from here on leaves an entry that
+                # prune() finds, never a device nobody knows about.
+                self._save(state)
+                undo.callback(self._delete_host_link, veth)
+                with self._step(self._ip("link", "add", veth, "type", "veth", "peer", "name", INSIDE_NAME,
+                                         "netns", str(pid)),
+                                "a veth pair, one end born inside the container's network namespace"):
+                    host.link("add", ifname=veth, kind="veth",
+                              peer={"ifname": INSIDE_NAME, "net_ns_fd": inside_fd})
+                index = host.link_lookup(ifname=veth)[0]
+                bridge_index = host.link_lookup(ifname=self.bridge)[0]
+                with self._step(self._ip("link", "set", veth, "master", self.bridge),
+                                "plug the host end into the bridge"):
+                    host.link("set", index=index, master=bridge_index)
+                with self._step(self._ip("link", "set", veth, "up"), "host end up"):
+                    host.link("set", index=index, state="up")
                 self._configure_inside(pid, inside_pinned, address)
                 undo.pop_all()
                 return self._attachment(container_id, entry)
@@ -472,39 +474,41 @@ class NetworkManager:
         return True
 
     # -- the bridge, forwarding and outbound NAT -------------------------------------------------
-    def _ensure_bridge(self, state: dict, undo: contextlib.ExitStack) -> None:
+    def _ensure_bridge(self, state: dict, undo: contextlib.ExitStack, ipr: Any) -> None:
         """Create the bridge with its address, forwarding and NAT, unless they are there already."""
         known = state["bridges"].get(self.bridge)
-        with _rtnetlink(self.host_path) as ipr:
-            exists = bool(ipr.link_lookup(ifname=self.bridge))
-            if known is not None and exists:
-                existing = known["subnet"]
-                if existing != str(self.subnet):
-                    raise NetworkError(f"bridge {self.bridge} has subnet {existing}, not {self.subnet}",
-                                       f"use subnet={existing!r}, or another bridge name")
-                return
-            if exists and known is None:
-                raise NetworkError(f"a device named {self.bridge} exists already, and stages did not make it",
-                                   "choose another bridge name, or remove it: "
-                                   + self._ip("link", "del", self.bridge))
-            for other, info in state["bridges"].items():
-                if ipaddress.IPv4Network(info["subnet"]).overlaps(self.subnet):
-                    raise NetworkError(f"subnet {self.subnet} overlaps bridge {other}'s ({info['subnet']})",
-                                       "choose another subnet")
-            state["bridges"][self.bridge] = {"subnet": str(self.subnet), "gateway": str(self.gateway)}
-            undo.callback(self._remove_bridge_if_unused, state, self.bridge)
-            with self._step(self._ip("link", "add", self.bridge, "type", "bridge"),
-                            "a bridge: the switch every container's veth plugs into"):
-                ipr.link("add", ifname=self.bridge, kind="bridge")
-            index = ipr.link_lookup(ifname=self.bridge)[0]
-            with self._step(self._ip("addr", "add", str(self.gateway), "dev", self.bridge),
-                            "the bridge's address: the containers' gateway"):
-                ipr.addr("add", index=index, address=str(self.gateway.ip), prefixlen=self.subnet.prefixlen)
-            with self._step(self._ip("link", "set", self.bridge, "up"), "bridge up"):
-                ipr.link("set", index=index, state="up")
+        exists = bool(ipr.link_lookup(ifname=self.bridge))
+        if known is not None and exists:
+            existing = known["subnet"]
+            if existing != str(self.subnet):
+                raise NetworkError(f"bridge {self.bridge} has subnet {existing}, not {self.subnet}",
+                                   f"use subnet={existing!r}, or another bridge name")
+            return
+        if exists and known is None:
+            raise NetworkError(f"a device named {self.bridge} exists already, and stages did not make it",
+                               "choose another bridge name, or remove it: "
+                               + self._ip("link", "del", self.bridge))
+        for other, info in state["bridges"].items():
+            if other != self.bridge and ipaddress.IPv4Network(info["subnet"]).overlaps(self.subnet):
+                raise NetworkError(f"subnet {self.subnet} overlaps bridge {other}'s ({info['subnet']})",
+                                   "choose another subnet")
+        state["bridges"][self.bridge] = {"subnet": str(self.subnet), "gateway": str(self.gateway),
+                                         "firewall": self.firewall}
+        self._save(state)  # before the bridge exists, as for the veth in attach()
+        undo.callback(self._remove_bridge_if_unused, state, self.bridge)
+        with self._step(self._ip("link", "add", self.bridge, "type", "bridge"),
+                        "a bridge: the switch every container's veth plugs into"):
+            ipr.link("add", ifname=self.bridge, kind="bridge")
+        index = ipr.link_lookup(ifname=self.bridge)[0]
+        with self._step(self._ip("addr", "add", str(self.gateway), "dev", self.bridge),
+                        "the bridge's address: the containers' gateway"):
+            ipr.addr("add", index=index, address=str(self.gateway.ip), prefixlen=self.subnet.prefixlen)
+        with self._step(self._ip("link", "set", self.bridge, "up"), "bridge up"):
+            ipr.link("set", index=index, state="up")
         old = self._sysctl(FORWARD)
         if self.host_netns is None and "ip_forward_was" not in state:
             state["ip_forward_was"] = old  # the real host's: put back when the last bridge goes
+            self._save(state)
         if old != "1":
             self._sysctl(FORWARD, "1", "let the host route between the bridge and its other devices")
         # route_localnet lets packets from 127.0.0.1 be routed out of this bridge (ip-sysctl docs), which
@@ -563,7 +567,7 @@ class NetworkManager:
         if self.host_netns and not os.path.exists(self.host_path):
             state["bridges"].pop(bridge)  # the stand-in host is gone, and everything in it
             return True
-        self._delete_rules(self._tag_bridge(bridge), bridge=bridge)
+        self._delete_rules(self._tag_bridge(bridge), self._firewall_of(state, bridge), bridge=bridge)
         self._delete_host_link(bridge)
         state["bridges"].pop(bridge)
         if not state["bridges"] and "ip_forward_was" in state:
@@ -572,10 +576,14 @@ class NetworkManager:
                 self._sysctl(FORWARD, old, "put IPv4 forwarding back as it was before stages")
         return True
 
-    def _delete_rules(self, tag: str, bridge: str | None = None) -> None:
+    def _firewall_of(self, state: dict, bridge: str) -> str:
+        """The firewall the rules of ``bridge`` went to (the one a later manager would pick may differ)."""
+        return state["bridges"].get(bridge, {}).get("firewall") or self.firewall
+
+    def _delete_rules(self, tag: str, firewall: str, bridge: str | None = None) -> None:
         """Delete every firewall rule whose comment is ``tag`` (with ``bridge``: also its nft chains,
         and the table once it has no chains left)."""
-        if self.firewall == "nft":
+        if firewall == "nft":
             listing = in_netns(self.host_path, lambda: subprocess.run(
                 ["nft", "-j", "-a", "list", "table", "ip", NFT_TABLE], capture_output=True, text=True,
                 timeout=_TIMEOUT))
@@ -626,22 +634,33 @@ class NetworkManager:
             tag = f"{TAG}container:{container_id}"
             bridge = entry["bridge"]
             what = f"publish port {host_port}/{proto}: connections to it go to {destination}"
-            if self.firewall == "nft":
-                rule = f'fib daddr type local {proto} dport {host_port} dnat to {destination} comment "{tag}"'
-                self._nft([f"add rule ip {NFT_TABLE} {bridge}_prerouting {rule}",
-                           f"add rule ip {NFT_TABLE} {bridge}_output {rule}"], what)
-            else:
-                words = ["-p", proto, "--dport", str(host_port), "-m", "addrtype", "--dst-type", "LOCAL",
-                         "-m", "comment", "--comment", tag, "-j", "DNAT", "--to-destination", destination]
-                self._iptables("-A", "PREROUTING", words, what)
-                try:
-                    self._iptables("-A", "OUTPUT", words, "the host's own connections to it too")
-                except BaseException:
-                    with contextlib.suppress(StagesError):
-                        self._iptables("-D", "PREROUTING", words, "undo the half-published port")
-                    raise
-            entry["ports"].append([host_port, container_port, proto])
+            port = [host_port, container_port, proto]
+            entry["ports"].append(port)
+            self._save(state)  # written down first: a runtime killed halfway leaves rules prune() finds
+            try:
+                self._add_port_rules(state, bridge, tag, proto, host_port, destination, what)
+            except BaseException:
+                entry["ports"].remove(port)
+                raise
             return f"{host_port} -> {destination}"
+
+    def _add_port_rules(self, state: dict, bridge: str, tag: str, proto: str, host_port: int,
+                        destination: str, what: str) -> None:
+        """DNAT in PREROUTING and OUTPUT, tagged with ``tag``."""
+        if self._firewall_of(state, bridge) == "nft":
+            rule = f'fib daddr type local {proto} dport {host_port} dnat to {destination} comment "{tag}"'
+            self._nft([f"add rule ip {NFT_TABLE} {bridge}_prerouting {rule}",
+                       f"add rule ip {NFT_TABLE} {bridge}_output {rule}"], what)
+        else:
+            words = ["-p", proto, "--dport", str(host_port), "-m", "addrtype", "--dst-type", "LOCAL",
+                     "-m", "comment", "--comment", tag, "-j", "DNAT", "--to-destination", destination]
+            self._iptables("-A", "PREROUTING", words, what)
+            try:
+                self._iptables("-A", "OUTPUT", words, "the host's own connections to it too")
+            except BaseException:
+                with contextlib.suppress(StagesError):
+                    self._iptables("-D", "PREROUTING", words, "undo the half-published port")
+                raise
 
     # -- detach and prune --------------------------------------------------------------------------
     def detach(self, container_id: str) -> bool:
@@ -659,7 +678,8 @@ class NetworkManager:
         host_there = self.host_netns is None or os.path.exists(self.host_path)
         if host_there:
             if entry["ports"]:
-                self._delete_rules(f"{TAG}container:{container_id}")
+                firewall = self._firewall_of(state, entry["bridge"])
+                self._delete_rules(f"{TAG}container:{container_id}", firewall)
             if entry["veth_host"]:
                 self._delete_host_link(entry["veth_host"])
         state["containers"].pop(container_id)
