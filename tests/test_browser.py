@@ -358,7 +358,7 @@ def test_notebook_runs_in_the_browser(lab, notebook):
     expected = code_cells(notebook)
     context, page = open_notebook(lab, name)
     try:
-        assert all(text == "[ ]:" for text in prompts(page)), "the copy should start with no outputs"
+        assert all(text == "[ ]:" for text in prompts(page)), f"{name} is stored with outputs: clear them"
         menu(page, "Run", "Run All Cells")
         seen = wait_until_run(page, expected)
         screenshot(page, notebook.stem)
