@@ -266,6 +266,23 @@ def test_outbound_nat_the_outside_sees_the_hosts_address(manager, host, outside,
     assert_all_gone(manager, host)
 
 
+def test_a_forward_policy_of_drop_is_let_through_and_put_back(manager, host, outside, containers):
+    """As on a host with Docker: the FORWARD chain drops by default. Without our two ACCEPT rules the
+    connection below would time out."""
+    run([*in_netns(host), "iptables", "-w", "-P", "FORWARD", "DROP"])
+    container = containers()
+    manager.attach("client", container.pid)
+    forward = run([*in_netns(host), "iptables", "-w", "-S", "FORWARD"]).stdout
+    assert "-i stages0" in forward and "-o stages0" in forward
+    with Server(in_netns(outside), 7001):
+        assert connect(in_container(container.pid), OUTSIDE_ADDRESS, 7001) == HOST_ADDRESS
+    manager.detach("client")
+    assert run([*in_netns(host), "iptables", "-w", "-S", "FORWARD"]).stdout.split("\n")[:2] == [
+        "-P FORWARD DROP", ""]
+    run([*in_netns(host), "iptables", "-w", "-P", "FORWARD", "ACCEPT"])
+    run([*in_netns(host), "nft", "flush", "ruleset"])  # iptables-nft's empty filter table
+
+
 # == published ports ================================================================================
 @pytest.mark.parametrize("firewall", ["nft", "iptables"])
 def test_a_published_port_answers_from_outside_and_from_localhost(tmp_path, host, outside, containers,

@@ -516,6 +516,7 @@ class NetworkManager:
         self._sysctl(f"net.ipv4.conf.{self.bridge}.route_localnet", "1",
                      "let connections to 127.0.0.1 be routed to a container (published ports)")
         self._add_bridge_rules()
+        self._allow_forwarding()
 
     def _tag_bridge(self, bridge: str) -> str:
         return f"{TAG}bridge:{bridge}"
@@ -554,9 +555,26 @@ class NetworkManager:
         shell = self._exec("nft", "-f", "-") + " <<'EOF'\n" + script + "EOF"
         return self._run(["nft", "-f", "-"], shell, what, input=script)
 
-    def _iptables(self, verb: str, chain: str, words: list[str], what: str) -> None:
-        argv = ["iptables", "-w", "-t", "nat", verb, chain, *words]
+    def _iptables(self, verb: str, chain: str, words: list[str], what: str, table: str = "nat") -> None:
+        argv = ["iptables", "-w", "-t", table, verb, chain, *words]
         self._run(argv, self._exec(*argv), what)
+
+    def _allow_forwarding(self) -> None:
+        """A host whose iptables FORWARD policy is DROP (any host with Docker on it) drops what the bridge
+        sends out even with forwarding on, and an nft accept elsewhere cannot overrule a drop; so, there
+        only, two ACCEPT rules go first in that chain, as Docker's own do (iptables-extensions(8))."""
+        if shutil.which("iptables") is None:
+            return
+        policy = in_netns(self.host_path, lambda: subprocess.run(
+            ["iptables", "-w", "-t", "filter", "-S", "FORWARD"], capture_output=True, text=True,
+            timeout=_TIMEOUT)).stdout.splitlines()
+        if not policy or policy[0].split() != ["-P", "FORWARD", "DROP"]:
+            return
+        tag = self._tag_bridge(self.bridge)
+        for direction, what in (("-i", "let the containers' packets through the FORWARD chain"),
+                                ("-o", "and the answers to them")):
+            self._iptables("-I", "FORWARD", [direction, self.bridge, "-m", "comment", "--comment", tag,
+                                             "-j", "ACCEPT"], what, table="filter")
 
     def _remove_bridge_if_unused(self, state: dict, bridge: str) -> bool:
         """Remove ``bridge``, its NAT and (with the last bridge) the nft table and the forwarding this
@@ -587,9 +605,8 @@ class NetworkManager:
             listing = in_netns(self.host_path, lambda: subprocess.run(
                 ["nft", "-j", "-a", "list", "table", "ip", NFT_TABLE], capture_output=True, text=True,
                 timeout=_TIMEOUT))
-            if listing.returncode != 0:
-                return  # no table: nothing of ours is there
-            items = json.loads(listing.stdout or "{}").get("nftables", [])
+            # No table (returncode 1): nothing of ours is there.
+            items = json.loads(listing.stdout or "{}").get("nftables", []) if listing.returncode == 0 else []
             chains = [item["chain"]["name"] for item in items if "chain" in item]
             lines = [f"delete rule ip {NFT_TABLE} {item['rule']['chain']} handle {item['rule']['handle']}"
                      for item in items if "rule" in item and item["rule"].get("comment") == tag]
@@ -597,17 +614,20 @@ class NetworkManager:
                 mine = [chain for chain in chains if chain.startswith(f"{bridge}_")]
                 lines += [f"flush chain ip {NFT_TABLE} {chain}" for chain in mine]
                 lines += [f"delete chain ip {NFT_TABLE} {chain}" for chain in mine]
-                if len(mine) == len(chains):
+                if mine and len(mine) == len(chains):
                     lines = [f"delete table ip {NFT_TABLE}"]  # ours only: the table goes with them
             if lines:
                 self._nft(lines, f"remove the firewall rules tagged {tag}")
-        else:
-            listing = in_netns(self.host_path, lambda: subprocess.run(
-                ["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True, timeout=_TIMEOUT))
-            for line in listing.stdout.splitlines():
-                words = shlex.split(line)
-                if words[:1] == ["-A"] and tag in words:
-                    self._iptables("-D", words[1], words[2:], f"remove a rule tagged {tag}")
+        tables = ["nat", "filter"] if firewall == "iptables" else ["filter"] if bridge is not None else []
+        if tables and shutil.which("iptables"):
+            # iptables for NAT, or (with nft too) the FORWARD rules of _allow_forwarding.
+            for table in tables:
+                listing = in_netns(self.host_path, lambda table=table: subprocess.run(
+                    ["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True, timeout=_TIMEOUT))
+                for line in listing.stdout.splitlines():
+                    words = shlex.split(line)
+                    if words[:1] == ["-A"] and tag in words:
+                        self._iptables("-D", words[1], words[2:], f"remove a rule tagged {tag}", table=table)
 
     # -- published ports ---------------------------------------------------------------------------
     def publish(self, container_id: str, host_port: int, container_port: int, proto: str = "tcp") -> str:
