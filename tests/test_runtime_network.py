@@ -387,6 +387,30 @@ def test_a_failure_halfway_undoes_the_bridge_the_veth_and_the_address(manager, h
     assert any(not step.ok for step in manager.record.steps)
 
 
+def test_ctrl_c_halfway_undoes_everything(manager, host, containers, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manager, "_configure_inside", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        manager.attach("web", containers().pid)
+    assert_all_gone(manager, host)
+
+
+def test_the_active_record_is_used_when_none_is_given(tmp_path, host, containers):
+    record = StepRecord("stages run")
+    with record.active():
+        manager = NetworkManager(state_dir=tmp_path / "state", host_netns=host)
+    assert manager.record is record
+    container = containers()
+    manager.attach("web", container.pid)
+    manager.detach("web")
+    shells = [step.shell for step in record.steps]
+    assert f"nsenter --target {container.pid} --net ip route add default via 10.88.0.1" in shells
+    assert shells[-1] == f"ip -n {host} link del stages0"
+    assert all(step.ok for step in record.steps)
+
+
 # == addresses on disk ==============================================================================
 ALLOCATE = """
 import sys

@@ -181,7 +181,14 @@ class NetworkManager:
     or ``"iptables"``.
 
     All methods are safe to call from many processes at once: they take an flock(2) lock on
-    ``STATE/network/.lock`` for their whole work.
+    ``STATE/network/.lock`` for their whole work. What the engine does::
+
+        network = NetworkManager(host_netns="stgns1")       # None in the workshop VM: the real host
+        attachment = network.attach(container_id, pid)     # .address, .gateway, .veth_host, ...
+        network.publish(container_id, 8080, 80)            # curl http://127.0.0.1:8080 reaches it
+        network.detach(container_id)                       # when the container is removed
+        network.prune(live_container_ids)                  # after a crash: what nobody owns goes
+        print(network.record.script())                     # the commands a person would have typed
     """
 
     def __init__(self, state_dir: str | os.PathLike | None = None, host_netns: str | None = None,
@@ -212,8 +219,9 @@ class NetworkManager:
         if firewall not in (None, "nft", "iptables"):
             raise NetworkError(f"{firewall!r} is not a firewall this knows", "use 'nft' or 'iptables'")
         self._firewall = firewall
-        self.record = (record if record is not None
-                       else steps_module.current() or steps_module.StepRecord("network"))
+        active = steps_module.current()  # compared with None: an empty record is falsy (it has a len)
+        self.record = record if record is not None else active if active is not None else \
+            steps_module.StepRecord("network")
 
     # -- where things are ------------------------------------------------------------------------
     @property
