@@ -256,6 +256,26 @@ def test_a_container_that_dies_is_still_detached_cleanly(manager, host, containe
     assert_all_gone(manager, host)
 
 
+def test_two_bridges_on_one_host_keep_their_own_nat(manager, host, outside, containers):
+    second = NetworkManager(state_dir=manager.directory.parent, host_netns=host, record=manager.record,
+                            bridge="stages1", subnet="10.89.0.0/24")
+    overlapping = NetworkManager(state_dir=manager.directory.parent, host_netns=host, bridge="stages2",
+                                 subnet="10.88.5.0/24")
+    a, b = containers(), containers()
+    manager.attach("a", a.pid)
+    assert second.attach("b", b.pid).address == "10.89.0.2"
+    with pytest.raises(NetworkError, match="overlaps bridge stages0"):
+        overlapping.attach("c", containers().pid)
+    assert "stages2" not in links(host)
+    with Server(in_netns(outside), 7002):
+        assert connect(in_container(b.pid), OUTSIDE_ADDRESS, 7002) == HOST_ADDRESS
+        manager.detach("a")
+        assert "stages0" not in links(host) and "stages0" not in ruleset(host)
+        assert connect(in_container(b.pid), OUTSIDE_ADDRESS, 7002) == HOST_ADDRESS  # stages1's NAT stays
+    second.detach("b")
+    assert_all_gone(manager, host)
+
+
 # == outbound NAT ===================================================================================
 def test_outbound_nat_the_outside_sees_the_hosts_address(manager, host, outside, containers):
     container = containers()
