@@ -63,13 +63,13 @@ def site(tmp_path_factory) -> Path:
 def _ours(found: list[str]) -> list[str]:
     """Leave out what another run's notebook, still running, holds right now.
 
-    The notebooks name what they create after their kernel's PID (``stages-nb03-22175-demo``). Once the
+    Notebooks and tests name what they create after a PID (``stages-nb03-22175-demo``). Once the
     build has returned, every kernel it started is gone, so a name whose PID is a living process belongs
     to someone else's run (nbmake, JupyterLab in tests/test_browser.py), and so does the shared parent
     (``.../stages``) that holds it. Our own leftovers name dead PIDs, and stay reported.
     """
     living = set(psutil.pids())
-    theirs = [item for item in found if item.split(":")[0] in ("cgroup", "netns", "net device")
+    theirs = [item for item in found if item.split(":")[0] in ("cgroup", "netns", "net device", "mount")
               and any(int(number) in living for number in re.findall(r"(?<!\d)\d{3,7}(?!\d)",
                                                                     item.rsplit("/", 1)[-1]))]
     return [item for item in found
