@@ -178,9 +178,13 @@ def lab(tmp_path_factory):
             server.kill()
             server.wait()
         log.close()
-        leftovers = [p for p in psutil.Process().children(recursive=True)
-                     if _is_ours(p) and p.status() != psutil.STATUS_ZOMBIE]
-        psutil.wait_procs(leftovers, timeout=10)
+        # The leak fixture has checked its last test by now: whatever JupyterLab or chromium left is
+        # this fixture's to find.
+        leftovers = [p for p in psutil.Process().children(recursive=True) if _is_ours(p)]
+        _, alive = psutil.wait_procs(leftovers, timeout=10)
+        for process in alive:
+            process.kill()
+        assert not alive, f"still running after JupyterLab and chromium were stopped: {alive}"
 
 
 def _is_ours(process: psutil.Process) -> bool:
