@@ -533,3 +533,14 @@ def test_veth_names_fit_and_are_stable():
     assert network.veth_name("abc") == network.veth_name("abc")
     assert network.veth_name("abc") != network.veth_name("abd")
     assert len(network.veth_name("x" * 128)) <= 15
+
+
+def test_without_host_netns_the_commands_are_the_plain_ones(tmp_path):
+    """The real host (not changed here): the record would say ``ip link add``, not ``ip -n NS ...``."""
+    manager = NetworkManager(state_dir=tmp_path)
+    assert manager.host_path is None
+    assert manager._ip("link", "add", "stages0", "type", "bridge") == "ip link add stages0 type bridge"
+    assert manager._exec("nft", "-f", "-") == "nft -f -"
+    assert manager.state_file == tmp_path / "network" / "host.json"
+    assert manager.attachments() == {}
+    assert not manager.state_file.exists()

@@ -316,6 +316,9 @@ class NetworkManager:
             except FileNotFoundError:
                 raise NetworkError(f"the {argv[0]} command is not installed",
                                    "install nftables (or iptables)") from None
+            except subprocess.TimeoutExpired:
+                raise NetworkError(f"`{shell.splitlines()[0]}` did not finish in {_TIMEOUT} s",
+                                   "is the machine very busy? try again") from None
             if result.returncode != 0:
                 text = (result.stderr or result.stdout).strip().splitlines() or [f"exit {result.returncode}"]
                 raise NetworkError(f"`{shell.splitlines()[0]}` failed: {text[0]}",
