@@ -719,7 +719,10 @@ class NetworkManager:
 
     def prune(self, live_ids: Iterable[str]) -> list[str]:
         """Remove everything of the containers not in ``live_ids`` (after the runtime was killed, say):
-        their veths, rules and addresses, then bridges nobody is on. Returns the ids removed."""
+        their veths, rules and addresses, then bridges nobody is on. Returns the ids removed.
+
+        ``live_ids`` must name every container that exists, including one being created right now:
+        prune cannot tell a container that is starting from one that is gone."""
         live = set(live_ids)
         with self._locked() as state:
             gone = sorted(cid for cid in state["containers"] if cid not in live)
