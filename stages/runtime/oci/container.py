@@ -168,7 +168,10 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
         oci_state.write(state_file, data)
         channel.settimeout(CREATE_TIMEOUT)
         pid = 0
-        while True:
+        created = False
+        # Two processes write to this socket: the setup process (the init's PID, as the host sees it) and
+        # the init ("created"); on a busy machine either may come first.
+        while not (pid and created):
             try:
                 message = process.receive(channel)
             except TimeoutError:
@@ -187,8 +190,7 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
                 process.send(channel, {"go": True})
             if "pid" in message:
                 pid = message["pid"]
-            if message.get("created"):
-                break
+            created = created or bool(message.get("created"))
         data.update(status="created", pid=pid)
         data["stages"]["init_started"] = oci_state.start_time(pid)
         oci_state.write(state_file, data)
