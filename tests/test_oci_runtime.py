@@ -58,13 +58,15 @@ def status_field(text: str, name: str) -> str:
 def test_a_container_has_its_own_hostname_pid_1_and_only_lo(tmp_path, root, busybox_rootfs):
     record = StepRecord("run")
     code, out = run(tmp_path, root, busybox_rootfs,
-                    ["sh", "-c", "hostname; echo pid=$$; ls /sys/class/net; ps -o pid,args; true"],
-                    hostname="box", record=record)
+                    ["sh", "-c", "hostname; echo pid=$$; ls /sys/class/net; ps -o pid,args; "
+                                 "cat /proc/sys/kernel/domainname"],
+                    hostname="box", record=record, change=lambda config: config.update(domainname="example"))
     assert code == 0, out
     lines = out.splitlines()
     assert lines[0] == "box" and os.uname().nodename != "box"
     assert lines[1] == "pid=1"
     assert lines[2:lines.index("PID   COMMAND")] == ["lo"] and sorted(os.listdir("/sys/class/net")) != ["lo"]
+    assert lines.pop() == "example"
     rows = lines[lines.index("PID   COMMAND") + 1:]
     processes = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in rows}
     assert processes["1"].startswith("sh -c hostname") and len(processes) == 2, out
@@ -492,7 +494,7 @@ def test_sigkill_of_the_runtime_halfway_then_delete_force_leaves_nothing(tmp_pat
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert "stages-torn" in cgroups.find()
-    oci.delete("torn", force=True, root=root)
+    assert oci.cleanup(root) == ["torn"]
     assert oci.list_containers(root) == []
     assert "stages-torn" not in cgroups.find()
 

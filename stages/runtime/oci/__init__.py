@@ -19,6 +19,7 @@ It is built from stage 2's primitives (:mod:`stages.kernel`, :mod:`stages.isolat
 from __future__ import annotations
 
 from stages.runtime.oci.container import (
+    cleanup,
     create,
     delete,
     exec_process,
@@ -34,8 +35,7 @@ from stages.runtime.oci.spec import SpecError, default_spec, load, parse_mount_o
 from stages.runtime.oci.statefile import ContainerNotFoundError
 
 __all__ = [
-    "ContainerNotFoundError", "SpecError", "create", "default_spec", "delete", "exec_process", "kill",
-    "list_containers",
-    "load",
-    "parse_mount_options", "run", "signal_number", "start", "state", "wait", "write_bundle",
+    "ContainerNotFoundError", "SpecError", "cleanup", "create", "default_spec", "delete", "exec_process",
+    "kill", "list_containers", "load", "parse_mount_options", "run", "signal_number", "start", "state",
+    "wait", "write_bundle",
 ]

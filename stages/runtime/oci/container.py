@@ -376,6 +376,17 @@ def list_containers(root: str | os.PathLike | None = None) -> list[dict]:
     return result
 
 
+def cleanup(root: str | os.PathLike | None = None) -> list[str]:
+    """Delete every stopped container under the root (after a crash, a SIGKILL, a reboot); returns their
+    IDs. Containers still creating, created or running are left alone."""
+    removed = []
+    for item in list_containers(root):
+        if item["status"] == "stopped":
+            delete(item["id"], root=root)
+            removed.append(item["id"])
+    return removed
+
+
 def wait(container_id: str, *, root: str | os.PathLike | None = None) -> int | None:
     """Wait for the container to stop; its exit code (negative: the signal that ended it), like
     :mod:`subprocess`. None when this process did not create it (only the parent learns an exit code)."""
