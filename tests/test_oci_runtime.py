@@ -513,6 +513,17 @@ def test_cpu_quota_and_period_reach_the_cgroup(tmp_path, root, busybox_rootfs):
     oci.delete("cpu", force=True, root=root)
 
 
+def test_the_state_root_comes_from_stages_oci_root(tmp_path, busybox_rootfs, monkeypatch):
+    monkeypatch.setenv("STAGES_OCI_ROOT", str(tmp_path / "from-env"))
+    oci.create("env-root", make_bundle(tmp_path, busybox_rootfs, ["true"]))
+    try:
+        assert (tmp_path / "from-env" / "env-root" / "state.json").is_file()
+        assert [item["id"] for item in oci.list_containers()] == ["env-root"]
+    finally:
+        oci.delete("env-root", force=True)
+    assert oci.list_containers() == []
+
+
 def test_signal_names_and_numbers():
     assert oci.signal_number("KILL") == oci.signal_number("SIGKILL") == oci.signal_number("9") == 9
     with pytest.raises(Exception, match="not a signal"):
