@@ -185,6 +185,25 @@ def test_a_non_root_user_keeps_ambient_capabilities(tmp_path, root, busybox_root
     assert int(status_field(out, "CapAmb"), 16) == 1 << 10
 
 
+def test_a_seccomp_deny_list_makes_system_calls_fail(tmp_path, root, busybox_rootfs):
+    from stages.isolate import privileges
+
+    if not privileges.seccomp_available():
+        pytest.skip("libseccomp is not installed")
+
+    def change(config):
+        config["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]}
+        config["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"})
+
+    script = "mkdir /tmp/new || echo refused; touch /tmp/file && echo touched"
+    code, out = run(tmp_path, root, busybox_rootfs, ["sh", "-c", script], change=change)
+    assert "refused" in out and "Operation not permitted" in out and "touched" in out, out
+    code, out = run(tmp_path, root, busybox_rootfs, ["sh", "-c", script],
+                    change=lambda config: change(config) or config["linux"].pop("seccomp"))
+    assert "refused" not in out and "touched" in out, out
+
+
 def test_an_rlimit_above_the_hard_limit_is_refused(tmp_path, root, busybox_rootfs):
     import resource
 
@@ -295,7 +314,10 @@ def test_sigterm_comes_back_as_such_without_a_pid_namespace(tmp_path, root, busy
 @pytest.mark.parametrize("field, change", [
     ("hooks", lambda c: c.update(hooks={"prestart": [{"path": "/bin/true"}]})),
     ("process.terminal", lambda c: c["process"].update(terminal=True)),
-    ("linux.seccomp", lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_ALLOW"})),
+    ("linux.seccomp.defaultAction", lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_ERRNO"})),
+    ("linux.seccomp.syscalls[0].args", lambda c: c["linux"].update(seccomp={
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 0}]}]})),
     ("linux.resources.blockIO", lambda c: c["linux"].update(resources={"blockIO": {"weight": 10}})),
     ("linux.sysctl['kernel.pid_max']", lambda c: c["linux"].update(sysctl={"kernel.pid_max": "100"})),
     ("linux.sysctl['net.ipv4.ip_forward']",

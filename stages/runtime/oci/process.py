@@ -32,7 +32,7 @@ import sys
 
 from stages import kernel, steps
 from stages.errors import CommandNotFoundError, StagesError
-from stages.isolate import filesystem
+from stages.isolate import filesystem, privileges
 from stages.runtime.oci.spec import Mount, Plan, Process
 
 PR_SET_DUMPABLE = 4
@@ -224,6 +224,8 @@ def init_chain(plan: Plan) -> str:
         dev = os.path.join(plan.rootfs, "dev")
         filesystem.make_devices(dev, plan.user_namespace)
         filesystem.make_device_links(dev)
+    if plan.seccomp_deny is not None:
+        privileges._library()  # load libseccomp now: after pivot_root it is out of reach
     filesystem.pivot_root(plan.rootfs, bind=False)
     # 3. what /proc and /sys may show and change
     for key, value in plan.sysctl.items():
@@ -255,6 +257,10 @@ def init_chain(plan: Plan) -> str:
     become_user(process)
     if process.no_new_privileges:
         kernel.set_no_new_privs(what="noNewPrivileges: execve can never grant more privileges")
+    if plan.seccomp_deny is not None:
+        # Last: the filter also binds us, and it needs no_new_privs or CAP_SYS_ADMIN (seccomp(2)), which
+        # libseccomp takes care of by setting no_new_privs itself.
+        privileges.install_seccomp(plan.seccomp_deny)
     kernel.set_parent_death_signal(signal.SIGKILL)  # a change of IDs cleared it (prctl(2))
     return executable
 

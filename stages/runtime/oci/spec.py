@@ -68,7 +68,6 @@ _UNSUPPORTED = {
     "process.scheduler": "scheduling policies are not set by this runtime",
     "process.execCPUAffinity": "CPU affinity is not set by this runtime",
     "process.user.username": "user names are for Windows containers",
-    "linux.seccomp": "seccomp profiles from config.json are not loaded by this runtime yet",
     "linux.devices": "extra device nodes are not created by this runtime yet (the default ones are)",
     "linux.mountLabel": "SELinux mount labels are not applied by this runtime",
     "linux.personality": "execution domains (personality(2)) are not set by this runtime",
@@ -160,6 +159,7 @@ class Plan:
     pids: int | None = None
     cgroups_path: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
+    seccomp_deny: list[str] | None = None  # system calls that fail with EPERM (a deny list), None: no filter
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -310,7 +310,43 @@ def plan(config: dict, bundle: str) -> Plan:
                      _typed(config.get("annotations"), dict, "annotations", {}).items()},
     )
     _resources(linux, result)
+    result.seccomp_deny = _seccomp(linux)
     return result
+
+
+def _seccomp(linux: dict) -> list[str] | None:
+    """linux.seccomp as a deny list for stage 2's filter (stages.isolate.privileges): the default action
+    allows, and named system calls fail with EPERM. Anything richer is refused by name."""
+    profile = _typed(linux.get("seccomp"), dict, "linux.seccomp")
+    if not profile:
+        return None
+    if profile.get("defaultAction") != "SCMP_ACT_ALLOW":
+        raise refuse("linux.seccomp.defaultAction", f"{profile.get('defaultAction')!r} is not supported: "
+                     "this runtime builds deny lists (defaultAction SCMP_ACT_ALLOW) only",
+                     "use SCMP_ACT_ALLOW with the system calls to refuse listed as SCMP_ACT_ERRNO")
+    for name in ("flags", "listenerPath", "listenerMetadata", "defaultErrnoRet"):
+        if profile.get(name) not in (None, [], ""):
+            raise refuse(f"linux.seccomp.{name}", "is not supported by this runtime")
+    deny: list[str] = []
+    for index, rule in enumerate(_typed(profile.get("syscalls"), list, "linux.seccomp.syscalls", [])):
+        where = f"linux.seccomp.syscalls[{index}]"
+        _typed(rule, dict, where)
+        if rule.get("action") != "SCMP_ACT_ERRNO":
+            raise refuse(f"{where}.action", f"{rule.get('action')!r} is not supported: only SCMP_ACT_ERRNO")
+        if rule.get("errnoRet") not in (None, 1):
+            raise refuse(f"{where}.errnoRet", "only EPERM (1) is supported by this runtime")
+        if rule.get("args"):
+            raise refuse(f"{where}.args", "conditions on arguments are not supported by this runtime")
+        names = _typed(rule.get("names"), list, f"{where}.names", [])
+        if not names or not all(isinstance(name, str) for name in names):
+            raise refuse(f"{where}.names", "must be a non-empty list of system call names")
+        deny += names
+    from stages.isolate import privileges
+
+    if not privileges.seccomp_available():
+        raise refuse("linux.seccomp", "libseccomp, which builds the filter, is not installed",
+                     "install it (apt-get install libseccomp2), or remove linux.seccomp")
+    return deny
 
 
 def _namespaces(linux: dict) -> tuple[list[str], list[tuple[str, str]]]:
