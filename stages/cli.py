@@ -22,6 +22,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rootfs": ("stages.commands.rootfs", "build a small root filesystem (busybox, host binaries, tarball)"),
     "jail": ("stages.commands.jail", "stage 1: run a command chrooted into a root filesystem"),
     "isolate": ("stages.commands.isolate", "stage 2: run a command in namespaces wired step by step"),
+    "run": ("stages.commands.run", "stage 3: run a container from an image, in one command"),
+    "ps": ("stages.commands.ps", "list the containers (-a: stopped ones too)"),
+    "logs": ("stages.commands.logs", "print what a detached container wrote (-f: follow)"),
+    "exec": ("stages.commands.exec_", "run one more command in a running container"),
+    "stop": ("stages.commands.stop", "stop a container: SIGTERM, then SIGKILL after -t seconds"),
+    "kill": ("stages.commands.kill", "send a signal to a container (-s SIGNAL)"),
+    "rm": ("stages.commands.rm", "remove a container: its mount, changes, cgroup, veth and state"),
+    "inspect": ("stages.commands.inspect", "everything known about a container, as JSON"),
+    "prune": ("stages.commands.prune", "remove stopped containers and what a crashed run left"),
 }
 
 
