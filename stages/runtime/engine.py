@@ -1,0 +1,447 @@
+"""Stage 3's engine: what ``docker run`` does, in one readable chain.
+
+An engine prepares a container and hands it to a low-level runtime, as dockerd hands a bundle to runc:
+
+1. check every flag (:mod:`stages.runtime.flags`), find the image, reserve a name (under a lock);
+2. mount the image's layers with overlayfs as the container's rootfs (:mod:`stages.runtime.overlay`);
+3. write the OCI bundle: config.json per the runtime spec, the rootfs beside it;
+4. ``oci.create``: namespaces, cgroup and limits, pivot_root, /proc, /dev, capabilities, no_new_privs;
+   the container's init waits;
+5. the network (:class:`stages.runtime.network.NetworkManager`): a veth onto the bridge, published ports;
+6. ``oci.start``, then wait for the exit code: the *monitor* (:mod:`stages.runtime.monitor`) does
+   this for a detached container, as conmon does for podman; for a foreground one, ``stages run`` itself;
+7. when it stops: the runtime's state and cgroup, the network and the overlay mount are released; the
+   upper directory (what the container changed) stays until ``stages rm``.
+
+Every step lands in one :class:`stages.steps.StepRecord` (the runtime's and the network's steps merged in
+order): ``stages run --explain`` prints it, the manual steps of stage 2 that one command replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stages.errors import CommandNotFoundError, StagesError
+from stages.runtime import containers, overlay
+from stages.runtime.flags import Options
+from stages.steps import StepRecord
+
+#: How long ``stages run -d`` waits for its monitor to say the container runs.
+START_TIMEOUT = 60.0
+
+
+# -- where things are ---------------------------------------------------------------------------------
+def oci_root(base: Path | None = None) -> str:
+    """The low-level runtime's state root: ``$STAGES_RUN/oci`` when set (tests), else the runtime's own
+    default (``$STAGES_OCI_ROOT`` or /run/stages/oci)."""
+    from stages.runtime.oci.statefile import root_directory
+
+    if os.environ.get("STAGES_RUN"):
+        return os.path.join(os.environ["STAGES_RUN"], "oci")
+    return root_directory(None)
+
+
+def network_manager(base: Path | None = None, record: StepRecord | None = None):
+    """The network manager for this state directory; ``$STAGES_HOST_NETNS`` names a network namespace
+    that stands in for the host (tests, notebooks)."""
+    from stages.runtime.network import NetworkManager
+
+    return NetworkManager(base or containers.home(), host_netns=os.environ.get("STAGES_HOST_NETNS") or None,
+                          record=record)
+
+
+# -- images ---------------------------------------------------------------------------------------------
+def find_image(name: str, base: Path | None = None) -> dict:
+    """The image ``name`` as ``{"id", "name", "layers": [dir, ...] (lowest first), "config": {...}}``."""
+    try:
+        from stages.runtime import images  # the image store (stage 3's `stages images`)
+    except ImportError:
+        images = None
+    if images is not None and hasattr(images, "resolve_for_engine"):
+        return images.resolve_for_engine(name)
+    return _builtin_image(name, base)
+
+
+def _builtin_image(name: str, base: Path | None) -> dict:
+    """Until the image store is there: ``busybox`` and ``host-minimal`` built as one layer each."""
+    from stages import rootfs
+
+    plain = name.split(":")[0]
+    sources = {"busybox": "busybox", "host-minimal": "host"}
+    if plain not in sources:
+        raise StagesError(f"there is no image {name!r}", "`stages images` lists them; busybox is built in")
+    layer = (base or containers.home()) / "images" / "builtin" / plain / "layer"
+    with containers.locked(base):
+        if not rootfs.is_rootfs(layer):
+            rootfs.build(layer, sources[plain])
+    return {"id": f"builtin-{plain}", "name": f"{plain}:latest", "layers": [str(layer)],
+            "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                       "Cmd": ["sh"], "WorkingDir": "/"}}
+
+
+def _command(options: Options, image: dict) -> list[str]:
+    """Entrypoint + (our command, else the image's Cmd), as Docker combines them."""
+    config = image.get("config") or {}
+    args = list(config.get("Entrypoint") or []) + (list(options.command) or list(config.get("Cmd") or []))
+    if not args:
+        raise StagesError(f"the image {image['name']} says no command to run", f"give one: stages run "
+                          f"{options.image} sh -c 'echo hello'")
+    return args
+
+
+def _find_in_layers(program: str, layers: list[str], env: list[str], workdir: str) -> bool:
+    """Whether ``program`` exists in the image (topmost layer first), looked up like execvp(3)."""
+    path = next((item[5:] for item in env if item.startswith("PATH=")), "/usr/bin:/bin")
+    candidates = [program] if "/" in program else [os.path.join(d, program) for d in path.split(":")]
+    for candidate in candidates:
+        inside = candidate if os.path.isabs(candidate) else os.path.join(workdir, candidate)
+        for layer in reversed(layers):
+            where = os.path.join(layer, inside.lstrip("/"))
+            if os.path.lexists(where):
+                return True
+    return False
+
+
+# -- run ------------------------------------------------------------------------------------------------
+def prepare(options: Options, base: Path | None = None) -> dict:
+    """Check everything that can be checked before anything is made, and reserve the container's name.
+
+    Returns the container's record (status ``creating``), written under the state directory. Raises a
+    :class:`StagesError` for an unknown image, a name in use, a bad flag or a command not in the image.
+    """
+    from stages.runtime import flags
+
+    limits = flags.check(options)
+    image = find_image(options.image, base)
+    args = _command(options, image)
+    env = flags.merge_env((image.get("config") or {}).get("Env") or [], flags.parse_env(options.env))
+    workdir = options.workdir or (image.get("config") or {}).get("WorkingDir") or "/"
+    if not _find_in_layers(args[0], image["layers"], env, workdir):
+        raise CommandNotFoundError(f"{args[0]} was not found in the image {image['name']}",
+                                   f"check the spelling, or look: stages run {options.image} ls /bin")
+    published = {int(port.split(":")[0]) for port in options.publish}
+    record = {"id": containers.new_id(), "image": image["name"], "image_id": image["id"],
+              "layers": image["layers"], "image_config": image.get("config") or {}, "args": args,
+              "options": options.to_dict(), "limits": limits, "status": "creating",
+              "monitor_pid": os.getpid(), "monitor_started": _start_time(os.getpid()), "exit_code": None,
+              "network": None, "steps": []}
+    with containers.locked(base):
+        for other in containers.all_records(base):
+            in_use = {int(p.split(":")[0]) for p in other.get("options", {}).get("publish", [])}
+            if published & in_use and containers.status(other) != "stopped":
+                port = sorted(published & in_use)[0]
+                raise StagesError(f"host port {port} is published already by container {other['name']}",
+                                  f"pick another host port (-p {port + 1}:...), or stop {other['name']}")
+    return containers.reserve(record, options.name, base)
+
+
+def _start_time(pid: int) -> int | None:
+    from stages.runtime.oci.statefile import start_time
+
+    return start_time(pid)
+
+
+def execute(container_id: str, *, base: Path | None = None, stdio=None, record: StepRecord | None = None,
+            on_running=None) -> int | None:
+    """Create, start and wait for a prepared container, then release what it held (not its upper
+    directory). Returns its exit code (128 + N when signal N ended it). This is the monitor's work.
+
+    Whatever happens — an error halfway, Ctrl-C — everything made so far is undone, and the record says
+    ``stopped``. ``on_running(record)`` is called once the container's program runs.
+    """
+    from stages.runtime import flags, oci
+
+    record = record if record is not None else StepRecord(f"stages run {container_id}")
+    info = containers.update(container_id, base, monitor_pid=os.getpid(),
+                             monitor_started=_start_time(os.getpid()))
+    options = Options(**info["options"])
+    where = containers.directory(container_id, base)
+    bundle = where / "bundle"
+    rootfs = bundle / "rootfs"
+    root = oci_root(base)
+    exit_code = None
+    with contextlib.ExitStack() as undo, record.active():
+        undo.callback(_finish, container_id, base, record)
+        for sub in (where / "upper", where / "work", rootfs):
+            sub.mkdir(parents=True, exist_ok=True)
+        # overlayfs wants the topmost lower layer first (lowerdir=top:...:bottom)
+        overlay.mount(list(reversed(info["layers"])), where / "upper", where / "work", rootfs)
+        init = overlay.init_program(base or containers.home()) if options.init else None
+        config = flags.build_config(options, info["image_config"], str(rootfs), info["args"], init,
+                                    info["limits"])
+        config["linux"]["cgroupsPath"] = f"stages-{container_id}"
+        oci.write_bundle(bundle, config)
+        record.add(_note(f"# config.json written: {bundle}/config.json", "the OCI bundle for the runtime"))
+        state = oci.create(container_id, str(bundle), root=root, stdio=stdio, record=record)
+        if options.network == "bridge":
+            network = network_manager(base, record)
+            attachment = network.attach(container_id, state["pid"])
+            for item in options.publish:
+                host_port, container_port = flags.parse_publish(item)
+                network.publish(container_id, host_port, container_port)
+            containers.update(container_id, base, network={
+                "mode": "bridge", "address": attachment.address, "gateway": attachment.gateway,
+                "veth": attachment.veth_host, "ports": options.publish})
+        else:
+            containers.update(container_id, base, network={"mode": options.network})
+        oci.start(container_id, root=root, record=record)
+        info = containers.update(container_id, base, status="running", pid=state["pid"],
+                                 started=containers.now(), steps=record.to_dicts())
+        if on_running is not None:
+            on_running(info)
+        code = oci.wait(container_id, root=root)
+        # The init ends as its command did; the setup process passes that on (a signal as -N)
+        exit_code = 128 - code if code is not None and code < 0 else code
+        containers.update(container_id, base, exit_code=exit_code)
+    return exit_code
+
+
+def _note(shell: str, what: str):
+    from stages.steps import Step
+
+    return Step(shell=shell, what=what, where="host")
+
+
+def _finish(container_id: str, base: Path | None, record: StepRecord | None = None) -> None:
+    """Release what a container holds once it has stopped: the runtime's state (kills what is left) and
+    cgroup, the network, the overlay mount. Safe to call twice, and after a crash."""
+    from stages.runtime import oci
+
+    root = oci_root(base)
+    with contextlib.suppress(StagesError):
+        oci.delete(container_id, force=True, root=root, record=record)
+    with contextlib.suppress(StagesError, OSError):
+        network_manager(base, record if record is not None else StepRecord()).detach(container_id)
+    overlay.unmount(containers.directory(container_id, base) / "bundle" / "rootfs")
+    with contextlib.suppress(StagesError):
+        containers.update(container_id, base, status="stopped", finished=containers.now())
+
+
+def run(options: Options, *, base: Path | None = None, record: StepRecord | None = None,
+        stdio=None) -> tuple[dict, int | None]:
+    """``stages run``: a foreground container (this process is its monitor), or with ``options.detach`` a
+    monitor started in its own session, and back as soon as the container runs. Returns its record and
+    exit code (None when detached)."""
+    info = prepare(options, base)
+    if options.detach:
+        return start_detached(info, base, record), None
+    try:
+        code = execute(info["id"], base=base, stdio=stdio, record=record)
+    finally:
+        if options.remove:
+            remove(info["id"], force=True, base=base)
+    return info, code
+
+
+def start_detached(info: dict, base: Path | None = None, record: StepRecord | None = None) -> dict:
+    """Start the monitor of a prepared container and wait until its program runs (or failed)."""
+    where = containers.directory(info["id"], base)
+    log = os.open(where / containers.LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    env = dict(os.environ)
+    if base is not None:
+        env["STAGES_HOME"] = str(base)
+    try:
+        with open(os.devnull) as nothing:
+            monitor = subprocess.Popen([sys.executable, "-m", "stages.runtime.monitor", info["id"]],
+                                       stdin=nothing, stdout=log, stderr=log, start_new_session=True,
+                                       env=env, close_fds=True)
+    finally:
+        os.close(log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        ended = monitor.poll() is not None
+        try:
+            current = containers.read(info["id"], base)
+        except containers.NoSuchContainerError:
+            if ended:  # --rm, and it ran and ended already
+                return dict(info, status="stopped")
+            raise
+        if current.get("error") and ended:
+            error = current["error"]
+            remove(info["id"], force=True, base=base)
+            failed = StagesError(error["message"], error.get("hint"))
+            failed.__class__ = _error_class(error.get("type", ""))
+            raise failed
+        if current.get("status") == "running" and current.get("monitor_pid") == monitor.pid:
+            break
+        if ended:
+            if current.get("status") == "stopped" and current.get("started"):
+                break  # it ran, and ended already
+            remove(info["id"], force=True, base=base)
+            raise StagesError("the container's monitor ended before the container ran",
+                              f"look at {where / containers.LOG_FILE}")
+        if time.monotonic() > deadline:
+            raise StagesError(f"the container did not start within {START_TIMEOUT:g} s",
+                              f"stages rm -f {info['name']}; then try again")
+        time.sleep(0.01)
+    if record is not None:
+        record.extend(current.get("steps") or [])
+    # The monitor is not our child any more once we exit; reaping it is init's work (or a subreaper's).
+    return current
+
+
+def _error_class(name: str) -> type:
+    from stages import errors
+
+    found = getattr(errors, name, None) or getattr(containers, name, None)
+    return found if isinstance(found, type) and issubclass(found, StagesError) else StagesError
+
+
+# -- the other verbs ------------------------------------------------------------------------------------
+def wait_stopped(container_id: str, timeout: float | None, base: Path | None = None) -> bool:
+    """Wait until the container is stopped (its monitor recorded it); whether it is."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while containers.status(containers.read(container_id, base)) != "stopped":
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    # the monitor records the exit code, then releases; wait for it to finish that
+    while containers.process_alive(*(lambda r: (r.get("monitor_pid"), r.get("monitor_started")))(
+            containers.read(container_id, base))):
+        if deadline is not None and time.monotonic() > deadline + 10:
+            break
+        time.sleep(0.02)
+    return True
+
+
+def kill(name: str, sig: int | str = "KILL", base: Path | None = None) -> dict:
+    """``stages kill``: send a signal to the container's PID 1 (its init forwards it to the command)."""
+    from stages.runtime import oci
+
+    info = containers.find(name, base)
+    if containers.status(info) != "running":
+        raise StagesError(f"container {info['name']} is not running", "`stages ps -a` shows its state")
+    oci.kill(info["id"], oci.signal_number(sig), root=oci_root(base))
+    return info
+
+
+def stop(name: str, timeout: float = 10.0, base: Path | None = None) -> dict:
+    """``stages stop``: SIGTERM, and SIGKILL if it has not stopped after ``timeout`` seconds."""
+    from stages.runtime import oci
+
+    info = containers.find(name, base)
+    if containers.status(info) != "running":
+        return info
+    with contextlib.suppress(StagesError, ProcessLookupError):
+        oci.kill(info["id"], signal.SIGTERM, root=oci_root(base))
+    if not wait_stopped(info["id"], timeout, base):
+        with contextlib.suppress(StagesError, ProcessLookupError):
+            oci.kill(info["id"], signal.SIGKILL, root=oci_root(base))
+        wait_stopped(info["id"], 10.0, base)
+    return containers.read(info["id"], base)
+
+
+def remove(name: str, force: bool = False, base: Path | None = None) -> dict:
+    """``stages rm``: a stopped container's overlay mount, upper directory, cgroup, veth and record.
+    ``force`` kills a running one first."""
+    info = containers.find(name, base)
+    if containers.status(info) != "stopped":
+        if not force:
+            raise StagesError(f"container {info['name']} is running", f"stop it first, or: stages rm -f "
+                              f"{info['name']}")
+        if info.get("monitor_pid") != os.getpid():
+            with contextlib.suppress(StagesError, ProcessLookupError):
+                kill(info["id"], "KILL", base)
+            wait_stopped(info["id"], 10.0, base)
+    _finish(info["id"], base)
+    overlay.remove_tree(containers.directory(info["id"], base))
+    return info
+
+
+def prune(base: Path | None = None) -> list[str]:
+    """``stages prune``: remove every stopped container, and whatever a crashed run left (a runtime
+    state, a cgroup, a veth, an overlay mount nobody owns). Returns the names removed."""
+    from stages.runtime import oci
+
+    removed = []
+    for info in containers.all_records(base):
+        if containers.status(info) == "stopped":
+            remove(info["id"], force=True, base=base)
+            removed.append(info["name"])
+    live = {info["id"] for info in containers.all_records(base)}
+    root = oci_root(base)
+    for state in oci.list_containers(root):
+        if state["id"] not in live:
+            with contextlib.suppress(StagesError):
+                oci.delete(state["id"], force=True, root=root)
+    top = (base or containers.home()) / "containers"
+    for entry in top.iterdir() if top.is_dir() else []:
+        if not entry.name.startswith(".") and entry.name not in live:
+            overlay.remove_tree(entry)  # a directory whose record was never written
+    with contextlib.suppress(StagesError, OSError):
+        network_manager(base, StepRecord()).prune(live)
+    return removed
+
+
+def exec_in(name: str, args: list[str], *, env: list[str] | None = None, workdir: str | None = None,
+            user: str | None = None, base: Path | None = None, stdio=None,
+            record: StepRecord | None = None) -> int | None:
+    """``stages exec``: run ``args`` in a running container's namespaces and cgroup; its exit code."""
+    from stages.runtime import flags, oci
+
+    info = containers.find(name, base)
+    if containers.status(info) != "running":
+        raise StagesError(f"container {info['name']} is not running", f"start a new one: stages run "
+                          f"{info['image']} ...")
+    bundle = containers.directory(info["id"], base) / "bundle"
+    config = _config(bundle)
+    process = dict(config["process"])
+    process["args"] = list(args)
+    process["env"] = flags.merge_env(process.get("env", []), flags.parse_env(env or []))
+    if workdir:
+        process["cwd"] = workdir
+    if user:
+        uid, gid = flags.parse_user(user, str(bundle / "rootfs"))
+        process["user"] = {"uid": uid, "gid": gid}
+    code = oci.exec_process(info["id"], process, root=oci_root(base), stdio=stdio, record=record)
+    return 128 - code if code is not None and code < 0 else code
+
+
+def _config(bundle: Path) -> dict:
+    import json
+
+    with open(bundle / "config.json") as handle:
+        return json.load(handle)
+
+
+def logs(name: str, follow: bool = False, out=None, base: Path | None = None) -> None:
+    """``stages logs``: what a detached container wrote; ``follow`` keeps printing until it stops."""
+    info = containers.find(name, base)
+    path = containers.directory(info["id"], base) / containers.LOG_FILE
+    out = out or sys.stdout.buffer
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return  # a foreground container: its output went to the terminal
+    with handle:
+        while True:
+            chunk = handle.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not follow or containers.status(containers.read(info["id"], base)) == "stopped":
+                chunk = handle.read()
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+                return
+            time.sleep(0.05)
+
+
+def inspect(name: str, base: Path | None = None) -> dict:
+    """``stages inspect``: the record, with the state as it is now."""
+    info = containers.find(name, base)
+    info = dict(info)
+    info["state"] = {"status": containers.status(info), "exit_code": info.get("exit_code"),
+                     "pid": info.get("pid") if containers.status(info) == "running" else 0,
+                     "description": containers.exit_description(info)}
+    info["paths"] = {"directory": str(containers.directory(info["id"], base)),
+                     "rootfs": str(containers.directory(info["id"], base) / "bundle" / "rootfs")}
+    return info
