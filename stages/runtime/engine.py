@@ -273,9 +273,14 @@ def start_detached(info: dict, base: Path | None = None, record: StepRecord | No
         if ended:
             if current.get("status") == "stopped" and current.get("started"):
                 break  # it ran, and ended already
+            try:
+                said = (where / containers.LOG_FILE).read_text(errors="replace").strip().splitlines()[-3:]
+            except OSError:
+                said = []
             remove(info["id"], force=True, base=base)
-            raise StagesError("the container's monitor ended before the container ran",
-                              f"look at {where / containers.LOG_FILE}")
+            raise StagesError("the container's monitor ended before the container ran"
+                              + (": " + " / ".join(said) if said else ""),
+                              "run it in the foreground (without -d) with --explain to see each step")
         if time.monotonic() > deadline:
             raise StagesError(f"the container did not start within {START_TIMEOUT:g} s",
                               f"stages rm -f {info['name']}; then try again")
