@@ -128,6 +128,24 @@ def test_a_command_missing_from_the_image_unknown_image_bad_memory_and_taken_nam
     assert stages("ps", "-a", "-q").stdout.strip() == ""
 
 
+def test_a_run_that_fails_halfway_leaves_nothing(stages):
+    # the user is looked up in the image's /etc/passwd once its rootfs is mounted: a failure halfway
+    failed = stages("run", "-u", "nobody-here", "--network", "none", "busybox", "true", check=False)
+    assert failed.returncode != 0 and "the image has no user 'nobody-here'" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert stages("ps", "-a", "-q").stdout.strip() == ""
+    assert not [p for p in (stages.home / "containers").iterdir() if not p.name.startswith(".")]
+
+
+def test_network_host_shares_the_hosts_network(stages):
+    with open("/proc/net/route") as handle:  # the host's own devices (others' tests add and remove theirs)
+        routed = {line.split()[0] for line in list(handle)[1:]}
+    inside = stages("run", "--rm", "--network", "host", "busybox", "sh", "-c", "ls /sys/class/net")
+    assert routed and routed <= set(inside.stdout.split())
+    alone = stages("run", "--rm", "--network", "none", "busybox", "sh", "-c", "ls /sys/class/net")
+    assert not routed & set(alone.stdout.split())
+
+
 # -- the filesystem: overlayfs, -v, --read-only ---------------------------------------------------------
 def test_writes_land_in_the_upper_directory_and_rm_removes_mount_upper_and_state(stages, home):
     stages("run", "--name", "writer", "--network", "none", "busybox", "sh", "-c", "echo data > /made-here")

@@ -231,11 +231,18 @@ def run(options: Options, *, base: Path | None = None, record: StepRecord | None
     info = prepare(options, base)
     if options.detach:
         return start_detached(info, base, record), None
+    started = []
     try:
-        code = execute(info["id"], base=base, stdio=stdio, record=record)
-    finally:
-        if options.remove:
-            remove(info["id"], force=True, base=base)
+        code = execute(info["id"], base=base, stdio=stdio, record=record, on_running=started.append)
+    except BaseException:
+        # A container that never ran is not kept (Docker would keep it as "Created"): nothing is left
+        # behind by a run that failed halfway, or by Ctrl-C.
+        if options.remove or not started:
+            with contextlib.suppress(StagesError):
+                remove(info["id"], force=True, base=base)
+        raise
+    if options.remove:
+        remove(info["id"], force=True, base=base)
     return info, code
 
 
