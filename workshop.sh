@@ -79,6 +79,8 @@ case $job in
     test)
         say "ruff"
         .venv/bin/ruff check stages tests notebooks
+        say "shellcheck: the cgroup v2 VM's scripts"
+        shellcheck tests/vm/*.sh tests/vm/guest/vm-init tests/vm/guest/initramfs-init tests/vm/guest/job.sh
         say "pytest: the library, the command line and the notebooks"
         exec .venv/bin/python -m pytest -p no:cacheprovider -q tests notebooks --nbmake "$@"
         ;;

@@ -37,12 +37,12 @@ VM = REPO / "tests" / "vm"
 INNER_TESTS = ["tests/test_cgroups.py", "tests/test_isolate.py", "tests/vm/test_guest_smoke.py"]
 INNER_MARKERS = "not vm and not net"
 BUILD_TIMEOUT = 180  # a cold build takes ~80 s: apt-get download, debootstrap, mkfs.ext4
-BOOT_TIMEOUT = 270   # boot ~10 s, the inner tests ~2-4 min (a busy 2-CPU machine: the most)
+BOOT_TIMEOUT = 300   # boot ~10 s, the inner tests ~2-4 min (a busy 2-CPU machine: the most)
 TOOLS = ("qemu-system-x86_64", "debootstrap", "mkfs.ext4", "cpio", "busybox", "flock")
 
 pytestmark = [
     pytest.mark.vm, pytest.mark.slow, pytest.mark.root,
-    pytest.mark.timeout(BUILD_TIMEOUT + BOOT_TIMEOUT + 40),
+    pytest.mark.timeout(BUILD_TIMEOUT + BOOT_TIMEOUT + 30),
 ]
 
 

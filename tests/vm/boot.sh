@@ -15,7 +15,11 @@
 # The VM has no network: its one network card (eth0, as on any machine) is plugged into an emulated hub
 # with nothing else on it, so no packet can leave.
 #
-# Environment: TIMEOUT (seconds, default 300: QEMU is killed after it), MEM (MiB, 1024), SMP (2).
+# The CPU model is the plain x86-64 baseline (qemu64), not `max`: with AVX2 on offer the guest's glibc
+# picks string functions that TCG emulates slowly; measured, the tests run ~30% faster without.
+#
+# Environment: TIMEOUT (seconds, default 300: QEMU is killed after it), MEM (MiB, 1024), SMP (2),
+# CPU (the QEMU CPU model, qemu64).
 # Exit status: QEMU's (0 after the guest powered off; 124 or 137 when it was killed on timeout).
 set -euo pipefail
 
@@ -37,7 +41,7 @@ export TMPDIR=$share
 #   panic=-1          if PID 1 dies, reboot at once, which -no-reboot turns into QEMU exiting;
 #   console=ttyS0     the serial port is our stdout; quiet + loglevel=4 keeps it to warnings and up.
 exec timeout --kill-after=5 "${TIMEOUT:-300}" qemu-system-x86_64 \
-    -accel tcg,thread=multi -cpu "${CPU:-max}" -machine q35 -m "${MEM:-1024}" -smp "${SMP:-2}" \
+    -accel tcg,thread=multi -cpu "${CPU:-qemu64}" -machine q35 -m "${MEM:-1024}" -smp "${SMP:-2}" \
     -nodefaults -nographic -no-reboot -serial stdio \
     -netdev hubport,id=nowhere,hubid=0 -device virtio-net-pci,netdev=nowhere,romfile= \
     -kernel "$artifacts/vmlinux" -initrd "$artifacts/initrd.cpio.gz" \

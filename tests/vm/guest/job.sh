@@ -17,7 +17,8 @@ export PYTHONPATH=/mnt/repo:/mnt/repo/tests/vm/guest TMPDIR=/tmp
 # Its bytecode goes to the prefix the image's standard library was compiled into (tests/vm/build.sh),
 # compiled once here rather than in each of the hundred processes that import stages.
 export PYTHONPYCACHEPREFIX=/var/cache/pycache
-python3 -m compileall -qq /mnt/repo/stages /mnt/repo/tests
+# (Test modules not: pytest compiles them itself, to rewrite their asserts.)
+python3 -m compileall -qq /mnt/repo/stages
 export PYTHONDONTWRITEBYTECODE=1
 python3 tests/vm/guest/facts.py >"$out/facts.json"
 python3 -m pytest -p no:cacheprovider -p vm_markers -q -rfEs --basetemp=/tmp/pytest \
