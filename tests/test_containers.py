@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from stages.isolate.network import test_host as make_test_host
+from stages.runtime.containers import using_image
 
 pytestmark = [pytest.mark.root]
 
@@ -307,6 +308,9 @@ def test_ps_and_inspect_tell_the_truth(stages):
         info = inspect(stages, "sleeper")
         assert info["state"]["status"] == "running" and info["pid"] > 0
         assert os.path.exists(f"/proc/{info['pid']}")
+        # the image store's rmi asks this before it removes an image
+        assert using_image(info["image_id"], base=stages.home) == ["sleeper"]
+        assert using_image("sha256:nothing", base=stages.home) == []
         running = stages("rm", "sleeper", check=False)
         assert running.returncode != 0 and "stages rm -f sleeper" in running.stderr
     finally:

@@ -123,8 +123,15 @@ def in_use(base: Path | None = None) -> dict[str, list[str]]:
     """
     used: dict[str, list[str]] = {}
     for record in all_records(base):
-        used.setdefault(record.get("image_id") or record.get("image", ""), []).append(record["name"])
+        for key in {record.get("image_id"), record.get("image")} - {None, ""}:
+            used.setdefault(key, []).append(record["name"])
     return used
+
+
+def using_image(image_id: str, base: Path | None = None) -> list[str]:
+    """The names of the containers, running or stopped, built on the image ``image_id`` (or named by
+    it, ``name:tag``): the image store's ``in_use(image_id)`` hook for ``stages rmi``."""
+    return sorted(name for key, names in in_use(base).items() if key == image_id for name in names)
 
 
 def process_alive(pid: int | None, started: int | None) -> bool:

@@ -76,7 +76,7 @@ def _builtin_image(name: str, base: Path | None) -> dict:
     sources = {"busybox": "busybox", "host-minimal": "host"}
     if plain not in sources:
         raise StagesError(f"there is no image {name!r}", "`stages images` lists them; busybox is built in")
-    layer = (base or containers.home()) / "images" / "builtin" / plain / "layer"
+    layer = (base or containers.home()) / "containers" / ".builtin-images" / plain
     with containers.locked(base):
         if not rootfs.is_rootfs(layer):
             rootfs.build(layer, sources[plain])
