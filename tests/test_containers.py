@@ -355,6 +355,20 @@ def test_ctrl_c_of_a_foreground_run_releases_everything(stages, python):
     assert stages("ps", "-a", "-q").stdout.strip() == ""
 
 
+def test_sigterm_to_a_foreground_run_reaches_the_container(stages, python):
+    script = 'trap "echo got TERM; exit 9" TERM; echo ready; while true; do sleep 0.1; done'
+    process = subprocess.Popen([python, "-m", "stages.cli", "run", "--rm", "--name", "proxied", "--network",
+                                "none", "busybox", "sh", "-c", script],
+                               env=stages.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, text=True)
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 9, err
+    assert out == "got TERM\n"
+    assert stages("ps", "-a", "-q").stdout.strip() == ""
+
+
 def test_twenty_parallel_detached_runs_get_distinct_names(stages):
     def start(_):
         return stages("run", "-d", "--network", "none", "busybox", "sleep", "30").stdout.strip()

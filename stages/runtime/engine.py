@@ -233,7 +233,8 @@ def run(options: Options, *, base: Path | None = None, record: StepRecord | None
         return start_detached(info, base, record), None
     started = []
     try:
-        code = execute(info["id"], base=base, stdio=stdio, record=record, on_running=started.append)
+        with _proxy_signals(info["id"], base):
+            code = execute(info["id"], base=base, stdio=stdio, record=record, on_running=started.append)
     except BaseException:
         # A container that never ran is not kept (Docker would keep it as "Created"): nothing is left
         # behind by a run that failed halfway, or by Ctrl-C.
@@ -244,6 +245,35 @@ def run(options: Options, *, base: Path | None = None, record: StepRecord | None
     if options.remove:
         remove(info["id"], force=True, base=base)
     return info, code
+
+
+#: Signals a foreground ``stages run`` passes on to its container (``docker run --sig-proxy``); Ctrl-C's
+#: SIGINT reaches the container directly, from the terminal, as it is in our process group.
+PROXIED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def _proxy_signals(container_id: str, base: Path | None):
+    """While a foreground container runs, a signal sent to ``stages run`` goes to the container, whose
+    end then ends us the ordinary way (everything released), instead of killing us halfway."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(number, _frame):
+        from stages.runtime import oci
+
+        with contextlib.suppress(StagesError, OSError):
+            oci.kill(container_id, number, root=oci_root(base))
+
+    previous = {number: signal.signal(number, forward) for number in PROXIED}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def start_detached(info: dict, base: Path | None = None, record: StepRecord | None = None) -> dict:
