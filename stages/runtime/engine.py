@@ -115,8 +115,12 @@ def prepare(options: Options, base: Path | None = None) -> dict:
     Returns the container's record (status ``creating``), written under the state directory. Raises a
     :class:`StagesError` for an unknown image, a name in use, a bad flag or a command not in the image.
     """
+    from stages import kernel
+    from stages.errors import NotRootError
     from stages.runtime import flags
 
+    if not kernel.is_root():
+        raise NotRootError("running a container")
     limits = flags.check(options)
     image = find_image(options.image, base)
     args = _command(options, image)
@@ -173,6 +177,7 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         # overlayfs wants the topmost lower layer first (lowerdir=top:...:bottom)
         overlay.mount(list(reversed(info["layers"])), where / "upper", where / "work", rootfs)
         init = overlay.init_program(base or containers.home()) if options.init else None
+        containers.update(container_id, base, init=init)
         config = flags.build_config(options, info["image_config"], str(rootfs), info["args"], init,
                                     info["limits"])
         config["linux"]["cgroupsPath"] = f"stages-{container_id}"
