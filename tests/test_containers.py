@@ -396,15 +396,22 @@ def test_explain_prints_the_steps_in_order_with_their_time(stages):
 
 # -- the network, in a stand-in host namespace ---------------------------------------------------------
 @pytest.fixture
-def host_netns(stages):
+def host_netns(stages, tmp_path):
+    """A network namespace standing in for the host, and a state directory of its own (the network's
+    state then never names a bridge that a later prune, without the stand-in, would look for on the
+    real host)."""
     name = f"stgctr{os.getpid() % 100000}x{next(_counter)}"
+    original = stages.env["STAGES_HOME"]
     with make_test_host(name):
-        stages.env["STAGES_HOST_NETNS"] = name
-        yield name
-        subprocess.run([stages.env.get("PYTHON", "true")], check=False)
-        for record in (stages.home / "containers").glob("*/container.json"):
-            stages("rm", "-f", record.parent.name, check=False)
-        stages.env.pop("STAGES_HOST_NETNS")
+        stages.env.update(STAGES_HOST_NETNS=name, STAGES_HOME=str(tmp_path / "net-home"))
+        try:
+            yield name
+        finally:
+            stages("prune", check=False)
+            for record in (tmp_path / "net-home" / "containers").glob("*/container.json"):
+                stages("rm", "-f", record.parent.name, check=False)
+            stages.env.pop("STAGES_HOST_NETNS")
+            stages.env["STAGES_HOME"] = original
 
 
 def test_network_none_has_only_lo(stages):

@@ -185,6 +185,9 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         record.add(_note(f"# config.json written: {bundle}/config.json", "the OCI bundle for the runtime"))
         state = oci.create(container_id, str(bundle), root=root, stdio=stdio, record=record)
         if options.network == "bridge":
+            # written down first: a monitor killed halfway through attach leaves a record that says
+            # there is a veth to remove
+            containers.update(container_id, base, network={"mode": "bridge"})
             network = network_manager(base, record)
             attachment = network.attach(container_id, state["pid"])
             for item in options.publish:
@@ -221,8 +224,13 @@ def _finish(container_id: str, base: Path | None, record: StepRecord | None = No
     root = oci_root(base)
     with contextlib.suppress(StagesError):
         oci.delete(container_id, force=True, root=root, record=record)
-    with contextlib.suppress(StagesError, OSError):
-        network_manager(base, record if record is not None else StepRecord()).detach(container_id)
+    try:
+        network = (containers.read(container_id, base).get("network") or {}).get("mode")
+    except StagesError:
+        network = "bridge"  # no record to tell: ask the network (a no-op if it never attached it)
+    if network == "bridge":
+        with contextlib.suppress(StagesError, OSError):
+            network_manager(base, record if record is not None else StepRecord()).detach(container_id)
     overlay.unmount(containers.directory(container_id, base) / "bundle" / "rootfs")
     with contextlib.suppress(StagesError):
         containers.update(container_id, base, status="stopped", finished=containers.now())
@@ -421,8 +429,9 @@ def prune(base: Path | None = None) -> list[str]:
     for entry in top.iterdir() if top.is_dir() else []:
         if not entry.name.startswith(".") and entry.name not in live:
             overlay.remove_tree(entry)  # a directory whose record was never written
-    with contextlib.suppress(StagesError, OSError):
-        network_manager(base, StepRecord()).prune(live)
+    if ((base or containers.home()) / "network").is_dir():  # never a network touched for nothing
+        with contextlib.suppress(StagesError, OSError):
+            network_manager(base, StepRecord()).prune(live)
     return removed
 
 
