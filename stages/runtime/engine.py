@@ -248,6 +248,13 @@ def run(options: Options, *, base: Path | None = None, record: StepRecord | None
     try:
         with _proxy_signals(info["id"], base):
             code = execute(info["id"], base=base, stdio=stdio, record=record, on_running=started.append)
+    except OSError as error:
+        # The runtime raises the kernel's own error for a step that failed (its message names the step)
+        if not started:
+            with contextlib.suppress(StagesError):
+                remove(info["id"], force=True, base=base)
+        raise StagesError(f"the container could not be run: {error.strerror or error}",
+                          "run it again with --explain to see the step that failed") from error
     except BaseException:
         # A container that never ran is not kept (Docker would keep it as "Created"): nothing is left
         # behind by a run that failed halfway, or by Ctrl-C.

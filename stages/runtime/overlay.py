@@ -49,8 +49,13 @@ def mount(layers: list[str], upper: str | os.PathLike, work: str | os.PathLike,
         if not os.path.isdir(layer):
             raise RootfsError(f"the image's layer {layer} is missing", "remove the image and build it again")
     options = f"lowerdir={':'.join(map(str, layers))},upperdir={upper},workdir={work}"
-    kernel.mount("overlay", str(target), "overlay", 0, options,
-                 what="the image's layers read-only, the container's changes in its upper directory")
+    try:
+        kernel.mount("overlay", str(target), "overlay", 0, options,
+                     what="the image's layers read-only, the container's changes in its upper directory")
+    except OSError as error:
+        raise RootfsError(f"overlayfs refused the container's root filesystem: {error.strerror or error}",
+                          "keep STAGES_HOME on a filesystem overlayfs accepts as its upper directory "
+                          "(ext4, xfs, tmpfs), not on overlayfs itself") from error
     return str(target)
 
 
