@@ -16,6 +16,7 @@ On failure the inner pytest summary and the end of the VM's console are part of 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shlex
@@ -46,6 +47,17 @@ pytestmark = [
 ]
 
 
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def end_with_pytest() -> None:
+    """In the child, before exec: should pytest die without cleaning up (SIGTERM, SIGKILL), the kernel
+    sends the child SIGTERM (PR_SET_PDEATHSIG, prctl(2)); boot.sh's timeout(1) passes it on to QEMU,
+    build.sh's trap removes its half-built directory."""
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def run_in_own_group(argv: list[str], log: Path, timeout: float, **options) -> tuple[int | None, float]:
     """Run argv with its output in log; kill it and everything it started on timeout or Ctrl-C.
 
@@ -55,7 +67,8 @@ def run_in_own_group(argv: list[str], log: Path, timeout: float, **options) -> t
     started = time.monotonic()
     with open(log, "wb") as output:
         process = subprocess.Popen(argv, stdout=output, stderr=options.pop("stderr", subprocess.STDOUT),
-                                   stdin=subprocess.DEVNULL, start_new_session=True, **options)
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=end_with_pytest, **options)
         try:
             return process.wait(timeout=timeout), time.monotonic() - started
         except subprocess.TimeoutExpired:

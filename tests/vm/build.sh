@@ -80,6 +80,8 @@ for stale in "$cache"/.build-*; do
 done
 build=$cache/.build-$$
 trap 'rm -rf "$build"' EXIT
+# A signal (the test's SIGTERM when pytest dies) ends the build through the EXIT trap above.
+trap 'exit 143' TERM INT HUP
 mkdir -p "$build/debs"
 started=$SECONDS
 
