@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("stages.commands.rm", "remove a container: its mount, changes, cgroup, veth and state"),
     "inspect": ("stages.commands.inspect", "everything known about a container, as JSON"),
     "prune": ("stages.commands.prune", "remove stopped containers and what a crashed run left"),
+    "images": ("stages.commands.images", "stage 3: list the images in the store"),
+    "import": ("stages.commands.import_", "stage 3: import a rootfs tarball, docker save or OCI layout"),
+    "history": ("stages.commands.history", "stage 3: an image's layers, with what made each"),
+    "rmi": ("stages.commands.rmi", "stage 3: remove an image and the layers no other image uses"),
 }
 
 
