@@ -1,0 +1,499 @@
+"""The image store: images as ordered layers plus a config, content-addressed by sha256.
+
+Vocabulary is the OCI image spec's, so an OCI runtime bundle can be made from it later: an image's id
+is the digest of its config JSON; the config says ``config.Env``, ``config.Cmd``, ``config.Entrypoint``,
+``config.WorkingDir``, ``config.User``, ``config.ExposedPorts``, ``config.Labels``, a ``history``, and
+``rootfs`` = ``{"type": "layers", "diff_ids": [...]}`` (the sha256 of each layer's uncompressed tar).
+Layout on disk: see :mod:`stages.runtime.store`.
+
+What comes in (:func:`import_archive`): a rootfs tarball (one layer), a ``docker save`` archive, or an
+OCI image layout (a directory or a tar of one). Every blob's digest is checked before it is used, and
+every layer goes through stage 1's safe extractor. The built-in images ``busybox`` and ``host-minimal``
+are made offline by stage 1's rootfs builder the first time they are asked for (:func:`ensure_builtin`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from stages.errors import RootfsError, StagesError, UnsafeArchiveError
+from stages.runtime import layers as layerlib
+from stages.runtime import store
+
+DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+BUILTIN = {"busybox": "busybox", "host-minimal": "host"}
+HOST_MINIMAL_COMMANDS = ("sh", "ls", "cat", "echo", "env", "id", "hostname", "ps", "sleep", "mount", "uname")
+CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "Labels")
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+
+class ImageError(StagesError):
+    """An image that does not exist, or an archive that is not an image stages can import."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_reference(reference: str) -> str:
+    """``name`` or ``name:tag`` -> ``name:tag`` (the tag defaults to ``latest``), checked for sanity."""
+    name, _, tag = reference.rpartition(":") if ":" in reference.rsplit("/", 1)[-1] else (reference, "", "")
+    tag = tag or "latest"
+    if not name or any(c.isspace() or c == "\0" for c in reference) or name.startswith("-"):
+        raise ImageError(f"{reference!r} is not an image name", "use NAME or NAME:TAG, e.g. myimage:1.0")
+    return f"{name}:{tag}"
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[-1]
+
+
+def blob_path(digest: str) -> Path:
+    """Where the blob ``sha256:<hex>`` lives in the store."""
+    return store.images_dir() / "blobs" / "sha256" / _hex(digest)
+
+
+def layer_dir(diff_id: str) -> Path:
+    """The unpacked layer ``diff_id``: an overlayfs lower directory."""
+    return store.images_dir() / "layers" / _hex(diff_id)
+
+
+# -- reading the store -------------------------------------------------------------------------------
+def repositories() -> dict[str, str]:
+    """The name index: ``name:tag`` -> image id (``sha256:...``)."""
+    return store.read_json(store.images_dir() / "repositories.json", {})
+
+
+def _record(image_id: str) -> dict | None:
+    return store.read_json(store.images_dir() / "imagedb" / f"{_hex(image_id)}.json")
+
+
+def list_images() -> list[dict]:
+    """Every image: ``{"id", "names", "created", "size", "layers": [...], "config_digest"}``, newest first."""
+    names: dict[str, list[str]] = {}
+    for name, image_id in repositories().items():
+        names.setdefault(image_id, []).append(name)
+    found = []
+    for path in sorted((store.images_dir() / "imagedb").glob("*.json")):
+        record = store.read_json(path)
+        if record:
+            found.append({**record, "names": sorted(names.get(record["id"], []))})
+    return sorted(found, key=lambda record: record.get("created", ""), reverse=True)
+
+
+def resolve(reference: str) -> dict:
+    """The image named ``reference`` (``name[:tag]``, a full id, or an id prefix of 4+ hex digits).
+
+    Raises :class:`ImageError` with a hint if there is none.
+    """
+    repos = repositories()
+    with contextlib.suppress(ImageError):
+        name = parse_reference(reference)
+        if name in repos and (record := _record(repos[name])):
+            return {**record, "names": sorted(n for n, i in repos.items() if i == record["id"])}
+    prefix = _hex(reference.lower())
+    if len(prefix) >= 4 and all(c in "0123456789abcdef" for c in prefix):
+        matches = [image for image in list_images() if _hex(image["id"]).startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ImageError(f"{reference!r} is the start of {len(matches)} image ids",
+                             "give more of the id (`stages images` shows them)")
+    raise ImageError(f"there is no image {reference!r}",
+                     "`stages images` lists them; busybox and host-minimal are built in, "
+                     "`stages import FILE NAME` adds one")
+
+
+def config_of(image: dict) -> dict:
+    """The image's whole config JSON (the OCI image config, with ``config``, ``rootfs``, ``history``)."""
+    with open(blob_path(image["config_digest"])) as handle:
+        return json.load(handle)
+
+
+def get(reference: str) -> dict:
+    """The image ``reference``, the built-ins made on first use."""
+    try:
+        return resolve(reference)
+    except ImageError:
+        plain = reference.split(":")[0]
+        if plain in BUILTIN and parse_reference(reference) == f"{plain}:latest":
+            return ensure_builtin(plain)
+        raise
+
+
+def layer_dirs(image: dict) -> list[str]:
+    """The image's unpacked layers, lowest first (overlayfs wants them the other way: ``lowerdir=top:..``)."""
+    return [str(layer_dir(layer["diff_id"])) for layer in image["layers"]]
+
+
+def resolve_for_engine(reference: str) -> dict:
+    """What the engine needs to run ``reference``: ``{"id", "name", "layers": [dir, ...], "config"}``."""
+    image = get(reference)
+    name = parse_reference(reference) if parse_reference(reference) in image["names"] else (
+        image["names"][0] if image["names"] else image["id"][:19])
+    return {"id": image["id"], "name": name, "layers": layer_dirs(image),
+            "config": config_of(image).get("config") or {}}
+
+
+def flatten(image: dict | str, dest: str | os.PathLike) -> Path:
+    """Apply every layer of ``image`` (a record or a reference) into ``dest``, whiteouts resolved."""
+    image = get(image) if isinstance(image, str) else image
+    return layerlib.flatten_layers(layer_dirs(image), dest)
+
+
+def history(reference: str) -> list[dict]:
+    """The image's build history, newest first: ``{"created", "created_by", "size", "layer"}`` each;
+    ``layer`` is the diff_id (None for steps that changed only the config)."""
+    image = resolve(reference)
+    rows, remaining = [], list(image["layers"])
+    for entry in config_of(image).get("history") or []:
+        layer = None if entry.get("empty_layer") or not remaining else remaining.pop(0)
+        rows.append({"created": entry.get("created", ""), "created_by": entry.get("created_by", ""),
+                     "size": layer["size"] if layer else 0, "layer": layer["diff_id"] if layer else None})
+    return rows[::-1]
+
+
+# -- writing the store -------------------------------------------------------------------------------
+def _store_blob(source: str | os.PathLike, digest: str, created: list[Path]) -> None:
+    """Copy ``source`` into the blob store under ``digest`` (already checked), unless already there."""
+    target = blob_path(digest)
+    if target.exists():
+        return
+    created.append(target)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming.")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _add_layer(blob: str | os.PathLike, digest: str, work: Path, created: list[Path]) -> dict:
+    """Store one checked layer blob and its unpacked directory; returns its descriptor. What it adds
+    to the store goes into ``created``, to be taken back if the import fails (:func:`_roll_back`)."""
+    diff = layerlib.diff_id(blob)
+    target = layer_dir(diff)
+    if not target.exists():
+        unpacked = Path(tempfile.mkdtemp(dir=work, prefix="layer."))
+        layerlib.unpack(blob, unpacked)
+        unpacked.chmod(0o755)
+        with contextlib.suppress(OSError):  # another import unpacked the same layer first: keep theirs
+            os.rename(unpacked, target)
+            created.append(target)
+    _store_blob(blob, digest, created)
+    return {"digest": digest, "diff_id": diff, "size": layerlib.tree_size(target)}
+
+
+def _commit(config: dict, layers: list[dict], names: list[str]) -> dict:
+    """Write the config blob, the image record and the names, under the lock; returns the image."""
+    config = {**config, "rootfs": {"type": "layers", "diff_ids": [layer["diff_id"] for layer in layers]}}
+    body = json.dumps(config, indent=2, sort_keys=True).encode()
+    import hashlib
+
+    image_id = f"sha256:{hashlib.sha256(body).hexdigest()}"
+    with store.locked() as top:
+        target = blob_path(image_id)
+        if not target.exists():
+            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming.")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(body)
+            os.replace(temporary, target)
+        record = _record(image_id) or {
+            "id": image_id, "config_digest": image_id, "created": config.get("created") or _now(),
+            "layers": layers, "size": sum(layer["size"] for layer in layers)}
+        store.write_json(top / "imagedb" / f"{_hex(image_id)}.json", record)
+        if names:
+            repos = repositories()
+            repos.update({name: image_id for name in names})
+            store.write_json(top / "repositories.json", repos)
+    return resolve(image_id)
+
+
+def _clean_config(raw: dict, created_by: str) -> dict:
+    """An OCI image config from what an archive carried: nulls dropped, our defaults where it says nothing."""
+    inner = {key: value for key, value in (raw.get("config") or {}).items() if key in CONFIG_KEYS and value}
+    inner.setdefault("Env", DEFAULT_ENV)
+    config = {"architecture": raw.get("architecture") or "amd64", "os": raw.get("os") or "linux",
+              "created": raw.get("created") or _now(), "config": inner}
+    config["history"] = raw.get("history") or [{"created": config["created"], "created_by": created_by}]
+    return config
+
+
+@contextlib.contextmanager
+def _workspace():
+    """A scratch directory in the store (same filesystem: layers rename(2) into place), and the list of
+    blobs and layers added; on failure (or Ctrl-C) those no image uses are removed, and the scratch always."""
+    work = Path(tempfile.mkdtemp(dir=store.images_dir() / "tmp", prefix="import."))
+    created: list[Path] = []
+    try:
+        yield work, created
+    except BaseException:
+        _roll_back(created)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _roll_back(created: list[Path]) -> None:
+    """Remove what a failed import added, unless an image (another import's, meanwhile) now uses it."""
+    with store.locked():
+        used = set()
+        for image in list_images():
+            used.add(_hex(image["config_digest"]))
+            used.update(_hex(layer[key]) for layer in image["layers"] for key in ("digest", "diff_id"))
+        for path in created:
+            if path.name in used:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+def ensure_builtin(name: str) -> dict:
+    """The built-in image ``name`` (``busybox`` or ``host-minimal``), built offline by stage 1's rootfs
+    builder and stored as a one-layer image the first time it is asked for."""
+    from stages import rootfs
+
+    plain = name.split(":")[0]
+    if plain not in BUILTIN:
+        raise ImageError(f"there is no built-in image {name!r}",
+                         f"the built-in ones are {', '.join(BUILTIN)}")
+    with contextlib.suppress(ImageError):
+        return resolve(f"{plain}:latest")
+    with store.locked(".builtin.lock"), _workspace() as (work, created):
+        with contextlib.suppress(ImageError):  # another command built it while we waited
+            return resolve(f"{plain}:latest")
+        commands = HOST_MINIMAL_COMMANDS if BUILTIN[plain] == "host" else None
+        built = rootfs.build(work / "rootfs", BUILTIN[plain], commands=commands)
+        blob = work / "layer.tar"
+        with tarfile.open(blob, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(built, arcname=".")
+        layer = _add_layer(blob, layerlib.sha256_file(blob), work, created)
+        cmd = ["sh"]
+        config = _clean_config({"config": {"Env": DEFAULT_ENV, "Cmd": cmd, "WorkingDir": "/"}},
+                               f"stages rootfs --source {BUILTIN[plain]} (built in)")
+        return _commit(config, [layer], [f"{plain}:latest"])
+
+
+# -- importing ---------------------------------------------------------------------------------------
+def _checked_blob(root: Path, digest: str, what: str) -> Path:
+    """The blob ``digest`` in the layout at ``root``, its bytes checked against the digest."""
+    algorithm, _, hexpart = digest.partition(":")
+    if algorithm != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise ImageError(f"the archive names {what} by {digest!r}, which is not a sha256 digest",
+                         "this archive is damaged; save the image again")
+    path = root / "blobs" / "sha256" / hexpart
+    if not path.is_file() or path.is_symlink():
+        raise ImageError(f"the archive has no blob {digest} ({what})",
+                         "this archive is incomplete; save it again")
+    actual = layerlib.sha256_file(path)
+    if actual != digest:
+        raise ImageError(f"the blob {digest} ({what}) does not match its digest: its bytes hash to {actual}",
+                         "the archive is damaged or was changed; save or download it again")
+    return path
+
+
+def _read_json_file(path: Path, what: str):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ImageError(f"{what} in the archive cannot be read as JSON ({error})",
+                         "this archive is damaged; save the image again") from None
+
+
+def _inside(root: Path, relative: str, what: str) -> Path:
+    """``root/relative``, refused if it climbs out of ``root`` (a path named inside a manifest)."""
+    path = (root / relative).resolve()
+    if not str(path).startswith(str(root.resolve()) + "/"):
+        raise UnsafeArchiveError(f"the archive's manifest names {what} {relative!r}, outside the archive",
+                                 "this archive is hostile or damaged; use another one")
+    if not path.is_file():
+        raise ImageError(f"the archive's manifest names {what} {relative!r}, which is not in it",
+                         "this archive is incomplete; save it again")
+    return path
+
+
+def _check_diff_ids(config: dict, stored: list[dict]) -> None:
+    wanted = (config.get("rootfs") or {}).get("diff_ids")
+    found = [layer["diff_id"] for layer in stored]
+    if wanted is not None and list(wanted) != found:
+        raise ImageError("the layers' contents do not match the diff_ids their config lists "
+                         f"(config {wanted}, layers {found})",
+                         "the archive is damaged or was changed; save it again")
+
+
+def _import_oci(root: Path, work: Path, created: list[Path], source: str
+                ) -> tuple[dict, list[dict], list[str]]:
+    index = _read_json_file(root / "index.json", "index.json")
+    manifests = index.get("manifests") or []
+    if not manifests:
+        raise ImageError(f"{source} is an OCI layout whose index.json lists no image", "save the image again")
+    descriptor = manifests[0]
+    names = [descriptor.get("annotations", {}).get("org.opencontainers.image.ref.name")]
+    manifest = _read_json_file(_checked_blob(root, descriptor["digest"], "the manifest"), "the manifest")
+    for _ in range(4):  # an index of manifests (several platforms): take linux/amd64, else the first
+        if "manifests" not in manifest:
+            break
+        pick = [m for m in manifest["manifests"] if (m.get("platform") or {}).get("architecture") == "amd64"]
+        chosen = (pick or manifest["manifests"])[0]
+        manifest = _read_json_file(_checked_blob(root, chosen["digest"], "the manifest"), "the manifest")
+    raw = _read_json_file(_checked_blob(root, manifest["config"]["digest"], "the config"), "the config")
+    checked = [(_checked_blob(root, layer["digest"], f"layer {number}"), layer["digest"])
+               for number, layer in enumerate(manifest.get("layers") or [], 1)]  # all, before storing any
+    stored = [_add_layer(path, digest, work, created) for path, digest in checked]
+    _check_diff_ids(raw, stored)
+    # The ref name annotation is often a bare tag ("latest"); only a whole NAME:TAG names the image.
+    ref = names[0] or ""
+    return raw, stored, [parse_reference(ref)] if ":" in ref else []
+
+
+def _import_docker(root: Path, work: Path, created: list[Path], source: str
+                   ) -> tuple[dict, list[dict], list[str]]:
+    manifest = _read_json_file(root / "manifest.json", "manifest.json")
+    if not isinstance(manifest, list) or not manifest:
+        raise ImageError(f"{source}'s manifest.json lists no image", "save the image again with docker save")
+    entry = manifest[0]
+    config_path = _inside(root, entry["Config"], "the config")
+    digest = layerlib.sha256_file(config_path)
+    if entry["Config"].startswith("blobs/sha256/") or len(config_path.stem) == 64:
+        expected = f"sha256:{config_path.stem if config_path.name.endswith('.json') else config_path.name}"
+        if expected != digest:
+            raise ImageError(f"the blob {expected} (the config) does not match its digest: its bytes hash to "
+                             f"{digest}", "the archive is damaged or was changed; save it again")
+    raw = _read_json_file(config_path, "the config")
+    stored = []
+    for number, name in enumerate(entry.get("Layers") or [], 1):
+        path = _inside(root, name, f"layer {number}")
+        layer_digest = layerlib.sha256_file(path)
+        if name.startswith("blobs/sha256/") and layer_digest != f"sha256:{path.name}":
+            raise ImageError(f"the blob sha256:{path.name} (layer {number}) does not match its digest: "
+                             f"its bytes hash to {layer_digest}",
+                             "the archive is damaged or was changed; save it again")
+        stored.append(_add_layer(path, layer_digest, work, created))
+    _check_diff_ids(raw, stored)
+    return raw, stored, [parse_reference(tag) for tag in entry.get("RepoTags") or []]
+
+
+def import_archive(source: str | os.PathLike, name: str | None = None) -> dict:
+    """Import ``source`` into the store and return the image (as :func:`resolve` does).
+
+    ``source`` is an OCI image layout (a directory, or a tar of one: ``oci-layout``, ``index.json``,
+    ``blobs/sha256/...``), a ``docker save`` archive (``manifest.json``), or any other tarball, which
+    becomes a one-layer image of that rootfs. ``name`` (``NAME[:TAG]``) tags it; without it, the names
+    the archive carries are used. Digests are checked; a mismatch, a hostile entry or a damaged archive
+    is refused (:class:`StagesError`) and leaves nothing behind in the store.
+    """
+    source = os.fspath(source)
+    names = [parse_reference(name)] if name else []
+    if not os.path.exists(source):
+        raise ImageError(f"there is no file {source}", "give the path of a tarball, a docker save archive "
+                         "or an OCI layout directory")
+    with _workspace() as (work, created):
+        if os.path.isdir(source):
+            root = Path(source)
+            if not (root / "oci-layout").is_file() or not (root / "index.json").is_file():
+                raise ImageError(f"{source} is a directory but not an OCI image layout (no oci-layout and "
+                                 "index.json)", "give an OCI layout, or a tarball: tar -C DIR -cf out.tar .")
+            kind = "oci"
+        else:
+            try:
+                with tarfile.open(source, "r:*") as tar:
+                    top = {member.name.lstrip("./") for member in tar.getmembers()[:2000]}
+            except (tarfile.TarError, OSError, EOFError):
+                raise ImageError(f"{source} is not a tar archive, so stages cannot import it",
+                                 "give a .tar or .tar.gz: a rootfs, a docker save archive or an OCI layout"
+                                 ) from None
+            kind = "oci" if "oci-layout" in top and "index.json" in top else (
+                "docker" if "manifest.json" in top else "rootfs")
+            if kind != "rootfs":
+                from stages import rootfs
+
+                root = work / "archive"
+                root.mkdir()
+                rootfs.extract(source, root)  # stage 1's extractor: hostile entries are refused here too
+        if kind == "oci":
+            raw, stored, carried = _import_oci(root, work, created, source)
+        elif kind == "docker":
+            raw, stored, carried = _import_docker(root, work, created, source)
+        else:
+            stored = [_add_layer(source, layerlib.sha256_file(source), work, created)]
+            raw, carried = {"config": {"Cmd": ["/bin/sh"]}}, []
+        config = _clean_config(raw, f"stages import {os.path.basename(source)}")
+        return _commit(config, stored, names or carried)
+
+
+# -- removing ----------------------------------------------------------------------------------------
+def in_use(image_id: str) -> list[str]:
+    """The names of the containers (running or stopped) that stand on the image ``image_id``.
+
+    Reads the container state (:func:`stages.runtime.containers.using_image`) when that exists; [] if
+    there is no container machinery or no container."""
+    try:
+        from stages.runtime import containers
+    except ImportError:
+        return []
+    names = set(containers.using_image(image_id))
+    for name, owner in repositories().items():
+        if owner == image_id:
+            names.update(containers.using_image(name))
+    return sorted(names)
+
+
+def remove(reference: str, force: bool = False) -> list[str]:
+    """``stages rmi``: untag ``reference``; when no name is left (or it was given by id), delete the image
+    and every blob and layer no other image uses. Refused while a container uses the image.
+
+    Returns what was done, one line each ("untagged NAME", "deleted sha256:...").
+    """
+    done: list[str] = []
+    with store.locked() as top:
+        image = resolve(reference)
+        users = in_use(image["id"])
+        if users:
+            raise ImageError(f"the image {reference} is used by the container(s) {', '.join(users)}",
+                             f"remove them first: stages rm {' '.join(users)}")
+        repos = repositories()
+        by_name = None
+        with contextlib.suppress(ImageError):
+            wanted = parse_reference(reference)
+            by_name = wanted if repos.get(wanted) == image["id"] else None
+        doomed = [by_name] if by_name and not force else [n for n, i in repos.items() if i == image["id"]]
+        for name in doomed:
+            del repos[name]
+            done.append(f"untagged {name}")
+        store.write_json(top / "repositories.json", repos)
+        if any(i == image["id"] for i in repos.values()):
+            return done
+        (top / "imagedb" / f"{_hex(image['id'])}.json").unlink()
+        keep_blobs, keep_layers = set(), set()
+        for other in list_images():
+            keep_blobs.add(other["config_digest"])
+            keep_blobs.update(layer["digest"] for layer in other["layers"])
+            keep_layers.update(layer["diff_id"] for layer in other["layers"])
+        for digest in [image["config_digest"], *(layer["digest"] for layer in image["layers"])]:
+            if digest not in keep_blobs:
+                with contextlib.suppress(FileNotFoundError):
+                    blob_path(digest).unlink()
+        for layer in image["layers"]:
+            if layer["diff_id"] not in keep_layers:
+                shutil.rmtree(layer_dir(layer["diff_id"]), ignore_errors=True)
+        done.append(f"deleted {image['id']}")
+    return done
+
+
+__all__ = ["ImageError", "import_archive", "ensure_builtin", "resolve", "get", "list_images", "flatten",
+           "history", "remove", "in_use", "resolve_for_engine", "layer_dirs", "repositories", "RootfsError"]
