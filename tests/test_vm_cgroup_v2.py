@@ -37,7 +37,7 @@ VM = REPO / "tests" / "vm"
 # host; `vm` is this test itself.
 INNER_TESTS = ["tests/test_cgroups.py", "tests/test_isolate.py", "tests/vm/test_guest_smoke.py"]
 INNER_MARKERS = "not vm and not net"
-BUILD_TIMEOUT = 180  # a cold build takes ~80 s: apt-get download, debootstrap, mkfs.ext4
+BUILD_TIMEOUT = 180  # a cold build: apt-get download, debootstrap, mkfs.ext4; 80 s, 140 s on a busy host
 BOOT_TIMEOUT = 300   # boot ~10 s, the inner tests ~2-4 min (a busy 2-CPU machine: the most)
 TOOLS = ("qemu-system-x86_64", "debootstrap", "mkfs.ext4", "cpio", "busybox", "flock")
 
