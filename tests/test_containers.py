@@ -44,8 +44,10 @@ def stages(home, tmp_path, python):
     env.pop("STAGES_HOST_NETNS", None)
 
     def call(*argv: str, check: bool = True, timeout: float = 60, **extra) -> subprocess.CompletedProcess:
+        if "input" not in extra:
+            extra["stdin"] = subprocess.DEVNULL
         result = subprocess.run([python, "-m", "stages.cli", *argv], capture_output=True, text=True,
-                                env=env, timeout=timeout, stdin=subprocess.DEVNULL, **extra)
+                                env=env, timeout=timeout, **extra)
         if check and result.returncode != 0:
             raise AssertionError(f"stages {' '.join(argv)} -> {result.returncode}\n{result.stdout}\n"
                                  f"{result.stderr}")
@@ -96,6 +98,17 @@ def test_exit_code_env_workdir_user_and_hostname_come_through(stages):
     assert result.returncode == 3, result.stderr
     assert result.stdout.split("\n")[:5] == ["hello there", "/tmp", "1000", "1001", "box"]
     assert stages("ps", "-a", "-q").stdout.strip() == ""  # --rm removed it
+
+
+def test_interactive_passes_input_through_and_without_it_the_input_is_empty(stages):
+    typed = stages("run", "-i", "--rm", "--network", "none", "busybox", "sh", input="echo typed; exit 4\n",
+                   check=False)
+    assert typed.returncode == 4 and typed.stdout == "typed\n"
+    alone = stages("run", "--rm", "--network", "none", "busybox", "cat", input="not passed\n")
+    assert alone.stdout == ""
+    terminal = stages("run", "-it", "--rm", "--network", "none", "busybox", "sh", input="exit 5\n",
+                      check=False)
+    assert terminal.returncode == 5 and "no terminal of its own yet" in terminal.stderr
 
 
 def test_the_container_has_its_own_pid_namespace_and_default_capabilities(stages):

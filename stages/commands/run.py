@@ -50,6 +50,11 @@ def run(args) -> int:
     from stages.steps import StepRecord, explain_printer
 
     options = options_from(args)
+    if options.tty:
+        # config.json's process.terminal (a new pseudo-terminal, pty(7)) is not implemented by our runtime
+        print("stages run: no terminal of its own yet (-t): the container reads your input through -i",
+              file=sys.stderr)
+        options.interactive = True
     record = StepRecord(f"stages run {options.image}")
     if args.explain and not options.detach:
         record.listeners.append(explain_printer(sys.stderr))

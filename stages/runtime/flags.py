@@ -161,9 +161,6 @@ def check(options: Options) -> dict:
         parse_volume(item)
     if options.workdir is not None and not os.path.isabs(options.workdir):
         raise StagesError(f"-w {options.workdir!r} is not an absolute path", "write -w /some/dir")
-    if options.tty:
-        raise StagesError("a terminal for the container (-t) is not supported yet",
-                          "leave -t out: -i passes your input through")
     parse_env(options.env)
     return limits
 
