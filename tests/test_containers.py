@@ -296,6 +296,12 @@ def test_logs_of_a_detached_container_and_follow(stages):
     stages("rm", "talker")
 
 
+def test_a_detached_rm_container_removes_itself_when_it_ends(stages):
+    stages("run", "-d", "--rm", "--name", "brief", "--network", "none", "busybox", "sleep", "0.3")
+    wait_for(lambda: "brief" not in stages("ps", "-a").stdout)
+    assert not [p for p in (stages.home / "containers").iterdir() if not p.name.startswith(".")]
+
+
 def test_exec_joins_the_same_namespaces(stages):
     stages("run", "-d", "--name", "host-of-exec", "--hostname", "inside", "--network", "none", "busybox",
            "sh", "-c", "echo 42 > /tmp/mark; sleep 30")
