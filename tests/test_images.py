@@ -325,3 +325,25 @@ def test_concurrent_imports_keep_the_index_whole(tmp_path, python, home):
     assert len(images.list_images()) == 1 and len(os.listdir(home / "images" / "layers")) == 2
     assert os.listdir(home / "images" / "tmp") == []
     shutil.rmtree(tmp_path / "oci")
+
+
+def test_rmi_refuses_while_a_real_container_stands_on_the_image(python, home):
+    """A stopped container still uses its image's layers as overlayfs lower directories."""
+    env = {**os.environ, "STAGES_HOME": str(home), "STAGES_RUN": str(home / "run")}
+
+    def stages(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, "-m", "stages.cli", *argv], env=env, capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
+
+    try:
+        ran = stages("run", "--name", "user-of-busybox", "--network", "none", "busybox", "true")
+        assert ran.returncode == 0, ran.stderr
+        refused = stages("rmi", "busybox")
+        assert refused.returncode != 0 and "used by the container(s) user-of-busybox" in refused.stderr
+        assert "stages rm user-of-busybox" in refused.stderr
+        assert images.resolve("busybox")["names"] == ["busybox:latest"]
+    finally:
+        stages("rm", "-f", "user-of-busybox")
+    removed = stages("rmi", "busybox")
+    assert removed.returncode == 0, removed.stderr
+    assert images.list_images() == [] and os.listdir(home / "images" / "layers") == []
