@@ -347,3 +347,26 @@ def test_rmi_refuses_while_a_real_container_stands_on_the_image(python, home):
     removed = stages("rmi", "busybox")
     assert removed.returncode == 0, removed.stderr
     assert images.list_images() == [] and os.listdir(home / "images" / "layers") == []
+
+
+def test_flatten_never_writes_through_a_lower_layers_symlink(tmp_path):
+    """Layer 1 makes ``lib`` a link to the host-looking /tmp path; layer 2 puts ``lib/x`` there. The
+    merged view has a real directory ``lib`` (a directory above replaces a link below, as in overlay(5)),
+    and nothing is written where the link pointed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        link = tarfile.TarInfo("lib")
+        link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+        tar.addfile(link)
+    (tmp_path / "l1.tar").write_bytes(buffer.getvalue())
+    (tmp_path / "l2.tar").write_bytes(_tar([("lib", None), ("lib/x", b"x\n")]))
+    dirs = []
+    for name in ("l1", "l2"):
+        (tmp_path / name).mkdir()
+        layers.unpack(tmp_path / f"{name}.tar", tmp_path / name)
+        dirs.append(tmp_path / name)
+    flat = layers.flatten_layers(dirs, tmp_path / "flat")
+    assert not (flat / "lib").is_symlink() and (flat / "lib" / "x").read_text() == "x\n"
+    assert os.listdir(outside) == []
