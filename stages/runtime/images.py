@@ -262,6 +262,13 @@ def _roll_back(created: list[Path]) -> None:
                     path.unlink()
 
 
+def _without_setuid(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """The host's setuid programs (mount) lose the bit in a built-in image, as the extractor would drop
+    it anyway (with a warning the learner cannot act on)."""
+    member.mode &= ~0o6000
+    return member
+
+
 def ensure_builtin(name: str) -> dict:
     """The built-in image ``name`` (``busybox`` or ``host-minimal``), built offline by stage 1's rootfs
     builder and stored as a one-layer image the first time it is asked for."""
@@ -280,7 +287,7 @@ def ensure_builtin(name: str) -> dict:
         built = rootfs.build(work / "rootfs", BUILTIN[plain], commands=commands)
         blob = work / "layer.tar"
         with tarfile.open(blob, "w", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(built, arcname=".")
+            tar.add(built, arcname=".", filter=_without_setuid)
         layer = _add_layer(blob, layerlib.sha256_file(blob), work, created)
         cmd = ["sh"]
         config = _clean_config({"config": {"Env": DEFAULT_ENV, "Cmd": cmd, "WorkingDir": "/"}},
