@@ -370,3 +370,21 @@ def test_flatten_never_writes_through_a_lower_layers_symlink(tmp_path):
     flat = layers.flatten_layers(dirs, tmp_path / "flat")
     assert not (flat / "lib").is_symlink() and (flat / "lib" / "x").read_text() == "x\n"
     assert os.listdir(outside) == []
+
+
+def test_import_docker_save_with_blobs_and_refuse_a_changed_one(tmp_path):
+    """Newer ``docker save`` archives name their files blobs/sha256/<digest>: each is checked."""
+    made = make_oci(tmp_path / "save", gzip_first=False)
+    blobs = tmp_path / "save" / "blobs" / "sha256"
+    (tmp_path / "save" / "manifest.json").write_text(json.dumps([{
+        "Config": f"blobs/sha256/{made['config'].split(':')[1]}", "RepoTags": ["lesson:blobs"],
+        "Layers": [f"blobs/sha256/{digest.split(':')[1]}" for digest in made["layers"]]}]))
+    (tmp_path / "save" / "oci-layout").unlink()  # so that the docker manifest is what is read
+    image = images.import_archive(tar_directory(tmp_path / "save", tmp_path / "save.tar"))
+    assert image["names"] == ["lesson:blobs"]
+    check_two_layers(image, tmp_path)
+    images.remove("lesson:blobs")
+    (blobs / made["layers"][0].split(":")[1]).write_bytes(_tar(LAYER1 + [("extra", b"!")]))
+    with pytest.raises(StagesError, match=f"blob {made['layers'][0]} \\(layer 1\\) does not match"):
+        images.import_archive(tar_directory(tmp_path / "save", tmp_path / "changed.tar"))
+    assert images.list_images() == []
