@@ -36,15 +36,50 @@ def _netns() -> set[str]:
         return set()
 
 
+def _own_cgroup_directories() -> list[str]:
+    """Our own cgroup in each mounted hierarchy: stages creates cgroups only below these."""
+    own = {}
+    with open("/proc/self/cgroup") as handle:
+        for line in handle:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            own[controllers] = path
+    directories = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields, _, rest = line.partition(" - ")
+            fstype, _, options = rest.split(" ")[:3]
+            mount_root, target = fields.split(" ")[3:5]
+            if fstype == "cgroup2":
+                path = own.get("")
+            elif fstype == "cgroup":
+                words = set(options.strip().split(","))
+                path = next((p for c, p in own.items() if c and set(c.split(",")) <= words), None)
+            else:
+                continue
+            if path is not None and path.startswith(mount_root):
+                directories.append(os.path.join(target, path[len(mount_root):].lstrip("/")))
+    return directories
+
+
 def _cgroups() -> set[str]:
+    """cgroup directories a test could have made: below our own cgroups, or named like ours anywhere.
+
+    Siblings of our own cgroup are left out: on a shared machine other programs come and go there, and
+    stages never creates cgroups outside its own subtree (DESIGN: never touch cgroups we did not create).
+    """
     found = set()
     if not os.path.isdir(CGROUP_ROOT):
         return found
+    for own in _own_cgroup_directories():
+        for top, dirs, _ in os.walk(own):
+            if top[len(own):].count("/") >= 6:
+                dirs[:] = []
+            found.add(top)
     for top, dirs, _ in os.walk(CGROUP_ROOT):
-        depth = top[len(CGROUP_ROOT):].count("/")
-        if depth >= 7:
+        if top[len(CGROUP_ROOT):].count("/") >= 7:
             dirs[:] = []
-        found.add(top)
+        if "stages" in os.path.basename(top):
+            found.add(top)
     return found
 
 
