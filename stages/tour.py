@@ -3,8 +3,9 @@
 ``stages tour`` (and ``bash workshop.sh tour``) walks the whole progression on the embedded busybox rootfs
 (:func:`stages.rootfs.default_rootfs`): stage 1 chroots into it and looks at what that hides and what it
 does not, then breaks out; stage 2 does the same in an isolate wired by hand, where the same looks come back
-isolated and the escape fails. Nothing here is canned text: every finding printed is something a command
-just observed.
+isolated and the escape fails; stage 3 runs one container with the engine (``stages run --rm``), looks at
+it from inside and from the host, and ends with stage 2's steps beside stage 3's: what one command
+replaced. Nothing here is canned text: every finding printed is something a command just observed.
 
 The tour is a list of *sections*. A section is a function that takes the :class:`Tour` (the rootfs, the
 options, facts earlier sections left) and returns a :class:`Section`: its findings and the
@@ -17,7 +18,7 @@ decorator::
         return tour.Section(findings=[tour.Finding("hostname", "web", isolated=True)], record=record)
 
 Every section releases what it made (a temporary canary file, the isolate, its network namespace, its
-cgroups), whether it ends well, fails or is interrupted.
+cgroups, the container), whether it ends well, fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -334,6 +335,9 @@ def stage2_namespaces(t: Tour) -> Section:
     name = f"tour-{secrets.token_hex(2)}"
     iso = t.resources.enter_context(Isolate(t.rootfs, name=name))
     t.facts["isolate"] = iso
+    # The same record object keeps growing through every stage 2 section and the teardown: stage 3
+    # compares its own record with all of it.
+    t.facts["stage2 record"] = iso.record
     findings = [Finding("holder", f"process {iso.pid} will hold the namespaces; the tour (pid {os.getpid()}) "
                                   "never leaves the host's")]
     before = iso.run(["hostname"]).stdout.strip()
@@ -578,5 +582,281 @@ def stage2_script(t: Tour) -> Section:
         findings=findings)
 
 
-__all__ = ["SECTIONS", "Finding", "Section", "SectionSpec", "Tour", "canary", "run", "section",
-           "stages_available"]
+
+# == stage 3: the container runtime =====================================================================
+CONTAINER_HOSTNAME = "runtime"
+"""The hostname the tour's container gets (--hostname)."""
+
+CONTAINER_MEMORY = "64M"
+"""The container's memory limit (--memory)."""
+
+RELEASE_TIMEOUT = 10
+"""Seconds the container waits for the tour's go-ahead line before it ends anyway (never hangs the tour)."""
+
+# What the container looks at, one ``key=value`` line each, then it waits on its standard input until
+# the tour has looked at it from the host (a line arrives), so that it is still running while it is
+# looked at. `read -t` bounds the wait if the go-ahead never comes.
+CONTAINER_LOOK = ('echo "hostname=$(hostname)"; echo "pid1=$(cat /proc/1/comm)"; echo "self=$$"; '
+                  'echo links=$(ls /sys/class/net); '
+                  'echo "cgroup=$(grep -m 1 memory /proc/self/cgroup || head -n 1 /proc/self/cgroup)"; '
+                  f'read -t {RELEASE_TIMEOUT} go')
+
+
+def command_line(options) -> str:
+    """The ``stages run`` command a person would type for ``options`` (the flags the tour uses)."""
+    import shlex
+
+    words = ["stages", "run"]
+    if options.remove:
+        words.append("--rm")
+    if options.name:
+        words += ["--name", options.name]
+    if options.network != "bridge":
+        words += ["--network", options.network]
+    if options.hostname:
+        words += ["--hostname", options.hostname]
+    if options.memory:
+        words += ["--memory", options.memory]
+    if options.pids_limit is not None:
+        words += ["--pids-limit", str(options.pids_limit)]
+    return shlex.join(words + [options.image, *options.command])
+
+
+def limit_file(pid: int, controller: str, v1_name: str, v2_name: str) -> str:
+    """The path of one cgroup file of process ``pid``'s cgroup (the v1 or v2 name, as this machine has
+    ``controller``), found the way a person would: /proc/PID/cgroup (cgroups(7)) below the mount point."""
+    from stages import observe
+    from stages.isolate import cgroups
+
+    hierarchy = cgroups.detect().hierarchy(controller)
+    paths = observe.cgroups_of(pid)
+    if hierarchy.version == 2:
+        path, name = paths[""], v2_name
+    else:
+        path = next(path for key, path in paths.items() if controller in key.split(","))
+        name = v1_name
+    # Below a sub-tree mount, mountinfo's root field says which part of the tree the mount shows (proc(5))
+    if hierarchy.mount_root != "/" and path.startswith(hierarchy.mount_root):
+        path = path[len(hierarchy.mount_root):]
+    return os.path.normpath(f"{hierarchy.mountpoint}/{path.lstrip('/')}/{name}")
+
+
+class _LookFromHost:
+    """A step-record listener: once the engine has released the container's init (the runtime's state
+    says ``running``), look at the container from the host by its pid, then write the line it waits for.
+
+    The engine's run blocks until the container ends, and its record is the one hook that runs meanwhile
+    in this process; the state, not a step's wording, says when the container runs.
+    """
+
+    def __init__(self, name: str, release_fd: int):
+        self.name = name
+        self.release_fd = release_fd
+        self.container_id: str | None = None
+        self.seen: dict | None = None
+
+    def __call__(self, _step) -> None:
+        from stages.runtime import containers, engine, oci
+
+        if self.seen is not None:
+            return
+        try:
+            if self.container_id is None:
+                self.container_id = containers.find(self.name)["id"]
+            state = oci.state(self.container_id, root=engine.oci_root())
+        except (StagesError, OSError, ValueError):
+            return  # not created yet: a later step will look again
+        if state.get("status") != "running":
+            return
+        self.seen = {}
+        try:
+            self.seen = self.look(state["pid"])
+        except (OSError, StagesError, StopIteration) as error:
+            self.seen = {"error": str(error)}
+        finally:
+            os.write(self.release_fd, b"go\n")
+
+    @staticmethod
+    def look(pid: int) -> dict:
+        from stages import observe
+
+        memory = limit_file(pid, "memory", "memory.limit_in_bytes", "memory.max")
+        with open(memory) as handle:
+            limit = handle.read().strip()
+        shared = observe.shared_namespaces(pid)
+        return {"pid": pid, "memory file": memory, "memory limit": limit,
+                "new namespaces": sorted(name for name, same in shared.items() if not same),
+                "host cgroup": observe.cgroups_of(pid), "devices": observe.net_devices(pid)}
+
+
+def _parse_looks(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+@section(3, "one command: stages run")
+def stage3_run(t: Tour) -> Section:
+    import socket
+    import time
+
+    from stages import observe
+    from stages.runtime import containers, engine
+    from stages.runtime.flags import Options
+
+    name = f"tour-{secrets.token_hex(3)}"
+    options = Options(image="busybox", command=["sh", "-c", CONTAINER_LOOK], name=name,
+                      hostname=CONTAINER_HOSTNAME, memory=CONTAINER_MEMORY, network="none", remove=True)
+    line = command_line(options)
+    record = StepRecord(line)
+    release, go = os.pipe()
+    watch = _LookFromHost(name, go)
+    record.listeners.append(watch)
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as output, contextlib.ExitStack() as close:
+        close.callback(os.close, release)
+        close.callback(os.close, go)
+        # stdin is the pipe the listener writes the go-ahead into; stdout and stderr are a file the tour
+        # reads afterwards (a foreground run returns only once the container has ended).
+        info, code = engine.run(options, record=record, stdio=(release, output, output))
+        output.seek(0)
+        said = output.read().decode(errors="replace")
+    seconds = time.perf_counter() - started
+    inside = _parse_looks(said)
+    seen = watch.seen or {}
+    t.facts["stage3 record"] = record
+    t.facts["stage3 seconds"] = seconds
+    t.facts["stage3 command"] = line
+    host = socket.gethostname()
+    findings = [Finding("command", line, verbatim=True),
+                Finding("exit", f"{info['name']} ran for {seconds:.2f} s and exited {code}")]
+    findings.append(Finding("hostname", f"host: {host}\ncontainer: {inside.get('hostname', '?')}",
+                            isolated=inside.get("hostname") == CONTAINER_HOSTNAME != host))
+    own_pid = inside.get("self", "")
+    findings.append(Finding("PID 1", f"inside: PID 1 is {inside.get('pid1', '?')} and the command's shell "
+                                     f"is pid {own_pid or '?'}; on the host that PID 1 is pid "
+                                     f"{seen.get('pid', '?')}",
+                            isolated=own_pid.isdigit() and int(own_pid) <= 2,
+                            why="the engine's init is PID 1 (Docker's --init): it reaps orphans and passes "
+                                "signals on, and the command is its child" if own_pid != "1" else
+                                "without a C compiler there is no init: the command itself is PID 1"))
+    links = inside.get("links", "").split()
+    findings.append(Finding("network", f"container: {', '.join(links) or 'none'} (--network none); the host "
+                                       f"has {', '.join(sorted(os.listdir('/sys/class/net')))}",
+                            isolated=links == ["lo"]))
+    if "memory limit" in seen:
+        limit = int(seen["memory limit"])
+        short = os.path.join("...", *Path(seen["memory file"]).parts[-2:])
+        findings.append(Finding("memory", f"{short} holds {limit} ({limit >> 20} MB), read on the host "
+                                          f"while it ran; inside, /proc/self/cgroup says "
+                                          f"{inside.get('cgroup', '?')}",
+                                isolated=limit == 64 << 20,
+                                why="a cgroup namespace shows the container its own cgroup as the root "
+                                    "(cgroup_namespaces(7))"))
+        shared = sorted(set(observe.namespace_inodes()) - set(seen["new namespaces"]))
+        findings.append(Finding("namespaces", f"new: {', '.join(seen['new namespaces'])}; shared with the "
+                                              f"host: {', '.join(shared)}"))
+    else:
+        findings.append(Finding("from the host", f"the container was not looked at while it ran: "
+                                                 f"{seen.get('error', 'it was never seen running')}"))
+    # --rm: nothing of it may be left, which is what `stages rm` would otherwise have to do.
+    left = []
+    try:
+        containers.find(name)
+        left.append("its record")
+    except containers.NoSuchContainerError:
+        pass
+    directory = containers.directory(info["id"])
+    if directory.exists():
+        left.append(str(directory))
+    if any(str(directory) in mount.target for mount in observe.mounts()):
+        left.append("its overlay mount")
+    if seen.get("memory file") and os.path.exists(os.path.dirname(seen["memory file"])):
+        left.append(os.path.dirname(seen["memory file"]))
+    findings.append(Finding("--rm", "gone: its record, directory, overlay mount and cgroup" if not left
+                            else f"left behind: {', '.join(left)}", isolated=not left))
+    return Section(
+        lesson="One command does what stage 2 took a step per call for: the engine checks the flags, mounts "
+               "the image's layers with overlayfs, writes config.json and hands it to its OCI runtime, which "
+               "unshares, limits, pivots and starts the command. The container looks around; the tour looks "
+               "at it from the host by its pid while it runs.",
+        findings=findings, record=record)
+
+
+@section(3, "the steps one command took")
+def stage3_steps(t: Tour) -> Section:
+    record = t.facts.get("stage3 record")
+    if not isinstance(record, StepRecord):
+        raise StagesError("the container of section 3.1 did not run, so it has no steps to show",
+                          "see why 3.1 failed above, or run stages doctor")
+    inside = sum(1 for step in record.steps if step.where == "inside")
+    return Section(
+        lesson="Everything the engine and its runtime did, in order, as the commands a person would type: "
+               "the record of one `stages run`.",
+        findings=[Finding("steps", f"{len(record)} steps in {record.seconds * 1000:.0f} ms: {inside} inside "
+                                   f"the container, {len(record) - inside} on the host"),
+                  Finding("script", "\n".join(step.line() for step in record.steps), verbatim=True)])
+
+
+def step_kind(shell: str) -> str:
+    """What kind of step a shell line is: its command, or for ``echo VALUE > FILE`` the file written
+    (``> memory.max``), so that cgroup and uid_map writes can be counted apart; ``#`` for a note."""
+    words = shell.split()
+    if not words or words[0].startswith("#"):
+        return "#"
+    if words[0] == "echo" and ">" in words:
+        target = words[words.index(">") + 1:] or [""]
+        return "> " + os.path.basename(target[0].strip("'\""))
+    return words[0]
+
+
+def side_by_side(manual: StepRecord, automated: StepRecord) -> list[tuple[str, int, int]]:
+    """``(kind, steps by hand, steps automated)`` for every kind of step either record holds, in the
+    order they first appear (automated first)."""
+    from collections import Counter
+
+    by_hand = Counter(step_kind(step.shell) for step in manual.steps)
+    engine = Counter(step_kind(step.shell) for step in automated.steps)
+    order = list(dict.fromkeys(list(engine) + list(by_hand)))
+    return [(kind, by_hand[kind], engine[kind]) for kind in order if kind != "#"]
+
+
+@section(3, "by hand vs automated")
+def stage3_comparison(t: Tour) -> Section:
+    automated = t.facts.get("stage3 record")
+    manual = t.facts.get("stage2 record")
+    if not isinstance(automated, StepRecord):
+        raise StagesError("the container of section 3.1 did not run, so there is nothing to compare",
+                          "see why 3.1 failed above")
+    if not isinstance(manual, StepRecord):
+        return Section(skipped="the comparison with stage 2: stage 2 did not run in this tour (run the whole "
+                               "tour, or --stage 2 --stage 3)")
+    rows = side_by_side(manual, automated)
+    width = max(len(kind) for kind, _, _ in rows)
+    table = [f"{'step':<{width}}  by hand  automated"] + [
+        f"{kind:<{width}}  {hand:>7}  {auto:>9}" for kind, hand, auto in rows]
+    only_by_hand = [kind for kind, hand, auto in rows if hand and not auto]
+    only_automated = [kind for kind, hand, auto in rows if auto and not hand]
+    findings = [
+        Finding("by hand", f"stage 2: {len(manual)} steps, {manual.seconds * 1000:.0f} ms of step time, each "
+                           "one a call the learner made and checked"),
+        Finding("automated", f"stage 3: {len(automated)} steps, {automated.seconds * 1000:.0f} ms of step "
+                             f"time ({t.facts.get('stage3 seconds', 0.0):.2f} s end to end), from one "
+                             "command:"),
+        Finding("command", str(t.facts.get("stage3 command", "")), verbatim=True),
+        Finding("side by side", "\n".join(table), verbatim=True),
+    ]
+    if only_by_hand or only_automated:
+        extras = {"ip": "wired a network (this container ran with --network none)",
+                  "> uid_map": "mapped a user namespace", "> timens_offsets": "shifted a time namespace",
+                  "chroot": "tried the stage 1 escape"}
+        done = [text for kind, text in extras.items() if kind in only_by_hand]
+        findings.append(Finding("differences", f"only by hand: {', '.join(only_by_hand) or 'nothing'}\n"
+                                               f"only automated: {', '.join(only_automated) or 'nothing'}",
+                                why=f"stage 2 also {', '.join(done)}" if done else ""))
+    return Section(
+        lesson="The same kernel steps, typed one by one in stage 2 and taken by the engine from one command "
+               "line in stage 3: unshare, hostname, mount, pivot_root, the cgroup files.",
+        findings=findings)
+
+
+__all__ = ["SECTIONS", "Finding", "Section", "SectionSpec", "Tour", "canary", "command_line", "limit_file",
+           "run", "section", "side_by_side", "stages_available", "step_kind"]

@@ -80,6 +80,7 @@ def test_the_whole_tour_shows_the_jail_leak_and_the_isolate_hold(python, stages_
     out = result.stdout
     assert "== stage 1: the chroot jail ==" in out and "== stage 2: an isolate wired by hand ==" in out
     stage1, stage2 = out.split("== stage 2: an isolate wired by hand ==")
+    stage2, stage3 = stage2.split("== stage 3: the container runtime ==")
     host = socket.gethostname()
 
     # Stage 1. Files are hidden: the jail could not cat the host's canary by name ...
@@ -119,6 +120,39 @@ def test_the_whole_tour_shows_the_jail_leak_and_the_isolate_hold(python, stages_
     # The record, as a script, and the teardown that followed.
     assert "unshare --user" in stage2 and "pivot_root . ." in stage2
     assert "and its cgroup are gone" in lines_about(stage2, "teardown")
+
+    # Stage 3: one `stages run --rm`, looked at from inside and from the host, then gone.
+    run = stage3.split("-- 3.1")[1].split("-- 3.2")[0]
+    command = lines_about(run, "command")
+    assert command.startswith("command stages run --rm --name tour-") and "--memory 64M busybox" in command
+    hostname = lines_about(run, "hostname")
+    assert "[isolated]" in hostname and f"container: {tour.CONTAINER_HOSTNAME}" in hostname
+    assert "[isolated]" in lines_about(run, "PID 1") and "exited 0" in lines_about(run, "exit")
+    assert "[isolated] container: lo (--network none)" in lines_about(run, "network")
+    memory = lines_about(run, "memory")
+    assert "[isolated]" in memory and f"holds {64 << 20} (64 MB)" in memory
+    assert "new: cgroup, ipc, mount, net, pid, uts" in lines_about(run, "namespaces")
+    assert "[isolated] gone:" in lines_about(run, "--rm")
+    script = stage3.split("-- 3.2")[1].split("-- 3.3")[0]
+    assert "unshare --mount --uts --ipc --pid --net" in script and "pivot_root . ." in script
+    assert f"echo {64 << 20} > " in script
+    # It ends with the comparison: both records counted, the one command, and the steps side by side.
+    comparison = stage3.split("-- 3.3 by hand vs automated --")[1]
+    assert "-- 3." not in comparison  # the last section of the tour
+    by_hand = int(lines_about(comparison, "by hand").split("stage 2: ")[1].split()[0])
+    automated = int(lines_about(comparison, "automated").split("stage 3: ")[1].split()[0])
+    # Stage 2's record is the one 2.6 printed, and then its teardown (kill, rmdir) on top.
+    assert by_hand >= int(lines_about(stage2.split("-- 2.6")[1], "steps").split()[1]) > 0
+    assert automated == int(lines_about(script, "steps").split()[1]) > 0
+    assert automated == len(script.split("script", 1)[1].strip().splitlines())
+    assert "stages run --rm" in lines_about(comparison, "command")
+    rows = {line.split()[0] if not line.strip().startswith(">") else " ".join(line.split()[:2]):
+            line.split()[-2:] for line in comparison.split("side by side")[1].splitlines()[1:]
+            if line.startswith(" " * 8) and line.split()[-1].isdigit()}
+    for kind in ("unshare", "pivot_root", "hostname"):
+        assert all(int(count) > 0 for count in rows[kind]), (kind, rows[kind])
+    memory_file = "> memory.max" if "> memory.max" in rows else "> memory.limit_in_bytes"
+    assert rows[memory_file] == ["1", "1"]
     assert "0 failed" in out
 
 
@@ -126,8 +160,9 @@ def test_explain_prints_the_shell_steps_of_each_section(python, stages_home, tmp
     result = run_tour(python, stages_home, tmp_path, "--explain")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    # stage 1: 3 sections; stage 2: namespaces, escape, limit, network (commands run inside are not steps)
-    assert out.count("the same steps, as a person would type them:") == 7
+    # stage 1: 3 sections; stage 2: namespaces, escape, limit, network (commands run inside are not steps);
+    # stage 3: the run
+    assert out.count("the same steps, as a person would type them:") == 8
     rootfs = os.path.join(stages_home, "rootfs", "busybox")
     assert f"    chroot {rootfs}" in out
     assert "    mount --make-rprivate /" in out
@@ -136,6 +171,9 @@ def test_explain_prints_the_shell_steps_of_each_section(python, stages_home, tmp
     assert "    unshare --user" in stage2 and "    pivot_root . ." in stage2
     assert "memory.limit_in_bytes" in stage2 or "memory.max" in stage2
     assert "    ip netns add stgns" in stage2 and "type veth peer name" in stage2
+    stage3 = out.split("== stage 3")[1].split("-- 3.2")[0]
+    assert "    mount -t overlay -o lowerdir=" in stage3 and "    pivot_root . ." in stage3
+    assert "    unshare --cgroup" in stage3 and "exec.fifo" in stage3
 
 
 def test_a_rootfs_nobody_may_enter_skips_the_user_namespace_and_says_so(python, stages_home, tmp_path):
@@ -170,10 +208,54 @@ def test_ctrl_c_in_stage_2_releases_the_isolate(python, stages_home, tmp_path):
     assert_nothing_left(stages_home, tmp_path)
 
 
+def assert_no_container_left(home: Path, tmp_path: Path) -> None:
+    # --rm: no container directory, no runtime state, no overlay mount below the state directory.
+    containers = home / "containers"
+    if containers.is_dir():
+        assert [p.name for p in containers.iterdir() if not p.name.startswith(".")] == []
+    oci = tmp_path / "run" / "oci"
+    assert not oci.is_dir() or os.listdir(oci) == []
+    with open("/proc/self/mountinfo") as handle:
+        assert not [line for line in handle if str(home) in line]
+
+
+def test_stage_3_alone_runs_its_container_and_says_the_comparison_needs_stage_2(python, stages_home,
+                                                                                tmp_path):
+    result = run_tour(python, stages_home, tmp_path, "--stage", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "== stage 1" not in out and "== stage 2" not in out
+    assert "[isolated] gone: its record, directory, overlay mount and cgroup" in lines_about(out, "--rm")
+    assert "skipped: the comparison with stage 2: stage 2 did not run in this tour" in " ".join(out.split())
+    seconds = float(lines_about(out, "exit").split("ran for ")[1].split()[0])
+    assert seconds < 5, seconds  # the container's part of the tour stays quick
+    assert_no_container_left(stages_home, tmp_path)
+
+
+def test_ctrl_c_in_stage_3_removes_the_container(python, stages_home, tmp_path):
+    process = subprocess.Popen([python, "-m", "stages.cli", "tour", "--stage", "3"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=environment(stages_home, tmp_path),
+                               stdin=subprocess.DEVNULL)
+    try:
+        for line in process.stdout:
+            if line.startswith("-- 3.1"):  # the engine is about to make the container
+                process.send_signal(signal.SIGINT)
+                break
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    assert_nothing_left(stages_home, tmp_path)
+    assert_no_container_left(stages_home, tmp_path)
+
+
 def test_an_unknown_stage_is_one_clear_sentence(python, stages_home, tmp_path):
     result = run_tour(python, stages_home, tmp_path, "--stage", "9")
     assert result.returncode == 1
-    assert "the tour has no stage 9" in result.stderr and "hint: choose from: 1, 2" in result.stderr
+    assert "the tour has no stage 9" in result.stderr and "hint: choose from: 1, 2, 3" in result.stderr
 
 
 def test_sections_return_their_findings_and_a_later_stage_can_add_itself(tmp_path, busybox_rootfs):
