@@ -20,6 +20,7 @@ import sys
 import time
 
 import pytest
+from net_peers import CLIENT, SERVER
 
 from stages.errors import NetworkError
 from stages.isolate import network
@@ -31,25 +32,6 @@ PYTHON = os.path.realpath(sys.executable)
 HOST_ADDRESS = "10.201.0.1"  # the host netns's address on its link to the outside netns
 OUTSIDE_ADDRESS = "10.201.0.2"
 
-# A TCP server that answers every connection with the address it sees the client coming from.
-SERVER = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("0.0.0.0", int(sys.argv[1])))
-server.listen(8)
-print("ready", flush=True)
-while True:
-    client, peer = server.accept()
-    client.sendall(peer[0].encode())
-    client.close()
-"""
-
-CLIENT = """
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as connection:
-    print(connection.recv(100).decode())
-"""
 
 
 @pytest.fixture(autouse=True)

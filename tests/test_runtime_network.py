@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from net_peers import CLIENT, SERVER
 
 from stages.errors import NetworkError
 from stages.isolate.network import test_host as make_test_host
@@ -37,25 +38,6 @@ VENV_PYTHON = os.path.abspath(sys.executable)  # for programs that import stages
 HOST_ADDRESS = "10.202.0.1"  # the host netns's address on its link to the outside netns
 OUTSIDE_ADDRESS = "10.202.0.2"
 
-# A TCP server that answers every connection with the address it sees the client coming from.
-SERVER = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("0.0.0.0", int(sys.argv[1])))
-server.listen(8)
-print("ready", flush=True)
-while True:
-    client, peer = server.accept()
-    client.sendall(peer[0].encode())
-    client.close()
-"""
-
-CLIENT = """
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as connection:
-    print(connection.recv(100).decode())
-"""
 
 _counter = iter(range(1_000_000))
 
