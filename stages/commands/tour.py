@@ -17,7 +17,8 @@ from stages import tour
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", type=int, action="append", metavar="N", dest="stages",
-                        help="run only stage N (1 the chroot jail, 2 the isolate); repeat for more")
+                        help="run only stage N (1 the chroot jail, 2 the isolate, 3 the runtime)"
+                             "; repeat for more")
     parser.add_argument("--explain", action="store_true",
                         help="also print each section's steps as the shell commands a person would type")
     parser.add_argument("--rootfs", metavar="DIR",
