@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("stages.commands.import_", "stage 3: import a rootfs tarball, docker save or OCI layout"),
     "history": ("stages.commands.history", "stage 3: an image's layers, with what made each"),
     "rmi": ("stages.commands.rmi", "stage 3: remove an image and the layers no other image uses"),
+    "build": ("stages.commands.build", "stage 3: build an image from a Containerfile, with a cache"),
 }
 
 

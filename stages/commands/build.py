@@ -1,0 +1,26 @@
+"""``stages build -t NAME [-f Containerfile] CONTEXT``: a Containerfile made into an image, with a cache."""
+
+from __future__ import annotations
+
+
+def configure(parser) -> None:
+    parser.add_argument("-t", "--tag", required=True, metavar="NAME[:TAG]", help="the name of the image")
+    parser.add_argument("-f", "--file", metavar="FILE",
+                        help="the Containerfile (default: CONTEXT/Containerfile, else CONTEXT/Dockerfile)")
+    parser.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="a value for an ARG of the Containerfile (repeatable)")
+    parser.add_argument("context", metavar="CONTEXT", help="the directory whose files COPY and ADD see")
+
+
+def run(args) -> int:
+    from stages.errors import StagesError
+    from stages.runtime import build
+
+    values = {}
+    for item in args.build_arg:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise StagesError(f"--build-arg {item!r} is not NAME=VALUE", "write --build-arg VERSION=1.2")
+        values[name] = value
+    build.build(args.context, args.tag, args.file, values, out=lambda line: print(line, flush=True))
+    return 0

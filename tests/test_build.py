@@ -1,0 +1,211 @@
+"""``stages build``: a Containerfile made into layers on the real kernel (RUN in a stage-3 container on
+overlayfs), the cache, whiteouts, the ignore file, ADD of a tar, and errors that name the line; each
+checked by its effect: the files in the image, what a container of it prints, what is left behind."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.runtime import build, images, layers
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("STAGES_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STAGES_RUN", str(tmp_path / "run"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def stages(home, tmp_path):
+    """``stages(*argv)`` runs the command line in the test's own state directory."""
+    env = dict(os.environ, STAGES_HOME=str(home), STAGES_RUN=str(tmp_path / "run"))
+    env.pop("STAGES_HOST_NETNS", None)
+
+    def call(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "stages.cli", *argv], capture_output=True, text=True,
+                                env=env, timeout=120, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise AssertionError(f"stages {' '.join(argv)} -> {result.returncode}\n{result.stdout}\n"
+                                 f"{result.stderr}")
+        return result
+
+    yield call
+    for record in (home / "containers").glob("*/container.json"):
+        call("rm", "-f", record.parent.name, check=False)
+
+
+@pytest.fixture
+def context(tmp_path) -> Path:
+    directory = tmp_path / "context"
+    directory.mkdir()
+    (directory / "hello.txt").write_text("hello from the context\n")
+    return directory
+
+
+CONTAINERFILE = """\
+FROM busybox
+# a comment, and a continuation line below
+ENV GREETING=hi \\
+    PLACE=workshop
+RUN echo made by run > /made.txt
+COPY hello.txt /app/
+WORKDIR /app/work
+CMD ["cat", "/made.txt"]
+"""
+
+
+def _flat(tmp_path: Path, name: str) -> Path:
+    return images.flatten(name, tmp_path / f"flat-{name.replace(':', '-')}")
+
+
+def _left_behind(home: Path) -> list[str]:
+    """Containers, scratch directories and overlay mounts a build could leave."""
+    found = [str(p) for p in (home / "containers").glob("*/container.json")]
+    scratch = home / "images" / "tmp"
+    found += [str(p) for p in scratch.iterdir()] if scratch.exists() else []
+    with open("/proc/self/mountinfo") as handle:
+        found += [line.split()[4] for line in handle if str(home) in line.split()[4]]
+    return found
+
+
+def test_a_build_has_the_files_and_config_and_runs(stages, context, home, tmp_path):
+    (context / "Containerfile").write_text(CONTAINERFILE)
+    result = stages("build", "-t", "lesson", str(context))
+    assert "STEP 3/6: RUN echo made by run > /made.txt" in result.stdout
+    assert "STEP 6/6: CMD" in result.stdout
+    image = images.resolve("lesson")
+    assert len(image["layers"]) == len(images.resolve("busybox")["layers"]) + 3  # RUN, COPY, WORKDIR
+    flat = _flat(tmp_path, "lesson")
+    assert (flat / "made.txt").read_text() == "made by run\n"
+    assert (flat / "app" / "hello.txt").read_text() == "hello from the context\n"
+    assert (flat / "app" / "work").is_dir()
+    config = images.config_of(image)["config"]
+    assert {"GREETING=hi", "PLACE=workshop"} <= set(config["Env"])
+    assert config["Cmd"] == ["cat", "/made.txt"]
+    assert config["WorkingDir"] == "/app/work"
+    assert stages("run", "--rm", "lesson").stdout == "made by run\n"
+    assert stages("run", "--rm", "lesson", "sh", "-c", "pwd; echo $GREETING").stdout == "/app/work\nhi\n"
+    assert _left_behind(home) == []
+
+
+def test_a_second_build_hits_the_cache_and_a_changed_file_invalidates_from_its_step(stages, context):
+    (context / "Containerfile").write_text(CONTAINERFILE)
+    stages("build", "-t", "lesson", str(context))
+    first = images.resolve("lesson")["layers"]
+    started = time.monotonic()
+    again = stages("build", "-t", "lesson", str(context)).stdout
+    elapsed = time.monotonic() - started
+    assert again.count("--> cache hit") == 5  # every step after FROM
+    lines = again.splitlines()
+    assert all(lines[i + 1] == "--> cache hit" for i, line in enumerate(lines) if line.startswith("STEP ")
+               and not line.startswith("STEP 1/"))
+    assert images.resolve("lesson")["layers"] == first
+    assert elapsed < 10, f"an all-cached build took {elapsed:.1f} s"
+
+    (context / "hello.txt").write_text("changed\n")
+    changed = stages("build", "-t", "lesson", str(context)).stdout
+    lines = changed.splitlines()
+    copy_at = lines.index("STEP 4/6: COPY hello.txt /app/")
+    assert lines[copy_at - 1] == "--> cache hit"  # the RUN before it still cached
+    assert "--> cache hit" not in lines[copy_at:]
+    now = images.resolve("lesson")["layers"]
+    assert now[:-2] == first[:-2] and now[-2] != first[-2]
+    assert stages("run", "--rm", "lesson", "cat", "/app/hello.txt").stdout == "changed\n"
+
+
+def test_a_run_rm_leaves_a_whiteout_and_the_file_is_gone(stages, context):
+    (context / "Containerfile").write_text("FROM busybox\nRUN rm /bin/true && rm -r /root\n")
+    stages("build", "-t", "removed", str(context))
+    top = images.resolve("removed")["layers"][-1]
+    with tarfile.open(images.blob_path(top["digest"])) as tar:
+        names = tar.getnames()
+    assert "bin/.wh.true" in names and "bin/true" not in names
+    assert ".wh.root" in names
+    assert layers.is_whiteout(images.layer_dir(top["diff_id"]) / "bin" / "true")
+    gone = stages("run", "--rm", "removed", "sh", "-c", "ls /bin/true /root; echo done", check=False)
+    assert "No such file" in gone.stderr + gone.stdout and "done" in gone.stdout
+    assert stages("run", "--rm", "busybox", "ls", "/bin/true").stdout.strip() == "/bin/true"
+
+
+def test_a_failing_run_names_the_line_and_leaves_nothing(stages, context, home):
+    (context / "Containerfile").write_text("FROM busybox\nCOPY hello.txt /\n\nRUN echo partly; exit 3\n")
+    result = stages("build", "-t", "broken", str(context), check=False)
+    assert result.returncode == 1
+    assert "Containerfile line 4: `RUN echo partly; exit 3`: the command exited with 3" in result.stderr
+    assert "hint:" in result.stderr
+    assert "broken:latest" not in images.repositories()
+    assert [i["names"] for i in images.list_images()] == [["busybox:latest"]]  # no partial image
+    layer_dirs = {p.name for p in (home / "images" / "layers").iterdir()}
+    assert layer_dirs == {images.resolve("busybox")["layers"][0]["diff_id"][7:]}
+    assert _left_behind(home) == []
+
+
+@pytest.mark.parametrize("text, line, problem", [
+    ("FROM busybox\nCOPY onlyone\n", 2, "COPY needs a source and a destination"),
+    ("FROM busybox\n# c\nFROBNICATE x\n", 3, "FROBNICATE is not an instruction"),
+    ("RUN true\n", 1, "the first instruction must be FROM"),
+    ("FROM busybox\nENV =x\n", 2, "is not KEY=VALUE"),
+    ("FROM busybox\nEXPOSE http\n", 2, "'http' is not a port"),
+    ("FROM busybox\nCOPY missing.txt /\n", 2, "missing.txt is not in the build context"),
+    ("FROM no-such-image\n", 1, "there is no image"),
+])
+def test_a_malformed_instruction_names_its_line(stages, context, home, text, line, problem):
+    (context / "Containerfile").write_text(text)
+    result = stages("build", "-t", "malformed", str(context), check=False)
+    assert result.returncode == 1
+    assert f"Containerfile line {line}: `" in result.stderr and problem in result.stderr
+    assert "hint:" in result.stderr and "Traceback" not in result.stderr
+    assert "malformed:latest" not in images.repositories()
+
+
+def test_the_ignore_file_excludes_files_with_exceptions(stages, context, tmp_path):
+    (context / "secret.key").write_text("do not ship\n")
+    (context / "logs").mkdir()
+    (context / "logs" / "a.log").write_text("a\n")
+    (context / "logs" / "keep.log").write_text("keep\n")
+    (context / ".dockerignore").write_text("# comment\n*.key\nlogs\n!logs/keep.log\n")
+    (context / "Containerfile").write_text("FROM busybox\nCOPY . /ctx/\n")
+    stages("build", "-t", "ignoring", str(context))
+    flat = _flat(tmp_path, "ignoring")
+    assert (flat / "ctx" / "hello.txt").exists()
+    assert not (flat / "ctx" / "secret.key").exists()
+    assert not (flat / "ctx" / "logs" / "a.log").exists()
+    assert (flat / "ctx" / "logs" / "keep.log").read_text() == "keep\n"
+    # a changed ignored file does not invalidate the cache
+    (context / "secret.key").write_text("changed\n")
+    assert "--> cache hit" in stages("build", "-t", "ignoring", str(context)).stdout
+
+
+def test_add_of_a_local_tar_extracts_it(stages, context, tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in (("pkg/bin/tool", b"#!/bin/sh\necho tool\n"), ("pkg/README", b"read me\n")):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    (context / "pkg.tar.gz").write_bytes(buffer.getvalue())
+    (context / "Containerfile").write_text("FROM busybox\nADD pkg.tar.gz /opt/\nCOPY pkg.tar.gz /copied/\n")
+    stages("build", "-t", "added", str(context))
+    flat = _flat(tmp_path, "added")
+    assert (flat / "opt" / "pkg" / "README").read_text() == "read me\n"
+    assert not (flat / "opt" / "pkg.tar.gz").exists()
+    assert (flat / "copied" / "pkg.tar.gz").read_bytes() == buffer.getvalue()  # COPY never extracts
+    assert stages("run", "--rm", "added", "/opt/pkg/bin/tool").stdout == "tool\n"
+
+
+def test_arg_and_env_substitution():
+    assert build.substitute("$A/${B}/${C:-dflt}/${A:+alt}/\\$A", {"A": "1", "B": "2"}) == "1/2/dflt/alt/$A"
+    patterns = [(True, "*.log"), (False, "keep.log"), (True, "build")]
+    assert build.ignored("x.log", patterns) and not build.ignored("keep.log", patterns)
+    assert build.ignored("build/deep/file", patterns) and not build.ignored("src/a.py", patterns)
