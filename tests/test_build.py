@@ -102,7 +102,8 @@ def test_a_build_has_the_files_and_config_and_runs(stages, context, home, tmp_pa
 def test_a_second_build_hits_the_cache_and_a_changed_file_invalidates_from_its_step(stages, context):
     (context / "Containerfile").write_text(CONTAINERFILE)
     stages("build", "-t", "lesson", str(context))
-    first = images.resolve("lesson")["layers"]
+    first_image = images.resolve("lesson")
+    first = first_image["layers"]
     started = time.monotonic()
     again = stages("build", "-t", "lesson", str(context)).stdout
     elapsed = time.monotonic() - started
@@ -110,7 +111,8 @@ def test_a_second_build_hits_the_cache_and_a_changed_file_invalidates_from_its_s
     lines = again.splitlines()
     assert all(lines[i + 1] == "--> cache hit" for i, line in enumerate(lines) if line.startswith("STEP ")
                and not line.startswith("STEP 1/"))
-    assert images.resolve("lesson")["layers"] == first
+    assert images.resolve("lesson")["id"] == first_image["id"]  # the same image, no dangling copy
+    assert len(images.list_images()) == 2  # busybox and lesson
     assert elapsed < 10, f"an all-cached build took {elapsed:.1f} s"
 
     (context / "hello.txt").write_text("changed\n")
@@ -151,22 +153,23 @@ def test_a_failing_run_names_the_line_and_leaves_nothing(stages, context, home):
     assert _left_behind(home) == []
 
 
-@pytest.mark.parametrize("text, line, problem", [
-    ("FROM busybox\nCOPY onlyone\n", 2, "COPY needs a source and a destination"),
-    ("FROM busybox\n# c\nFROBNICATE x\n", 3, "FROBNICATE is not an instruction"),
-    ("RUN true\n", 1, "the first instruction must be FROM"),
-    ("FROM busybox\nENV =x\n", 2, "is not KEY=VALUE"),
-    ("FROM busybox\nEXPOSE http\n", 2, "'http' is not a port"),
-    ("FROM busybox\nCOPY missing.txt /\n", 2, "missing.txt is not in the build context"),
-    ("FROM no-such-image\n", 1, "there is no image"),
+@pytest.mark.parametrize("text, line, problem, before_any_step", [
+    ("FROM busybox\nCOPY onlyone\n", 2, "COPY needs a source and a destination", True),
+    ("FROM busybox\n# c\nFROBNICATE x\n", 3, "FROBNICATE is not an instruction", True),
+    ("RUN true\n", 1, "the first instruction must be FROM", True),
+    ("FROM busybox\nENV =x\n", 2, "is not KEY=VALUE", True),
+    ("FROM busybox\nEXPOSE http\n", 2, "'http' is not a port", False),
+    ("FROM busybox\nCOPY missing.txt /\n", 2, "missing.txt is not in the build context", False),
+    ("FROM no-such-image\n", 1, "there is no image", False),
 ])
-def test_a_malformed_instruction_names_its_line(stages, context, home, text, line, problem):
+def test_a_malformed_instruction_names_its_line(stages, context, home, text, line, problem, before_any_step):
     (context / "Containerfile").write_text(text)
     result = stages("build", "-t", "malformed", str(context), check=False)
     assert result.returncode == 1
     assert f"Containerfile line {line}: `" in result.stderr and problem in result.stderr
     assert "hint:" in result.stderr and "Traceback" not in result.stderr
     assert "malformed:latest" not in images.repositories()
+    assert ("STEP" not in result.stdout) == before_any_step  # the file's shape is checked before step 1
 
 
 def test_the_ignore_file_excludes_files_with_exceptions(stages, context, tmp_path):

@@ -95,12 +95,26 @@ def parse(path: str | os.PathLike) -> list[Step]:
                          f"use one of {', '.join(sorted(KNOWN))}")
         if not step.value and step.instruction != "CMD":
             raise _error(step, f"{step.instruction} needs an argument", "see the Dockerfile reference")
+        _check(step)
         steps.append(step)
     if not steps:
         raise BuildError(f"the Containerfile {path} has no instructions", "start it with FROM busybox")
     if steps[0].instruction not in ("FROM", "ARG"):
         raise _error(steps[0], "the first instruction must be FROM", "start the file with FROM IMAGE")
     return steps
+
+
+def _check(step: Step) -> None:
+    """What can be refused before anything runs: the shape of each instruction's arguments."""
+    if step.instruction in ("COPY", "ADD"):
+        words = _exec_form(step.value) or step.value.split()
+        if len([word for word in words if not word.startswith("--")]) < 2:
+            raise _error(step, f"{step.instruction} needs a source and a destination",
+                         f"write {step.instruction} FILE /destination")
+    elif step.instruction in ("ENV", "LABEL"):
+        _pairs(step, step.value)
+    elif step.instruction == "FROM" and len(step.value.split()) not in (1, 3):
+        raise _error(step, "FROM takes one image", "write FROM busybox")
 
 
 _VARIABLE = re.compile(r"\\\$|\$(?:\{(\w+)(?::([-+])([^}]*))?\}|(\w+))")
@@ -191,23 +205,23 @@ def _cache() -> dict:
     return store.read_json(store.images_dir() / CACHE_FILE, {})
 
 
-def _cached_layer(key: str) -> dict | None | bool:
-    """The layer a step with ``key`` made (None: it made none), or False when it is not in the cache
-    or its layer has left the store since (``stages rmi``)."""
+def _cached(key: str) -> dict | None:
+    """What the step with ``key`` made: ``{"layer": descriptor or None, "created"}``; None when it is not
+    in the cache or its layer has left the store since (``stages rmi``)."""
     entry = _cache().get(key)
     if entry is None:
-        return False
+        return None
     layer = entry.get("layer")
     if layer and not (images.layer_dir(layer["diff_id"]).is_dir()
                       and images.blob_path(layer["digest"]).exists()):
-        return False
-    return layer
+        return None
+    return entry
 
 
-def _remember(key: str, layer: dict | None) -> None:
+def _remember(key: str, layer: dict | None, created: str) -> None:
     with store.locked() as top:
         cache = _cache()
-        cache[key] = {"layer": layer}
+        cache[key] = {"layer": layer, "created": created}
         store.write_json(top / CACHE_FILE, cache)
 
 
@@ -320,22 +334,24 @@ class Builder:
             raise BuildError("the Containerfile has no FROM", "start it with FROM busybox")
         return self.state
 
-    def _record(self, step: Step, text: str, layer: dict | None) -> None:
-        self.state.history.append({"created": images._now(), "created_by": text,
+    def _record(self, text: str, layer: dict | None, created: str) -> None:
+        self.state.history.append({"created": created, "created_by": text,
                                    **({} if layer else {"empty_layer": True})})
         if layer:
             self.state.layers.append(layer)
 
     def _cached_step(self, step: Step, text: str, content: str, make) -> None:
         key = _digest(self.state.key, text, content)
-        layer = _cached_layer(key)
-        if layer is not False:
+        entry = _cached(key)
+        if entry is not None:
             self.out("--> cache hit")
+            # the step's first time kept, so that a build wholly from the cache is the same image (same id)
+            layer, created = entry["layer"], entry.get("created") or images._now()
         else:
-            layer = make()
-            _remember(key, layer)
+            layer, created = make(), images._now()
+            _remember(key, layer, created)
         self.state.key = key
-        self._record(step, text, layer)
+        self._record(text, layer, created)
 
     # -- instructions
     def do_from(self, step: Step) -> None:
@@ -492,6 +508,9 @@ class Builder:
         into_directory = destination.endswith("/") or len(sources) > 1 or any(
             source.is_dir() and not source.is_symlink() for source, _ in sources)
         destination = self._absolute(destination)
+        existing = _lookup(self._lower(), destination)
+        # a destination that is a directory in the image already takes the file inside, as in Docker
+        into_directory = into_directory or (existing is not None and stat.S_ISDIR(existing.st_mode))
         files = self._files(sources)
         content = _tree_digest(files)
         text = f"{step.instruction} {' '.join(rel for _, rel in sources)} {destination}"
@@ -596,7 +615,8 @@ def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike
     builder = Builder(context, steps, dict(build_args or {}), out)
     try:
         state = builder.build()
-        config = {"architecture": "amd64", "os": "linux", "created": images._now(),
+        created = state.history[-1]["created"] if state.history else images._now()
+        config = {"architecture": "amd64", "os": "linux", "created": created,
                   "config": {key: value for key, value in state.config.items() if value not in (None, "")},
                   "history": state.history}
         image = images._commit(config, state.layers, [name])
