@@ -212,3 +212,21 @@ def test_arg_and_env_substitution():
     patterns = [(True, "*.log"), (False, "keep.log"), (True, "build")]
     assert build.ignored("x.log", patterns) and not build.ignored("keep.log", patterns)
     assert build.ignored("build/deep/file", patterns) and not build.ignored("src/a.py", patterns)
+
+
+def test_arg_label_expose_user_entrypoint_and_an_opaque_directory(stages, context):
+    (context / "Containerfile").write_text(
+        "FROM busybox\nARG WHO=world\nLABEL who=\"${WHO}\" lesson=build\nEXPOSE 80 53/udp\n"
+        "RUN rm -r /etc && mkdir /etc && echo $WHO > /etc/who\nUSER 65534\nRUN id -u > /tmp/uid\n"
+        "ENTRYPOINT [\"sh\", \"-c\"]\nCMD [\"cat /etc/who\"]\n")
+    stages("build", "-t", "extra", "--build-arg", "WHO=you", str(context))
+    image = images.resolve("extra")
+    config = images.config_of(image)["config"]
+    assert config["Labels"] == {"who": "you", "lesson": "build"}
+    assert config["ExposedPorts"] == {"80/tcp": {}, "53/udp": {}}
+    assert config["User"] == "65534" and config["Entrypoint"] == ["sh", "-c"]
+    # rm -r of a base directory then mkdir: overlayfs makes it opaque, the layer says .wh..wh..opq
+    with tarfile.open(images.blob_path(image["layers"][-2]["digest"])) as tar:
+        assert {"etc/.wh..wh..opq", "etc/who"} <= set(tar.getnames())
+    assert stages("run", "--rm", "extra").stdout == "you\n"
+    assert stages("run", "--rm", "extra", "ls /etc; cat /tmp/uid").stdout == "who\n65534\n"
