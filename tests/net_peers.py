@@ -4,6 +4,12 @@ SERVER answers every connection with the address it sees the client coming from,
 see NAT at work; CLIENT connects, prints that answer and exits.
 """
 
+import os
+import subprocess
+import sys
+
+PYTHON = os.path.realpath(sys.executable)  # stdlib only: the base interpreter starts fastest
+
 SERVER = """
 import socket, sys
 server = socket.socket()
@@ -22,3 +28,33 @@ import socket, sys
 with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as connection:
     print(connection.recv(100).decode())
 """
+
+
+def connect(prefix: list[str], address: str, port: int) -> str:
+    """Connect from the namespace ``prefix`` enters; return what the server saw as our address."""
+    result = subprocess.run([*prefix, PYTHON, "-c", CLIENT, address, str(port)], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0, f"connecting to {address}:{port} failed: {result.stderr.strip()}"
+    return result.stdout.strip()
+
+
+def cannot_connect(prefix: list[str], address: str, port: int) -> bool:
+    return subprocess.run([*prefix, PYTHON, "-c", CLIENT, address, str(port)], capture_output=True,
+                          timeout=20).returncode != 0
+
+
+class Server:
+    """SERVER started with ``prefix`` (nsenter or ip netns exec); stopped at the end of the block."""
+
+    def __init__(self, prefix: list[str], port: int):
+        self.process = subprocess.Popen([*prefix, PYTHON, "-c", SERVER, str(port)],
+                                        stdout=subprocess.PIPE, text=True)
+
+    def __enter__(self):
+        assert self.process.stdout.readline().strip() == "ready"
+        return self
+
+    def __exit__(self, *exc_info):
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from host_views import cgroup_file
 
 from stages.isolate.network import test_host as make_test_host
 from stages.runtime.containers import using_image
@@ -72,22 +73,6 @@ def wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
-
-
-def cgroup_file(pid: int, controller: str, v1_file: str, v2_file: str) -> str:
-    """The content of one cgroup file of process ``pid`` (cgroup v1 or v2, as /proc/PID/cgroup says)."""
-    with open(f"/proc/{pid}/cgroup") as handle:
-        lines = [line.strip().split(":", 2) for line in handle]
-    for _, controllers, path in lines:
-        if controller in controllers.split(","):
-            mount = "/sys/fs/cgroup/" + controllers
-            if not os.path.isdir(mount):
-                mount = "/sys/fs/cgroup/" + controller
-            return Path(mount + path, v1_file).read_text().strip()
-    for number, _, path in lines:
-        if number == "0":
-            return Path("/sys/fs/cgroup" + path, v2_file).read_text().strip()
-    raise AssertionError(f"no {controller} cgroup for {pid}")
 
 
 # -- the process: exit code, env, -w, -u, hostname -----------------------------------------------------

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from host_views import cgroup_file, net_devices
 
 from stages.isolate import Isolate
 from stages.runtime.flags import INIT_PATH
@@ -64,29 +65,6 @@ def hostname_of(pid: int) -> str:
     result = subprocess.run(["nsenter", "--target", str(pid), "--uts", "uname", "-n"], capture_output=True,
                             text=True, timeout=10, check=True)
     return result.stdout.strip()
-
-
-def cgroup_file(pid: int, controller: str, v1_file: str, v2_file: str) -> str:
-    """One cgroup file of ``pid``'s cgroup: the v1 hierarchy holding ``controller`` if /proc/PID/cgroup
-    names one, else the v2 hierarchy (cgroups(7))."""
-    with open(f"/proc/{pid}/cgroup") as handle:
-        lines = [line.rstrip("\n").split(":", 2) for line in handle]
-    for _, controllers, path in lines:
-        if controller in controllers.split(","):
-            mount = "/sys/fs/cgroup/" + controllers
-            if not os.path.isdir(mount):
-                mount = "/sys/fs/cgroup/" + controller
-            return Path(mount + path, v1_file).read_text().strip()
-    for number, _, path in lines:
-        if number == "0":
-            return Path("/sys/fs/cgroup" + path, v2_file).read_text().strip()
-    raise AssertionError(f"no {controller} cgroup for {pid}")
-
-
-def net_devices(pid: int) -> list[str]:
-    """The interfaces of ``pid``'s network namespace: /proc/PID/net is the view of that namespace."""
-    with open(f"/proc/{pid}/net/dev") as handle:
-        return sorted(line.split(":", 1)[0].strip() for line in handle.readlines()[2:])
 
 
 def kernel_state(pid: int) -> dict:

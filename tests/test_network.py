@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from net_peers import CLIENT, SERVER
+from net_peers import CLIENT, Server, connect
 
 from stages.errors import NetworkError
 from stages.isolate import network
@@ -31,7 +31,6 @@ pytestmark = [pytest.mark.root, pytest.mark.net]
 PYTHON = os.path.realpath(sys.executable)
 HOST_ADDRESS = "10.201.0.1"  # the host netns's address on its link to the outside netns
 OUTSIDE_ADDRESS = "10.201.0.2"
-
 
 
 @pytest.fixture(autouse=True)
@@ -90,30 +89,6 @@ def world(host):
         run(["ip", "-n", outside, "addr", "add", f"{OUTSIDE_ADDRESS}/24", "dev", "tsto"])
         run(["ip", "-n", outside, "link", "set", "tsto", "up"])
         yield host, outside
-
-
-class Server:
-    """SERVER started with ``prefix`` (nsenter or ip netns exec); stopped at the end of the block."""
-
-    def __init__(self, prefix: list[str], port: int):
-        self.process = subprocess.Popen([*prefix, PYTHON, "-c", SERVER, str(port)],
-                                        stdout=subprocess.PIPE, text=True)
-
-    def __enter__(self):
-        assert self.process.stdout.readline().strip() == "ready"
-        return self
-
-    def __exit__(self, *exc_info):
-        self.process.kill()
-        self.process.wait()
-        self.process.stdout.close()
-
-
-def connect(prefix: list[str], address: str, port: int) -> str:
-    """Connect from the namespace ``prefix`` enters; return what the server saw as our address."""
-    result = run([*prefix, PYTHON, "-c", CLIENT, address, str(port)], check=False)
-    assert result.returncode == 0, f"connecting to {address}:{port} failed: {result.stderr.strip()}"
-    return result.stdout.strip()
 
 
 def ping(prefix: list[str], address: str) -> bool:

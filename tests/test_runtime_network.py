@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from net_peers import CLIENT, SERVER
+from net_peers import Server, cannot_connect, connect
 
 from stages.errors import NetworkError
 from stages.isolate.network import test_host as make_test_host
@@ -69,34 +69,6 @@ def ruleset(netns: str) -> str:
 
 def ping(prefix: list[str], address: str) -> bool:
     return run([*prefix, "/bin/busybox", "ping", "-c", "1", "-W", "2", address], check=False).returncode == 0
-
-
-def connect(prefix: list[str], address: str, port: int) -> str:
-    """Connect from the namespace ``prefix`` enters; return what the server saw as our address."""
-    result = run([*prefix, PYTHON, "-c", CLIENT, address, str(port)], check=False)
-    assert result.returncode == 0, f"connecting to {address}:{port} failed: {result.stderr.strip()}"
-    return result.stdout.strip()
-
-
-def cannot_connect(prefix: list[str], address: str, port: int) -> bool:
-    return run([*prefix, PYTHON, "-c", CLIENT, address, str(port)], check=False).returncode != 0
-
-
-class Server:
-    """SERVER started with ``prefix`` (nsenter); stopped at the end of the block."""
-
-    def __init__(self, prefix: list[str], port: int):
-        self.process = subprocess.Popen([*prefix, PYTHON, "-c", SERVER, str(port)],
-                                        stdout=subprocess.PIPE, text=True)
-
-    def __enter__(self):
-        assert self.process.stdout.readline().strip() == "ready"
-        return self
-
-    def __exit__(self, *exc_info):
-        self.process.kill()
-        self.process.wait()
-        self.process.stdout.close()
 
 
 @pytest.fixture
