@@ -72,6 +72,16 @@ def error_reply(error: BaseException) -> dict:
 
 
 # -- the setup process -----------------------------------------------------------------------------------
+def _take_stdio_ignore_keyboard(stdio: list[int | None] | None) -> None:
+    """Make ``stdio`` this process's 0, 1 and 2, and ignore the keyboard's signals: Ctrl-C reaches the
+    container's process itself (same process group); a helper only passes its end on."""
+    for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
+        signal.signal(number, signal.SIG_IGN)
+    for target, fd in enumerate(stdio or []):
+        if fd is not None and fd != target:
+            os.dup2(fd, target)
+
+
 def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | None] | None = None):
     """The setup process's life (never returns): namespaces, then fork the init and pass on its end.
 
@@ -80,13 +90,7 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | 
     """
     status = 1
     try:
-        for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
-            # Ctrl-C reaches the container's process itself (same process group); we only pass its end on
-            signal.signal(number, signal.SIG_IGN)
-        if stdio:
-            for target, fd in enumerate(stdio):
-                if fd is not None and fd != target:
-                    os.dup2(fd, target)
+        _take_stdio_ignore_keyboard(stdio)
         record = steps.StepRecord()
         with record.active():
             # setns(2) before unshare(2): once in a new user namespace we would hold no capability over
@@ -384,12 +388,7 @@ def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], proc
     (the container's init), fork the new process into its PID namespace, and pass on how it ended."""
     status = 1
     try:
-        for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
-            signal.signal(number, signal.SIG_IGN)
-        if stdio:
-            for fd_target, fd in enumerate(stdio):
-                if fd is not None and fd != fd_target:
-                    os.dup2(fd, fd_target)
+        _take_stdio_ignore_keyboard(stdio)
         record = steps.StepRecord()
         with record.active():
             for path in cgroup_files:  # before setns: after it the host's /sys/fs/cgroup is out of sight
