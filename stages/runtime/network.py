@@ -282,12 +282,9 @@ class NetworkManager:
             with contextlib.suppress(FileNotFoundError):
                 self.state_file.unlink()
             return
-        temporary = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
-        with open(temporary, "w") as handle:
-            json.dump(state, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.state_file)  # rename(2) is atomic: readers see old or new, never half
+        from stages.runtime.store import write_json
+
+        write_json(self.state_file, state)  # rename(2) is atomic: readers see old or new, never half
 
     # -- recording -------------------------------------------------------------------------------
     @contextlib.contextmanager
