@@ -542,3 +542,64 @@ def test_v2_writes_enable_controllers_top_down_before_each_mkdir(tmp_path, monke
     assert (stats.memory_limit_hits, stats.oom_kills, stats.pids_limit_hits) == (3, 1, 4)
     assert (stats.cpu_throttled, stats.cpu_throttled_usec, stats.cpu_usage_usec) == (6, 5000, 9)
     assert made.version == 2 and made.unique_directories() == [str(ours)]
+
+
+# -- the freezer: pause and resume ------------------------------------------------------------------------
+HAS_FREEZER = LAYOUT is not None and "freezer" in LAYOUT.extras
+
+
+def _size_after(path, seconds: float) -> tuple[int, int]:
+    before = os.path.getsize(path)
+    time.sleep(seconds)
+    return before, os.path.getsize(path)
+
+
+@root
+@pytest.mark.skipif(not HAS_FREEZER, reason="no freezer here (cgroup v1 freezer or cgroup v2 on Linux 5.2+)")
+def test_freeze_stops_a_counting_process_thaw_lets_it_go_on_and_a_frozen_cgroup_can_be_killed(tmp_path,
+                                                                                            python):
+    counter = tmp_path / "count"
+    record = StepRecord("freeze")
+    made = Cgroup.create(unique("freeze"), controllers=["pids", "freezer"], record=record)
+    counting = None
+    try:
+        version = made.versions["freezer"]
+        assert made.directory("freezer") == os.path.join(LAYOUT.extras["freezer"].own_directory, "stages",
+                                                          made.name)
+        with open(counter, "w") as output:
+            counting = subprocess.Popen([python, "-u", "-c", "import time\nwhile True:\n print(time.time())\n"
+                                                             " time.sleep(0.002)"], stdout=output)
+        made.add(counting.pid)
+        deadline = time.monotonic() + 10
+        while os.path.getsize(counter) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not made.frozen
+        made.freeze()
+        assert made.frozen
+        before, after = _size_after(counter, 0.3)
+        assert before == after, "a frozen process went on writing"
+        assert counting.poll() is None  # stopped, not ended
+        made.thaw()
+        assert not made.frozen
+        before, after = _size_after(counter, 0.3)
+        assert after > before, "a thawed process did not go on"
+        script = record.script()
+        assert ("echo 1 > " if version == 2 else "echo FROZEN > ") in script
+        assert ("echo 0 > " if version == 2 else "echo THAWED > ") in script
+        made.freeze()
+        # killing a frozen cgroup works: the freezer lets the SIGKILL through (v1 after a thaw)
+        assert made.kill() == [counting.pid]
+        assert counting.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if counting is not None:
+            reap(counting)
+        made.remove()
+    assert not any(os.path.exists(d) for d in made.directories.values())
+
+
+@root
+def test_the_freezer_and_devices_are_named_only_when_asked_for():
+    with Cgroup.create(unique("plain")) as plain:
+        assert not {"freezer", "devices"} & set(plain.directories)
+    with pytest.raises(CgroupError, match="not a controller this module knows"):
+        Cgroup.create(unique("bad"), controllers=["freezer", "blkio"])

@@ -56,6 +56,11 @@ from stages.steps import StepRecord
 
 #: The controllers this module knows how to limit.
 CONTROLLERS = ("memory", "pids", "cpu")
+#: What a container runtime needs beyond limits: the freezer (pause and resume) and the device allowlist.
+#: A cgroup gets them only when asked (``Cgroup.create(controllers=...)``). On cgroup v2 neither is listed
+#: in cgroup.controllers: every non-root cgroup has ``cgroup.freeze`` (Linux 5.2), and device access is
+#: checked by a BPF program attached to the cgroup (Linux 4.15; the kernel's cgroup-v2 "Device controller").
+EXTRA_CONTROLLERS = ("freezer", "devices")
 #: Every cgroup we create is called ``stages-<name>``; :func:`cleanup` only ever touches such names.
 PREFIX = "stages-"
 #: The stages-owned directory below our own cgroup that holds the ``stages-*`` cgroups.
@@ -116,11 +121,15 @@ class Layout:
     controllers: dict[str, Hierarchy]
     missing: dict[str, str]
     kind: str
+    #: ``"freezer"`` and ``"devices"`` (:data:`EXTRA_CONTROLLERS`) -> the hierarchy that provides them
+    extras: dict[str, Hierarchy] = field(default_factory=dict)
 
     def hierarchy(self, controller: str) -> Hierarchy:
         """The hierarchy that holds ``controller``, or a :class:`CgroupError` saying why there is none."""
         if controller in self.controllers:
             return self.controllers[controller]
+        if controller in self.extras:
+            return self.extras[controller]
         raise CgroupError(
             f"the {controller} controller cannot be used here: {self.missing.get(controller, 'unknown')}",
             "run inside the workshop VM, or on a machine whose kernel has this controller enabled",
@@ -218,7 +227,23 @@ def detect() -> Layout:
         kind = "v1"
     else:
         kind = "none"
-    return Layout(controllers, missing, kind)
+    extras: dict[str, Hierarchy] = {}
+    for name in EXTRA_CONTROLLERS:
+        v1 = next(((target, root) for target, fstype, root, options in mounts
+                   if fstype == "cgroup" and name in options), None)
+        if v1 is not None and name in own_v1:
+            extras[name] = Hierarchy(1, v1[0], own_v1[name], (name,), v1[1])
+        elif unified is not None and own_v2 is not None:
+            hierarchy = Hierarchy(2, unified[0], own_v2, (name,), unified[1])
+            # the root cgroup has no cgroup.freeze; any other cgroup has it from Linux 5.2 on
+            if name == "devices" or hierarchy.is_root or os.path.exists(
+                    os.path.join(hierarchy.own_directory, "cgroup.freeze")):
+                extras[name] = hierarchy
+                continue
+            missing[name] = "this kernel's cgroup v2 has no cgroup.freeze (it came with Linux 5.2)"
+        else:
+            missing[name] = "no mounted cgroup hierarchy (v1 or v2) offers it"
+    return Layout(controllers, missing, kind, extras)
 
 
 # -- parsing the learner's limits ---------------------------------------------------------------------
@@ -441,9 +466,9 @@ class Cgroup:
         else:
             wanted = list(dict.fromkeys(controllers))
             for controller in wanted:
-                if controller not in CONTROLLERS:
+                if controller not in CONTROLLERS + EXTRA_CONTROLLERS:
                     raise CgroupError(f"{controller!r} is not a controller this module knows",
-                                      f"choose from {', '.join(CONTROLLERS)}")
+                                      f"choose from {', '.join(CONTROLLERS + EXTRA_CONTROLLERS)}")
                 layout.hierarchy(controller)
                 if parent is not None and controller not in parent.directories:
                     raise CgroupError(f"the parent cgroup {parent.name} has no {controller} controller",
@@ -459,14 +484,14 @@ class Cgroup:
     def _make(self, wanted: list[str], layout: Layout, parent: Cgroup | None) -> None:
         made: dict[str, str] = {}  # our directory in a hierarchy, keyed by its mount point
         for controller in wanted:
-            hierarchy = layout.controllers[controller]
+            hierarchy = layout.hierarchy(controller)
             key = hierarchy.mountpoint
             if key not in made:
                 if parent is not None:
                     base = parent.directories[controller]
                     if hierarchy.version == 2:
                         # the parent is ours; if it holds a process this is where the rule bites
-                        self._enable(base, [c for c in wanted if layout.controllers[c].version == 2])
+                        self._enable(base, _enabled_v2(wanted, layout))
                     directory = os.path.join(base, self.name)
                     self._mkdir(directory)
                 else:
@@ -487,7 +512,7 @@ class Cgroup:
         """``<own cgroup>/stages``, made if need be, with the v2 controllers enabled on the way down."""
         own = hierarchy.own_directory
         parent = os.path.join(own, PARENT)
-        v2 = [c for c in wanted if layout.controllers[c].version == 2]
+        v2 = _enabled_v2(wanted, layout)
         if hierarchy.version == 2:
             self._enable(own, v2, ours=False)
         for _ in range(5):
@@ -551,7 +576,7 @@ class Cgroup:
         full = name if name.startswith(PREFIX) else PREFIX + name
         layout = detect()
         cgroup = cls(full, {}, {}, record=record, layout=layout)
-        for controller, hierarchy in layout.controllers.items():
+        for controller, hierarchy in {**layout.controllers, **layout.extras}.items():
             base = parent.directories.get(controller) if parent else os.path.join(hierarchy.own_directory,
                                                                                   PARENT)
             if base and os.path.isdir(os.path.join(base, full)):
@@ -693,6 +718,53 @@ class Cgroup:
                 found.update(_procs(top))
         return sorted(found)
 
+    # -- pause and resume: the freezer ------------------------------------------------------------------
+    def freeze(self, timeout: float = 5.0) -> None:
+        """Stop every process in the cgroup where it stands, until :meth:`thaw` (``docker pause``).
+
+        The processes are not signalled and cannot tell (unlike SIGSTOP, which a parent would see): the
+        scheduler simply stops running them. v1 writes ``FROZEN`` into ``freezer.state`` and reads it back
+        until the kernel says FROZEN, not FREEZING (cgroups v1 freezer-subsystem.rst); v2 writes ``1``
+        into ``cgroup.freeze`` and waits for ``frozen 1`` in ``cgroup.events`` (cgroup-v2.rst, "Core
+        interface files"). A cgroup that does not freeze within ``timeout`` is thawed again and
+        :class:`CgroupError` says so.
+        """
+        directory = self.directory("freezer")
+        if self.versions["freezer"] == 2:
+            self._write(os.path.join(directory, "cgroup.freeze"), "1",
+                        what="freeze: the processes stop where they are, without a signal")
+        else:
+            self._write(os.path.join(directory, "freezer.state"), "FROZEN",
+                        what="freeze: the processes stop where they are, without a signal")
+        deadline = time.monotonic() + timeout
+        with self._step(f"cat {shlex.quote(_freezer_file(directory, self.versions['freezer']))}",
+                        what="wait until the kernel reports every process frozen"):
+            while _freezer_state(directory, self.versions["freezer"]) != "FROZEN":
+                if time.monotonic() > deadline:
+                    self.thaw()
+                    raise CgroupError(f"the cgroup {self.name} did not freeze within {timeout:g} s",
+                                      "a process may be stuck in the kernel (uninterruptible I/O); try again")
+                if self.versions["freezer"] == 1:
+                    # a v1 freeze that met a busy task stays FREEZING; writing FROZEN again retries it
+                    with open(os.path.join(directory, "freezer.state"), "w") as handle:
+                        handle.write("FROZEN")
+                time.sleep(0.001)
+
+    def thaw(self) -> None:
+        """Let the processes of a frozen cgroup run again (``docker unpause``): v1 ``THAWED`` into
+        ``freezer.state``, v2 ``0`` into ``cgroup.freeze``."""
+        directory = self.directory("freezer")
+        if self.versions["freezer"] == 2:
+            self._write(os.path.join(directory, "cgroup.freeze"), "0", what="thaw: the processes run again")
+        else:
+            self._write(os.path.join(directory, "freezer.state"), "THAWED",
+                        what="thaw: the processes run again")
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the cgroup is frozen (or freezing) now, as the kernel says."""
+        return is_frozen(self.directory("freezer"), self.versions["freezer"])
+
     def kill(self, timeout: float = 5.0) -> list[int]:
         """SIGKILL every process in the cgroup; returns the PIDs that were in it.
 
@@ -710,6 +782,7 @@ class Cgroup:
         victims.update(first)
         for path in dict.fromkeys(v2_kill):
             self._write(path, "1", what="kill every process in the cgroup and below it, at once")
+        thawed = False
         while True:
             left = self.pids()
             if not left:
@@ -722,6 +795,11 @@ class Cgroup:
                             os.kill(pid, signal.SIGKILL)
                         except ProcessLookupError:
                             pass
+            if not thawed and "freezer" in self.directories and self.frozen:
+                # A v1-frozen process does not act on SIGKILL until it is thawed (freezer-subsystem.rst);
+                # thawed after the signal, it dies before it runs another instruction of its own.
+                self.thaw()
+            thawed = True
             victims.update(left)
             if time.monotonic() > deadline:
                 break
@@ -824,6 +902,40 @@ class Cgroup:
 
 
 # -- helpers shared with cleanup -----------------------------------------------------------------------
+def _freezer_file(directory: str, version: int) -> str:
+    return os.path.join(directory, "cgroup.events" if version == 2 else "freezer.state")
+
+
+def _freezer_state(directory: str, version: int) -> str:
+    """FROZEN, FREEZING or THAWED, the v1 words, for either version."""
+    text = _read(_freezer_file(directory, version))
+    if version == 1:
+        return text.strip()
+    events = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    if events.get("frozen", "0").strip() == "1":
+        return "FROZEN"
+    try:
+        wanted = _read(os.path.join(directory, "cgroup.freeze")).strip() == "1"
+    except OSError:
+        wanted = False
+    return "FREEZING" if wanted else "THAWED"
+
+
+def is_frozen(directory: str, version: int) -> bool:
+    """Whether the cgroup at ``directory`` (in a v1 freezer hierarchy, or v2) is frozen or freezing;
+    False if it is gone."""
+    try:
+        return _freezer_state(directory, version) != "THAWED"
+    except OSError:
+        return False
+
+
+def _enabled_v2(wanted: list[str], layout: Layout) -> list[str]:
+    """The v2 controllers to write into cgroup.subtree_control: the freezer and the device allowlist
+    are no such controllers on v2 (every cgroup has them), so they are never written there."""
+    return [c for c in wanted if c in layout.controllers and layout.controllers[c].version == 2]
+
+
 def _procs(directory: str) -> list[int]:
     try:
         return [int(line) for line in _read(os.path.join(directory, "cgroup.procs")).split()]
@@ -891,7 +1003,9 @@ def _remove_empty_parent(owner: Cgroup | None, parent: str) -> None:
 
 def _stages_parents() -> Iterator[str]:
     """``<own cgroup>/stages`` in each hierarchy that holds one of our controllers, when it exists."""
-    for directory in dict.fromkeys(h.own_directory for h in detect().controllers.values()):
+    layout = detect()
+    for directory in dict.fromkeys(h.own_directory for h in [*layout.controllers.values(),
+                                                             *layout.extras.values()]):
         parent = os.path.join(directory, PARENT)
         if os.path.isdir(parent):
             yield parent

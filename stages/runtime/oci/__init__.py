@@ -25,6 +25,8 @@ from stages.runtime.oci.container import (
     exec_process,
     kill,
     list_containers,
+    pause,
+    resume,
     run,
     signal_number,
     start,
@@ -36,6 +38,6 @@ from stages.runtime.oci.statefile import ContainerNotFoundError
 
 __all__ = [
     "ContainerNotFoundError", "SpecError", "cleanup", "create", "default_spec", "delete", "exec_process",
-    "kill", "list_containers", "load", "parse_mount_options", "run", "signal_number", "start", "state",
-    "wait", "write_bundle",
+    "kill", "list_containers", "load", "parse_mount_options", "pause", "resume", "run", "signal_number",
+    "start", "state", "wait", "write_bundle",
 ]

@@ -147,9 +147,12 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
         fifo = os.path.join(where, oci_state.FIFO)
         with record.step(f"mkfifo {fifo}", what="the init waits on it until start"):
             os.mkfifo(fifo, 0o600)
-        cgroup = Cgroup.create(_cgroup_name(container_id, plan.cgroups_path), record=record)
+        cgroup = Cgroup.create(_cgroup_name(container_id, plan.cgroups_path), record=record,
+                               controllers=_controllers(plan))
         undo.callback(cgroup.remove)
         data["stages"]["cgroup"] = cgroup.name
+        if "freezer" in cgroup.directories:  # how statefile.status tells "paused" without detect()
+            data["stages"]["freezer"] = [cgroup.directories["freezer"], cgroup.versions["freezer"]]
         oci_state.write(state_file, data)
         if plan.memory is not None:
             cgroup.set_memory(plan.memory)
@@ -199,6 +202,19 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
         channel.close()
         undo.pop_all()
     return oci_state.spec_state(data, root)
+
+
+def _controllers(plan: oci_spec.Plan) -> list[str]:
+    """The cgroup controllers a container gets: every limit this machine offers, and the freezer (for
+    pause) where there is one."""
+    from stages.isolate import cgroups
+
+    layout = cgroups.detect()
+    wanted = [name for name in cgroups.CONTROLLERS if name in layout.controllers]
+    wanted += [name for name in ("freezer",) if name in layout.extras]
+    if not wanted:
+        layout.hierarchy("memory")  # raises, saying why no controller can be used
+    return wanted
 
 
 def _died(setup_pid: int, plan: oci_spec.Plan | None) -> StagesError:
@@ -327,10 +343,58 @@ def kill(container_id: str, sig: int | str = signal.SIGTERM, *,
     number = signal_number(sig)
     data = oci_state.read(container_id, root)
     status = oci_state.status(data, root)
-    if status not in ("created", "running"):
+    if status not in ("created", "running", "paused"):
         raise StagesError(f"container {container_id!r} is {status}: there is no process to signal",
                           f"delete({container_id!r}) removes it")
     os.kill(data["pid"], number)
+    if status == "paused" and number == signal.SIGKILL:
+        # A frozen process acts on SIGKILL only once thawed (v1 freezer-subsystem.rst); runc thaws too.
+        _thaw(data)
+
+
+def _freezer(data: dict, record: StepRecord | None = None):
+    from stages.errors import CgroupError
+    from stages.isolate.cgroups import Cgroup
+
+    name = data.get("stages", {}).get("cgroup")
+    try:
+        cgroup = Cgroup.open(name, record=record) if name else None
+    except CgroupError:
+        cgroup = None
+    if cgroup is None or "freezer" not in cgroup.directories:
+        raise StagesError(f"container {data['id']!r} has no freezer cgroup, so it cannot be paused",
+                          "this machine offers no freezer (cgroup v1 freezer, or cgroup v2 on Linux 5.2+)")
+    return cgroup
+
+
+def _thaw(data: dict, record: StepRecord | None = None) -> None:
+    with contextlib.suppress(StagesError):
+        _freezer(data, record).thaw()
+
+
+def pause(container_id: str, *, root: str | os.PathLike | None = None,
+          record: StepRecord | None = None) -> dict:
+    """Freeze every process of a running (or created) container where it stands (``runc pause``): its
+    cgroup's freezer stops them without a signal; the status becomes ``paused``. Returns the state."""
+    data = oci_state.read(container_id, root)
+    status = oci_state.status(data, root)
+    if status not in ("created", "running"):
+        raise StagesError(f"container {container_id!r} is {status}; only a running container can be paused",
+                          f"resume({container_id!r}) it" if status == "paused" else "start it first")
+    _freezer(data, record).freeze()
+    return oci_state.spec_state(data, root)
+
+
+def resume(container_id: str, *, root: str | os.PathLike | None = None,
+           record: StepRecord | None = None) -> dict:
+    """Let the processes of a paused container run again (``runc resume``). Returns the state."""
+    data = oci_state.read(container_id, root)
+    status = oci_state.status(data, root)
+    if status != "paused":
+        raise StagesError(f"container {container_id!r} is {status}, not paused: there is nothing to resume",
+                          f"pause({container_id!r}) pauses it")
+    _freezer(data, record).thaw()
+    return oci_state.spec_state(data, root)
 
 
 def delete(container_id: str, force: bool = False, *, root: str | os.PathLike | None = None,
@@ -350,6 +414,8 @@ def delete(container_id: str, force: bool = False, *, root: str | os.PathLike | 
         if pid and oci_state.alive(pid, started):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    if status == "paused":
+        _thaw(data, record)  # or the killed init stays frozen, and its setup process waits for it
     if private.get("setup_pid"):
         _reap(private["setup_pid"], 5.0)  # if it is our child, no zombie stays behind
     if private.get("cgroup"):

@@ -75,7 +75,7 @@ def alive(pid: int, started: int | None) -> bool:
 
 
 def status(data: dict, root: str | os.PathLike | None = None) -> str:
-    """creating, created, running or stopped: what is true now, not what was written."""
+    """creating, created, running, paused or stopped: what is true now, not what was written."""
     private = data.get("stages", {})
     pid = data.get("pid") or 0
     if not pid:
@@ -86,6 +86,11 @@ def status(data: dict, root: str | os.PathLike | None = None) -> str:
         return "stopped"
     if not alive(pid, private.get("init_started")):
         return "stopped"
+    if private.get("freezer"):
+        from stages.isolate.cgroups import is_frozen
+
+        if is_frozen(*private["freezer"]):  # the kernel's word, not ours (v1 freezer.state, v2 cgroup.events)
+            return "paused"
     if os.path.exists(os.path.join(directory(data["id"], root), FIFO)):
         return "created"
     return "running"
