@@ -1,4 +1,4 @@
-"""``stages logs``: what a detached container wrote to its stdout and stderr."""
+"""``stages logs``: what a container wrote to its stdout and stderr (kept unless it ran with --rm)."""
 
 from __future__ import annotations
 

@@ -129,20 +129,25 @@ def prepare(options: Options, base: Path | None = None) -> dict:
     if not _find_in_layers(args[0], image["layers"], env, workdir):
         raise CommandNotFoundError(f"{args[0]} was not found in the image {image['name']}",
                                    f"check the spelling, or look: stages run {options.image} ls /bin")
-    published = {int(port.split(":")[0]) for port in options.publish}
     record = {"id": containers.new_id(), "image": image["name"], "image_id": image["id"],
               "layers": image["layers"], "image_config": image.get("config") or {}, "args": args,
               "options": options.to_dict(), "limits": limits, "status": "creating",
               "monitor_pid": os.getpid(), "monitor_started": _start_time(os.getpid()), "exit_code": None,
               "network": None, "steps": []}
     with containers.locked(base):
-        for other in containers.all_records(base):
-            in_use = {int(p.split(":")[0]) for p in other.get("options", {}).get("publish", [])}
-            if published & in_use and containers.status(other) != "stopped":
-                port = sorted(published & in_use)[0]
-                raise StagesError(f"host port {port} is published already by container {other['name']}",
-                                  f"pick another host port (-p {port + 1}:...), or stop {other['name']}")
+        _check_ports(options, base)
     return containers.reserve(record, options.name, base)
+
+
+def _check_ports(options: Options, base: Path | None, container_id: str | None = None) -> None:
+    """Refuse a host port another running container publishes already (call it under the lock)."""
+    published = {int(port.split(":")[0]) for port in options.publish}
+    for other in containers.all_records(base):
+        in_use = {int(p.split(":")[0]) for p in other.get("options", {}).get("publish", [])}
+        if published & in_use and other["id"] != container_id and containers.status(other) != "stopped":
+            port = sorted(published & in_use)[0]
+            raise StagesError(f"host port {port} is published already by container {other['name']}",
+                              f"pick another host port (-p {port + 1}:...), or stop {other['name']}")
 
 
 def _start_time(pid: int) -> int | None:
@@ -152,14 +157,16 @@ def _start_time(pid: int) -> int | None:
 
 
 def execute(container_id: str, *, base: Path | None = None, stdio=None, record: StepRecord | None = None,
-            on_running=None) -> int | None:
+            on_running=None, keep_output: bool = False) -> int | None:
     """Create, start and wait for a prepared container, then release what it held (not its upper
     directory). Returns its exit code (128 + N when signal N ended it). This is the monitor's work.
 
     Whatever happens — an error halfway, Ctrl-C — everything made so far is undone, and the record says
-    ``stopped``. ``on_running(record)`` is called once the container's program runs.
+    ``stopped``. ``on_running(record)`` is called once the container's program runs. ``keep_output``:
+    its stdout and stderr go where ``stdio`` says *and* into its log (:class:`stages.runtime.attach.Output`),
+    for ``stages logs`` later.
     """
-    from stages.runtime import flags, oci
+    from stages.runtime import flags, hostfiles, oci
 
     record = record if record is not None else StepRecord(f"stages run {container_id}")
     info = containers.update(container_id, base, monitor_pid=os.getpid(),
@@ -181,15 +188,28 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         config = flags.build_config(options, info["image_config"], str(rootfs), info["args"], init,
                                     info["limits"])
         config["linux"]["cgroupsPath"] = f"stages-{container_id}"
+        # /etc/hosts, /etc/hostname, /etc/resolv.conf: the container's own, bound over the image's
+        config["mounts"] += hostfiles.mounts(hostfiles.write(where, config["hostname"], options.network),
+                                             config["mounts"])
         oci.write_bundle(bundle, config)
         record.add(_note(f"# config.json written: {bundle}/config.json", "the OCI bundle for the runtime"))
+        output = None
+        if keep_output:
+            from stages.runtime import attach
+
+            output = attach.Output(where / containers.LOG_FILE, stdio)
+            undo.callback(output.close)
+            stdio = output.stdio
         state = oci.create(container_id, str(bundle), root=root, stdio=stdio, record=record)
+        if output is not None:
+            output.created()
         if options.network == "bridge":
             # written down first: a monitor killed halfway through attach leaves a record that says
             # there is a veth to remove
             containers.update(container_id, base, network={"mode": "bridge"})
             network = network_manager(base, record)
             attachment = network.attach(container_id, state["pid"])
+            hostfiles.add_address(where, config["hostname"], attachment.address)
             for item in options.publish:
                 host_port, container_port = flags.parse_publish(item)
                 network.publish(container_id, host_port, container_port)
@@ -203,6 +223,8 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
                                  started=containers.now(), steps=record.to_dicts())
         if on_running is not None:
             on_running(info)
+        if output is not None:
+            output.relay()  # until the container's output ends: all its processes have gone
         code = oci.wait(container_id, root=root)
         # The init ends as its command did; the setup process passes that on (a signal as -N)
         exit_code = 128 - code if code is not None and code < 0 else code
@@ -247,7 +269,9 @@ def run(options: Options, *, base: Path | None = None, record: StepRecord | None
     started = []
     try:
         with _proxy_signals(info["id"], base):
-            code = execute(info["id"], base=base, stdio=stdio, record=record, on_running=started.append)
+            # a container that stays (no --rm) keeps its output for `stages logs`, as a detached one does
+            code = execute(info["id"], base=base, stdio=stdio, record=record, on_running=started.append,
+                           keep_output=not options.remove)
     except OSError as error:
         # The runtime raises the kernel's own error for a step that failed (its message names the step)
         if not started:
@@ -265,6 +289,57 @@ def run(options: Options, *, base: Path | None = None, record: StepRecord | None
     if options.remove:
         remove(info["id"], force=True, base=base)
     return info, code
+
+
+def start(name: str, *, attach: bool = False, base: Path | None = None, record: StepRecord | None = None,
+          stdio=None) -> tuple[dict, int | None]:
+    """``stages start``: run a stopped container again, with the configuration it was run with: the same
+    name and ID, the same upper directory (the files it wrote are there), a new process, cgroup and veth.
+
+    With ``attach`` this process is its monitor and its output comes here (and into its log), else a
+    monitor starts it in the background. Returns its record and exit code (None when not attached). A
+    running container is left as it is. If it cannot start, it stays, stopped, as it was.
+    """
+    from stages import kernel
+    from stages.errors import NotRootError
+
+    if not kernel.is_root():
+        raise NotRootError("starting a container")
+    info = containers.find(name, base)
+    if containers.status(info) != "stopped":
+        return info, None
+    _finish(info["id"], base)  # whatever a monitor that died left behind (a no-op after a clean stop)
+    with containers.locked(base):
+        _check_ports(Options(**info["options"]), base, info["id"])
+        info = containers.read(info["id"], base)
+        for key in ("error", "started", "finished", "pid", "exit_code"):
+            info.pop(key, None)
+        info.update(status="creating", network=None, monitor_pid=os.getpid(),
+                    monitor_started=_start_time(os.getpid()), exit_code=None, steps=[])
+        containers.write(info, base)
+    if not attach:
+        try:
+            return start_detached(info, base, record, keep=True), None
+        except BaseException:
+            _finish(info["id"], base)
+            raise
+    try:
+        with _proxy_signals(info["id"], base):
+            code = execute(info["id"], base=base, stdio=stdio, record=record, keep_output=True)
+    except OSError as error:
+        raise StagesError(f"the container could not be started: {error.strerror or error}",
+                          f"run it again with: stages run --explain ... {info['image']}") from error
+    if info["options"].get("remove"):
+        remove(info["id"], force=True, base=base)
+    return info, code
+
+
+def restart(name: str, timeout: float = 10.0, base: Path | None = None,
+            record: StepRecord | None = None) -> dict:
+    """``stages restart``: :func:`stop` (SIGTERM, SIGKILL after ``timeout`` s), then :func:`start` it
+    again in the background."""
+    info = stop(name, timeout, base)
+    return start(info["id"], base=base, record=record)[0]
 
 
 #: Signals a foreground ``stages run`` passes on to its container (``docker run --sig-proxy``); Ctrl-C's
@@ -296,8 +371,10 @@ def _proxy_signals(container_id: str, base: Path | None):
             signal.signal(number, handler)
 
 
-def start_detached(info: dict, base: Path | None = None, record: StepRecord | None = None) -> dict:
-    """Start the monitor of a prepared container and wait until its program runs (or failed)."""
+def start_detached(info: dict, base: Path | None = None, record: StepRecord | None = None,
+                   keep: bool = False) -> dict:
+    """Start the monitor of a prepared container and wait until its program runs (or failed). A container
+    that cannot start is removed, unless ``keep`` (``stages start``: it stays as it was)."""
     where = containers.directory(info["id"], base)
     log = os.open(where / containers.LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     env = dict(os.environ)
@@ -321,7 +398,8 @@ def start_detached(info: dict, base: Path | None = None, record: StepRecord | No
             raise
         if current.get("error") and ended:
             error = current["error"]
-            remove(info["id"], force=True, base=base)
+            if not keep:
+                remove(info["id"], force=True, base=base)
             failed = StagesError(error["message"], error.get("hint"))
             failed.__class__ = _error_class(error.get("type", ""))
             raise failed
@@ -334,7 +412,8 @@ def start_detached(info: dict, base: Path | None = None, record: StepRecord | No
                 said = (where / containers.LOG_FILE).read_text(errors="replace").strip().splitlines()[-3:]
             except OSError:
                 said = []
-            remove(info["id"], force=True, base=base)
+            if not keep:
+                remove(info["id"], force=True, base=base)
             raise StagesError("the container's monitor ended before the container ran"
                               + (": " + " / ".join(said) if said else ""),
                               "run it in the foreground (without -d) with --explain to see each step")
@@ -474,14 +553,15 @@ def _config(bundle: Path) -> dict:
 
 
 def logs(name: str, follow: bool = False, out=None, base: Path | None = None) -> None:
-    """``stages logs``: what a detached container wrote; ``follow`` keeps printing until it stops."""
+    """``stages logs``: what a container wrote to its stdout and stderr (detached, or in the foreground
+    without --rm); ``follow`` keeps printing until it stops."""
     info = containers.find(name, base)
     path = containers.directory(info["id"], base) / containers.LOG_FILE
     out = out or sys.stdout.buffer
     try:
         handle = open(path, "rb")
     except FileNotFoundError:
-        return  # a foreground container: its output went to the terminal
+        return  # it never ran, or was run before foreground runs kept their output
     with handle:
         while True:
             chunk = handle.read(65536)

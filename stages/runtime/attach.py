@@ -1,0 +1,241 @@
+"""Being attached to a container: its output relayed to us and kept in its log, and a terminal of its own.
+
+A foreground ``stages run`` used to hand the container our own stdout and stderr: the output reached the
+screen, and nothing else kept it. ``docker run`` (without ``--rm``) keeps it too, so that ``docker logs``
+shows it later. So the container writes into pipes (pipe(7)), and this process copies what comes out of
+them both to where it was going and to the container's log (:class:`Output`): a tee, as conmon does for
+podman. When our stdout and stderr are the same file (a terminal), one pipe carries both, so that their
+order is kept exactly.
+
+With ``-t`` the container gets a pseudo-terminal (pty(7)) instead: its side (``/dev/pts/N`` inside) is
+its stdin, stdout and stderr, and we hold the other side, the *master*. :class:`Terminal` puts our own
+terminal in raw mode (every key goes through as typed; the container's terminal does the echo, the line
+editing and Ctrl-C), copies keys to the master and output back, and passes on our window size
+(SIGWINCH -> TIOCSWINSZ, tty_ioctl(4)). Our terminal is restored on every way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import selectors
+import signal
+import struct
+import termios
+import threading
+import tty
+from pathlib import Path
+
+CHUNK = 65536
+#: Ctrl-D: what the container's terminal takes as end of input when our input ends (termios(3), VEOF).
+END_OF_INPUT = b"\x04"
+
+
+def _same_file(first: int, second: int) -> bool:
+    try:
+        a, b = os.fstat(first), os.fstat(second)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write all of ``data``; False if the reader has gone (EPIPE, EIO): we stop writing there."""
+    while data:
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            selector = selectors.DefaultSelector()
+            selector.register(fd, selectors.EVENT_WRITE)
+            selector.select()
+            selector.close()
+            continue
+        except OSError as error:
+            if error.errno in (errno.EPIPE, errno.EIO, errno.EBADF):
+                return False
+            raise
+        data = data[written:]
+    return True
+
+
+def relay(sources: dict[int, int | None], log: int | None = None, stdin: tuple[int, int] | None = None,
+          on_input_end=None) -> None:
+    """Copy each source descriptor to its target (and to ``log``) until every source has ended.
+
+    ``stdin`` is ``(ours, theirs)``: what we read on ``ours`` goes to ``theirs`` while the sources last;
+    when it ends, ``on_input_end()`` is called. A target whose reader went away is dropped, the log
+    keeps getting everything.
+    """
+    selector = selectors.DefaultSelector()
+    targets = dict(sources)
+    for source in targets:
+        selector.register(source, selectors.EVENT_READ)
+    if stdin is not None:
+        selector.register(stdin[0], selectors.EVENT_READ)
+    try:
+        while targets:
+            for key, _ in selector.select():
+                fd = key.fd
+                try:
+                    data = os.read(fd, CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError as error:
+                    if error.errno != errno.EIO:  # a pty master says EIO once no one has its other side
+                        raise
+                    data = b""
+                if stdin is not None and fd == stdin[0] and fd not in targets:
+                    if not data:
+                        selector.unregister(fd)
+                        if on_input_end is not None:
+                            on_input_end()
+                    elif not _write_all(stdin[1], data):
+                        selector.unregister(fd)
+                    continue
+                if not data:
+                    selector.unregister(fd)
+                    del targets[fd]
+                    continue
+                if targets[fd] is not None and not _write_all(targets[fd], data):
+                    targets[fd] = None
+                if log is not None:
+                    _write_all(log, data)
+    finally:
+        selector.close()
+
+
+def open_log(path: str | os.PathLike) -> int:
+    """The container's log, for appending (the same file a detached container's output goes to)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+class Output:
+    """A foreground container's stdout and stderr through pipes: to ours, and into its log.
+
+    ``stdio`` is what the caller would have given the container (``(stdin, stdout, stderr)``, None for
+    "ours"). Use :attr:`stdio` for ``create``, :meth:`created` once it is created (our copies of the
+    container's ends must close, or the pipes never end), :meth:`relay` until its output ends, and
+    :meth:`close` in any case.
+    """
+
+    def __init__(self, log_path: str | os.PathLike, stdio=None):
+        stdin, stdout, stderr = stdio or (None, None, None)
+        self.out = _fd(stdout, 1)
+        self.err = _fd(stderr, 2)
+        self.log = open_log(log_path)
+        self._ours: list[int] = []
+        self._theirs: list[int] = []
+        out_read, out_write = os.pipe2(os.O_CLOEXEC)
+        self._ours.append(out_read)
+        self._theirs.append(out_write)
+        if _same_file(self.out, self.err):
+            self.sources = {out_read: self.out}
+            err_write = out_write
+        else:
+            err_read, err_write = os.pipe2(os.O_CLOEXEC)
+            self._ours.append(err_read)
+            self._theirs.append(err_write)
+            self.sources = {out_read: self.out, err_read: self.err}
+        self.stdio = (stdin, out_write, err_write)
+
+    def created(self) -> None:
+        for fd in self._theirs:
+            os.close(fd)
+        self._theirs = []
+
+    def relay(self) -> None:
+        relay(self.sources, self.log)
+
+    def close(self) -> None:
+        for fd in self._theirs + self._ours + [self.log]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._theirs, self._ours, self.log = [], [], -1
+
+
+def _fd(item, default: int) -> int:
+    if item is None:
+        return default
+    return item if isinstance(item, int) else item.fileno()
+
+
+# -- a terminal of its own -------------------------------------------------------------------------------
+def window_size(fd: int) -> bytes | None:
+    """The window size of the terminal ``fd`` (struct winsize, TIOCGWINSZ), or None if it is none."""
+    try:
+        return fcntl.ioctl(fd, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    except OSError:
+        return None
+
+
+def set_window_size(fd: int, size: bytes | None) -> None:
+    """Give the pseudo-terminal ``fd`` the window size ``size``; the kernel sends its foreground process
+    group SIGWINCH, and a shell or an editor redraws (tty_ioctl(4), TIOCSWINSZ)."""
+    if size is not None:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, size)
+
+
+@contextlib.contextmanager
+def raw_mode(fd: int):
+    """Our terminal in raw mode for the ``with`` block (keys pass through unprocessed: Ctrl-C is a byte
+    for the container's terminal to turn into SIGINT), restored on every way out."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+
+
+@contextlib.contextmanager
+def window_changes(source: int, master: int):
+    """Pass our window size to the master now, and again at each SIGWINCH while the block runs."""
+    set_window_size(master, window_size(source))
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGWINCH, lambda _n, _f: set_window_size(master, window_size(source)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
+
+
+class Terminal:
+    """The master side of a container's pseudo-terminal, attached to our own terminal (or to whatever
+    our stdin and stdout are), its output also kept in the container's log (``log_path``)."""
+
+    def __init__(self, master: int, log_path: str | os.PathLike | None = None, *, stdin: int | None = 0,
+                 stdout: int = 1):
+        self.master = master
+        self.stdin = stdin
+        self.stdout = stdout
+        self.log = open_log(log_path) if log_path is not None else None
+
+    def attach(self) -> None:
+        """Relay until the container's side of the terminal closes (its processes have ended)."""
+        size_from = self.stdin if self.stdin is not None and os.isatty(self.stdin) else self.stdout
+        with raw_mode(self.stdin) if self.stdin is not None else contextlib.nullcontext(), \
+                window_changes(size_from, self.master):
+            relay({self.master: self.stdout}, self.log,
+                  stdin=(self.stdin, self.master) if self.stdin is not None else None,
+                  on_input_end=lambda: _write_all(self.master, END_OF_INPUT))
+
+    def close(self) -> None:
+        for fd in (self.master, self.log):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.master, self.log = -1, None
+
+
+def log_path(directory: str | os.PathLike) -> Path:
+    from stages.runtime.containers import LOG_FILE
+
+    return Path(directory) / LOG_FILE
