@@ -34,6 +34,9 @@ if [[ $job == test || $job == setup ]]; then
     packages+=(qemu-system-x86 debootstrap cpio e2fsprogs)
     # vagrant/ (tests/test_vagrant.py): shellcheck for provision.sh, vagrant to validate the Vagrantfile
     packages+=(shellcheck)
+    # podman driving stages-oci (tests/test_podman.py), and runc and crun beside it (make bench, notebook
+    # 07): podman brings conmon and containers-common; images come from `podman import`, never a registry
+    packages+=(podman conmon runc crun)
     # The notebooks in a real browser (tests/test_browser.py) drive Debian's chromium deb (Ubuntu ships
     # chromium only as a snap); vagrant too comes from Debian. Elsewhere those tests skip, saying why.
     if grep -qsx 'ID=debian' /etc/os-release; then
