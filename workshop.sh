@@ -37,6 +37,8 @@ if [[ $job == test || $job == setup ]]; then
     # podman driving stages-oci (tests/test_podman.py), and runc and crun beside it (make bench, notebook
     # 07): podman brings conmon and containers-common; images come from `podman import`, never a registry
     packages+=(podman conmon runc crun)
+    # the runtime spec's JSON schemas (tests/test_oci_cli.py checks `stages-oci state` against them)
+    packages+=(golang-github-opencontainers-specs-dev)
     # The notebooks in a real browser (tests/test_browser.py) drive Debian's chromium deb (Ubuntu ships
     # chromium only as a snap); vagrant too comes from Debian. Elsewhere those tests skip, saying why.
     if grep -qsx 'ID=debian' /etc/os-release; then

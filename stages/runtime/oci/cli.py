@@ -1,0 +1,645 @@
+"""``stages-oci``: our OCI runtime with runc's command line, so that conmon, containerd-shim and CRI-O can
+drive it (podman: ``podman --runtime $(command -v stages-oci) run ...``).
+
+The command line is runc's (and crun's): global options, then a command::
+
+    stages-oci [--root DIR] [--log FILE] [--log-format text|json] [--debug] [--systemd-cgroup] COMMAND ...
+
+    create --bundle DIR --pid-file F [--console-socket S] ID   the init sets itself up and waits
+    start ID                                                   it execs process.args
+    state ID                                                   runtime.md's state, as JSON
+    kill [--all] ID [SIGNAL]                                   default SIGTERM; a number or a name
+    delete [--force] ID                                        remove what is left of it
+    run [--detach] [--keep] --bundle DIR ID                    create, start, wait (the container's exit code)
+    exec [--process FILE | ...] [--detach] [--tty] ID [ARGS]   one more process in a running container
+    pause ID / resume ID                                       freeze and thaw its cgroup
+    list [-q] [--format table|json]                            the containers under the root
+    features                                                   what this runtime supports, as JSON
+    spec [--bundle DIR]                                        write a default config.json
+
+Every operation is one call into :mod:`stages.runtime.oci`; this module only turns options into arguments
+and errors into one sentence. An error goes to stderr *and* to the ``--log`` file, where conmon looks for
+it (with ``--log-format json`` as runc's JSON lines, ``{"level": "error", "msg": ..., "time": ...}``).
+Exit codes are runc's: 0 done, 1 error; ``run`` exits with the container's code (128 + N for signal N).
+
+The supervisor calls the runtime several times per container, so start-up counts: nothing heavier than
+:mod:`argparse` is imported until a command needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+PROGRAM = "stages-oci"
+#: The runtime spec versions this runtime reads (features.md's ociVersionMin; the maximum is the library's).
+OCI_VERSION_MIN = "1.0.0"
+#: The lifecycle hooks of config.md, for ``features`` once the library runs them.
+HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+
+
+class UsageError(Exception):
+    """The command line itself is wrong (an unknown option or command, a missing ID)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one sentence through :func:`main`, not a usage dump."""
+
+    def error(self, message: str):
+        command = self.prog.partition(" ")[2]
+        if message.startswith("unrecognized arguments: "):
+            message = f"unknown option or argument: {message.partition(': ')[2]}"
+        elif "invalid choice" in message and message.startswith("argument COMMAND"):
+            word = message.partition("invalid choice: ")[2].partition(" (")[0]
+            message = f"unknown command {word} (the commands: {', '.join(HANDLERS)})"
+        elif message.startswith("the following arguments are required: "):
+            message = f"missing {message.partition(': ')[2]}"
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+# -- the log ------------------------------------------------------------------------------------------------
+class Log:
+    """Where messages go: ``--log FILE`` (else stderr), as text or as runc's JSON lines.
+
+    The file is opened for each line and closed again, so that no container process inherits it.
+    """
+
+    LEVELS = ("debug", "info", "warning", "error")
+
+    def __init__(self, path: str | None = None, form: str = "text", debug: bool = False):
+        self.path = path
+        self.form = form
+        self.debug_on = debug
+
+    def line(self, level: str, message: str) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
+        if self.form == "json":
+            return json.dumps({"level": level, "msg": message, "time": stamp})
+        return f"time={json.dumps(stamp)} level={level} msg={json.dumps(message)}"
+
+    def write(self, level: str, message: str) -> None:
+        if level == "debug" and not self.debug_on:
+            return
+        text = self.line(level, message) + "\n"
+        if self.path is None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            sys.stderr.write(f"{PROGRAM}: cannot write the log {self.path}: {error.strerror}\n")
+            return
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def debug(self, message: str) -> None:
+        self.write("debug", message)
+
+    def info(self, message: str) -> None:
+        self.write("info", message)
+
+    def warning(self, message: str) -> None:
+        self.write("warning", message)
+
+    def error(self, message: str) -> None:
+        """An error goes to the log and to stderr (once, when the log is stderr), as runc's ``fatal``."""
+        if self.path is not None:
+            self.write("error", message)
+        sys.stderr.write(f"{PROGRAM}: {message}\n")
+        sys.stderr.flush()
+
+    def steps(self, record) -> None:
+        """A step record at debug level: what the runtime did, in the words of stage 2."""
+        if record is None or not self.debug_on:
+            return
+        for item in record.to_dicts():
+            mark = "" if item.get("ok", True) else " (failed)"
+            self.debug(f"step [{item.get('where', 'host')}] {item.get('shell')}{mark}")
+
+
+# -- the command line -------------------------------------------------------------------------------------
+def build_parser() -> Parser:
+    parser = Parser(prog=PROGRAM, description="An OCI runtime with runc's command line (stages, stage 3).",
+                    epilog="Run `stages-oci COMMAND --help` for the options of one command.")
+    parser.add_argument("--root", help="the directory of the containers' state "
+                        "(default $STAGES_OCI_ROOT, else /run/stages/oci)")
+    parser.add_argument("--log", metavar="FILE", help="write messages to FILE (default: stderr)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text, or json lines as runc writes them (conmon reads them)")
+    parser.add_argument("--debug", action="store_true", help="also log every step the runtime takes")
+    parser.add_argument("--systemd-cgroup", action="store_true",
+                        help="accepted for conmon's sake: we do not ask systemd for a scope; the container's "
+                        "cgroup is made below our own, named by cgroupsPath's last part (slice:prefix:NAME)")
+    parser.add_argument("--rootless", default=None, help="accepted and ignored: this runtime runs as root")
+    parser.add_argument("--cgroup-manager", choices=("cgroupfs", "systemd", "disabled"), default="cgroupfs",
+                        help="crun's option, which podman passes with cgroups = \"disabled\": accepted; the "
+                        "container's cgroup is still made below our own, never at cgroupsPath's place")
+    parser.add_argument("--criu", help=argparse.SUPPRESS)
+    parser.add_argument("--version", "-v", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name: str, text: str, *ids: str) -> Parser:
+        sub = commands.add_parser(name, help=text, description=text)
+        for item in ids:
+            sub.add_argument(item, metavar="ID" if item == "id" else item.upper(),
+                             help="the container's ID" if item == "id" else None)
+        return sub
+
+    def launch_options(sub: Parser) -> None:
+        sub.add_argument("--bundle", "-b", default=".", help="the bundle directory (default: here)")
+        sub.add_argument("--pid-file", help="write the container's PID (on the host) to this file")
+        sub.add_argument("--console-socket", help="a unix socket to send the terminal's master end to")
+        sub.add_argument("--no-pivot", action="store_true",
+                         help="accepted; this runtime always uses pivot_root(2), never chroot")
+        sub.add_argument("--no-new-keyring", action="store_true",
+                         help="accepted; this runtime never makes a session keyring of its own")
+        sub.add_argument("--preserve-fds", type=int, default=0, metavar="N",
+                         help="pass N more file descriptors (3 ...) on (only 0 is supported)")
+
+    sub = command("create", "create a container: its init sets itself up and waits for start", "id")
+    launch_options(sub)
+    command("start", "run the program of a created container", "id")
+    sub = command("run", "create, start and wait for a container; its exit code", "id")
+    launch_options(sub)
+    sub.add_argument("--detach", "-d", action="store_true", help="return once it runs")
+    sub.add_argument("--keep", action="store_true", help="do not delete the container when it ends")
+    sub.add_argument("--no-subreaper", action="store_true", help="accepted; we never become a subreaper")
+    command("state", "print the container's state (runtime.md) as JSON", "id")
+    sub = command("kill", "send a signal to the container's init (default SIGTERM)", "id")
+    sub.add_argument("signal", nargs="?", default="TERM", help="a number or a name: 9, KILL, SIGKILL")
+    sub.add_argument("--all", "-a", action="store_true", help="signal every process in the container")
+    sub = command("delete", "remove a stopped container (its cgroup and state)", "id")
+    sub.add_argument("--force", "-f", action="store_true", help="kill it first if it still runs")
+    sub = command("exec", "run one more process in a running container", "id")
+    sub.add_argument("--process", "-p", metavar="FILE", help="config.json's process object, as a file")
+    sub.add_argument("--detach", "-d", action="store_true", help="return once it runs")
+    sub.add_argument("--tty", "-t", action="store_true", help="give it a terminal (needs --console-socket)")
+    sub.add_argument("--console-socket", help="a unix socket to send the terminal's master end to")
+    sub.add_argument("--pid-file", help="write the new process's PID (on the host) to this file")
+    sub.add_argument("--cwd", help="its working directory inside")
+    sub.add_argument("--env", "-e", action="append", default=[], metavar="NAME=VALUE", help="add a variable")
+    sub.add_argument("--user", "-u", metavar="UID[:GID]", help="run it as this user")
+    sub.add_argument("--additional-gids", "-g", action="append", default=[], type=int, metavar="GID")
+    sub.add_argument("--cap", "-c", action="append", default=[], metavar="CAP", help="add a capability")
+    sub.add_argument("--no-new-privs", action="store_true", help="set no_new_privs")
+    sub.add_argument("--preserve-fds", type=int, default=0, metavar="N", help="only 0 is supported")
+    sub.add_argument("--ignore-paused", action="store_true", help=argparse.SUPPRESS)
+    sub.add_argument("args", nargs=argparse.REMAINDER, help="the command and its arguments")
+    command("pause", "freeze every process of the container (the freezer cgroup)", "id")
+    command("resume", "thaw a paused container", "id")
+    sub = command("list", "list the containers under the root")
+    sub.add_argument("--quiet", "-q", action="store_true", help="IDs only")
+    sub.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    command("features", "what this runtime supports, as runtime-spec features.md's JSON")
+    sub = command("spec", "write a default config.json into the bundle, as `runc spec`")
+    sub.add_argument("--bundle", "-b", default=".", help="where to write it (default: here)")
+    sub.add_argument("--rootless", action="store_true", help="not supported: this runtime runs as root")
+    return parser
+
+
+# -- the commands -----------------------------------------------------------------------------------------
+def _oci():
+    from stages.runtime import oci
+
+    return oci
+
+
+def _record(title: str):
+    from stages.steps import StepRecord
+
+    return StepRecord(title)
+
+
+def _check_launch(args, log: Log) -> None:
+    from stages.errors import StagesError
+
+    if args.no_pivot:
+        log.info("--no-pivot: this runtime always pivots into the rootfs (pivot_root(2)); it never chroots")
+    if args.preserve_fds:
+        raise StagesError(f"--preserve-fds {args.preserve_fds}: passing extra file descriptors into the "
+                          "container is not supported by this runtime",
+                          "leave --preserve-fds out (podman: do not use --preserve-fds)")
+
+
+def _accepts(function, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(function).parameters
+
+
+def do_create(args, log: Log) -> int:
+    oci = _oci()
+    _check_launch(args, log)
+    record = _record(f"create {args.id}")
+    options = _terminal_options(oci.create, args)
+    options.update(_detach_option(oci.create))
+    try:
+        oci.create(args.id, args.bundle, root=args.root, pid_file=args.pid_file, record=record, **options)
+    finally:
+        log.steps(record)
+    return 0
+
+
+def _terminal_options(function, args) -> dict:
+    from stages.errors import StagesError
+
+    if not getattr(args, "console_socket", None):
+        return {}
+    if not _accepts(function, "console_socket"):
+        raise StagesError("--console-socket: terminals are not supported by this runtime yet",
+                          "run without a terminal (podman: leave out -t)")
+    return {"console_socket": os.path.abspath(args.console_socket)}
+
+
+def _detach_option(function) -> dict:
+    # A command-line create returns while the container lives on: the library's detached create (if it has
+    # one) lets the setup process go, so that the init is the child of the caller's subreaper (conmon).
+    return {"detach": True} if _accepts(function, "detach") else {}
+
+
+def do_start(args, log: Log) -> int:
+    _oci().start(args.id, root=args.root)
+    return 0
+
+
+def do_state(args, log: Log) -> int:
+    print(json.dumps(_oci().state(args.id, root=args.root), indent=2))
+    return 0
+
+
+def do_kill(args, log: Log) -> int:
+    oci = _oci()
+    number = oci.signal_number(args.signal)
+    if args.all:
+        if not _accepts(oci.kill, "all"):
+            from stages.errors import StagesError
+
+            raise StagesError("kill --all is not supported by this runtime yet",
+                              "signal the init alone (leave out --all); its children die with it")
+        oci.kill(args.id, number, root=args.root, all=True)
+    else:
+        oci.kill(args.id, number, root=args.root)
+    return 0
+
+
+def do_delete(args, log: Log) -> int:
+    oci = _oci()
+    try:
+        oci.delete(args.id, force=args.force, root=args.root)
+    except oci.ContainerNotFoundError:
+        if not args.force:
+            raise
+        # As runc: a forced delete of a container that is not there has nothing left to do (a create that
+        # died before its state was written may have left the directory; it goes too).
+        from stages.runtime.oci import statefile
+
+        statefile.remove(args.id, args.root)
+    return 0
+
+
+def do_run(args, log: Log) -> int:
+    import signal
+
+    oci = _oci()
+    _check_launch(args, log)
+    record = _record(f"run {args.id}")
+    options = _terminal_options(oci.create, args)
+    if args.detach:
+        options.update(_detach_option(oci.create))
+    try:
+        oci.create(args.id, args.bundle, root=args.root, pid_file=args.pid_file, record=record, **options)
+    finally:
+        log.steps(record)
+    if args.detach:
+        try:
+            oci.start(args.id, root=args.root)
+        except BaseException:
+            oci.delete(args.id, force=True, root=args.root)
+            raise
+        return 0
+
+    def forward(number, _frame):
+        # As runc run: signals sent to the runtime are meant for the container (its init).
+        try:
+            oci.kill(args.id, number, root=args.root)
+        except Exception as error:  # it may be ending already
+            log.debug(f"could not forward signal {number}: {error}")
+
+    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
+        signal.signal(number, forward)
+    try:
+        oci.start(args.id, root=args.root)
+        code = oci.wait(args.id, root=args.root)
+    finally:
+        if not args.keep:
+            oci.delete(args.id, force=True, root=args.root)
+    if code is None:
+        return 0
+    return 128 - code if code < 0 else code
+
+
+def do_exec(args, log: Log) -> int:
+    from stages.errors import StagesError
+
+    oci = _oci()
+    if args.preserve_fds:
+        raise StagesError(f"--preserve-fds {args.preserve_fds}: not supported by this runtime",
+                          "leave --preserve-fds out")
+    process = exec_process_object(args)
+    if args.tty and not args.console_socket:
+        raise StagesError("exec --tty needs --console-socket: the terminal's master end is sent there",
+                          "give --console-socket PATH, or leave out --tty")
+    options = {}
+    if args.tty or args.console_socket:
+        options.update(_terminal_options(oci.exec_process, args))
+    if args.pid_file and not args.detach:
+        if not _accepts(oci.exec_process, "pid_file"):
+            raise StagesError("exec --pid-file without --detach is not supported by this runtime yet",
+                              "add --detach, or leave out --pid-file")
+        options["pid_file"] = args.pid_file
+    record = _record(f"exec {args.id}")
+    try:
+        result = oci.exec_process(args.id, process, root=args.root, record=record, detach=args.detach,
+                                  **options)
+    finally:
+        log.steps(record)
+    if args.detach:
+        if args.pid_file and "pid_file" not in options:
+            from stages.runtime.oci import statefile
+
+            statefile.write_text(os.path.abspath(args.pid_file), f"{result}\n")
+        return 0
+    if result is None:
+        return 0
+    return 128 - result if result < 0 else result
+
+
+def exec_process_object(args) -> dict:
+    """The process to exec: ``--process FILE`` as it is, or the container's own process (from its bundle's
+    config.json) with the command line's args, env, cwd, user and capabilities, as ``runc exec`` does."""
+    from stages.errors import StagesError
+
+    if args.process:
+        if args.args:
+            raise StagesError("exec takes --process FILE or a command, not both",
+                              "put the command in the file's args, or leave out --process")
+        try:
+            with open(args.process) as handle:
+                process = json.load(handle)
+        except OSError as error:
+            raise StagesError(f"cannot read the process file {args.process}: {error.strerror}",
+                              "give the path of a JSON file with config.json's process object") from None
+        except ValueError as error:
+            raise StagesError(f"{args.process} is not valid JSON: {error}", "fix the file") from None
+        if not isinstance(process, dict):
+            raise StagesError(f"{args.process} must hold one JSON object (config.json's process)",
+                              'for instance {"args": ["ps"], "cwd": "/"}')
+        return process
+    if not args.args:
+        raise StagesError("exec needs a command to run (after the ID), or --process FILE",
+                          f"for instance: {PROGRAM} exec {args.id} ps")
+    process = dict(_container_process(args))
+    process.pop("terminal", None)
+    process["args"] = list(args.args)
+    if args.tty:
+        process["terminal"] = True
+    if args.env:
+        process["env"] = list(process.get("env", [])) + list(args.env)
+    if args.cwd:
+        process["cwd"] = args.cwd
+    if args.user:
+        uid, _, gid = args.user.partition(":")
+        if not uid.isdigit() or gid and not gid.isdigit():
+            raise StagesError(f"--user {args.user!r} is not UID or UID:GID",
+                              "give numbers, for instance --user 1000:1000")
+        process["user"] = dict(process.get("user", {}), uid=int(uid), gid=int(gid or 0))
+    if args.additional_gids:
+        process["user"] = dict(process.get("user", {}), additionalGids=list(args.additional_gids))
+    if args.cap:
+        sets = {name: list(words) for name, words in (process.get("capabilities") or {}).items()}
+        for word in args.cap:
+            word = word.upper() if word.upper().startswith("CAP_") else "CAP_" + word.upper()
+            for name in ("bounding", "effective", "permitted"):
+                if word not in sets.setdefault(name, []):
+                    sets[name].append(word)
+        process["capabilities"] = sets
+    if args.no_new_privs:
+        process["noNewPrivileges"] = True
+    return process
+
+
+def _container_process(args) -> dict:
+    """The ``process`` of the container's config.json (the bundle its state names); {} if unreadable."""
+    bundle = _oci().state(args.id, root=args.root).get("bundle")
+    try:
+        with open(os.path.join(bundle, "config.json")) as handle:
+            process = json.load(handle).get("process")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    return process if isinstance(process, dict) else {}
+
+
+def do_pause(args, log: Log) -> int:
+    _lifecycle("pause", args)
+    return 0
+
+
+def do_resume(args, log: Log) -> int:
+    _lifecycle("resume", args)
+    return 0
+
+
+def _lifecycle(verb: str, args) -> None:
+    from stages.errors import StagesError
+
+    function = getattr(_oci(), verb, None)
+    if function is None:
+        raise StagesError(f"{verb} is not supported by this runtime yet",
+                          "stop the container instead (kill), or use runc for this one")
+    function(args.id, root=args.root)
+
+
+def do_list(args, log: Log) -> int:
+    containers = _oci().list_containers(args.root)
+    if args.quiet:
+        for item in containers:
+            print(item["id"])
+        return 0
+    rows = []
+    for item in containers:
+        row = {"ociVersion": item.get("ociVersion"), "id": item["id"], "pid": item.get("pid", 0),
+               "status": item["status"], "bundle": item.get("bundle"), "rootfs": item.get("rootfs"),
+               "created": item.get("created"), "owner": _owner(item["id"], args.root),
+               "annotations": item.get("annotations") or {}}
+        rows.append(row)
+    if args.format == "json":
+        print(json.dumps(rows))
+        return 0
+    table = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+    table += [(row["id"], str(row["pid"]), row["status"], row["bundle"] or "", row["created"] or "",
+               row["owner"]) for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]) - 1)]
+    for line in table:
+        print("   ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "   " + line[-1])
+    return 0
+
+
+def _owner(container_id: str, root: str | None) -> str:
+    import pwd
+
+    from stages.runtime.oci import statefile
+
+    try:
+        uid = os.stat(statefile.directory(container_id, root)).st_uid
+        return pwd.getpwuid(uid).pw_name
+    except (OSError, KeyError):
+        return "?"
+
+
+def features() -> dict:
+    """What this runtime supports, in the shape of the runtime spec's features.md, read from the library
+    (so that it cannot claim what the library refuses)."""
+    from stages import __version__, kernel
+    from stages.isolate import privileges
+    from stages.runtime.oci import spec
+
+    unsupported = spec._UNSUPPORTED
+    seccomp_on = "linux.seccomp" not in unsupported and privileges.seccomp_available()
+    seccomp = {"enabled": seccomp_on}
+    if seccomp_on:
+        seccomp.update(
+            actions=list(getattr(spec, "SECCOMP_ACTIONS", ("SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO"))),
+            operators=list(getattr(spec, "SECCOMP_OPERATORS", ())),
+            archs=list(getattr(spec, "SECCOMP_ARCHS", ())))
+    last = kernel.last_capability()
+    return {
+        "ociVersionMin": OCI_VERSION_MIN,
+        "ociVersionMax": spec.OCI_VERSION,
+        "hooks": [] if "hooks" in unsupported else list(getattr(spec, "HOOK_NAMES", HOOK_NAMES)),
+        "mountOptions": sorted(set(spec._FLAG_OPTIONS) | set(spec._PROPAGATION_OPTIONS)),
+        "linux": {
+            "namespaces": sorted(spec.NAMESPACE_TYPES),
+            "capabilities": [f"CAP_{name.upper()}" for name in kernel.CAPABILITIES[:last + 1]],
+            "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False, "rdma": False},
+            "seccomp": seccomp,
+            "apparmor": {"enabled": False},
+            "selinux": {"enabled": False},
+            "intelRdt": {"enabled": False},
+        },
+        "annotations": {"org.stages.version": __version__, "org.stages.runtime": PROGRAM},
+    }
+
+
+def do_features(args, log: Log) -> int:
+    print(json.dumps(features(), indent=4))
+    return 0
+
+
+def do_spec(args, log: Log) -> int:
+    from stages.errors import StagesError
+
+    if args.rootless:
+        raise StagesError("spec --rootless: this runtime runs containers as root only",
+                          "leave out --rootless")
+    path = os.path.join(os.path.abspath(args.bundle), "config.json")
+    if os.path.exists(path):
+        raise StagesError(f"{path} exists already", "remove it first, or write into another --bundle")
+    _oci().write_bundle(args.bundle, _oci().default_spec(["sh"]))
+    return 0
+
+
+HANDLERS = {"create": do_create, "start": do_start, "run": do_run, "state": do_state, "kill": do_kill,
+            "delete": do_delete, "exec": do_exec, "pause": do_pause, "resume": do_resume, "list": do_list,
+            "features": do_features, "spec": do_spec}
+
+
+def version_text() -> str:
+    from stages import __version__
+    from stages.runtime.oci.spec import OCI_VERSION
+
+    return f"{PROGRAM} version {__version__}\nspec: {OCI_VERSION}\npython: {sys.version.split()[0]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``stages-oci``'s entry point: the exit code (0 done, 1 error, 2 a wrong command line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    log = Log()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        # The log options may be parsed already: the supervisor looks for the error in its log.
+        log = _log_from(argv)
+        command = next((word for word in argv if word in HANDLERS), "")
+        log.error(f"{error}; hint: see `{' '.join(filter(None, (PROGRAM, command, '--help')))}`")
+        return 2
+    log = Log(args.log, args.log_format, args.debug)
+    if args.version:
+        print(version_text())
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 0
+    if args.systemd_cgroup:
+        log.debug("--systemd-cgroup: no systemd scope is asked for; the container's cgroup is made below our "
+                  "own cgroup, named by cgroupsPath's last part")
+    log.debug(f"{PROGRAM} {' '.join(argv)}")
+    return _dispatch(args, log)
+
+
+def _dispatch(args, log: Log) -> int:
+    from stages.errors import StagesError
+
+    try:
+        return HANDLERS[args.command](args, log)
+    except StagesError as error:
+        message, hint = error.message, error.hint
+        if type(error).__name__ == "ContainerNotFoundError":
+            from stages.runtime.oci import statefile
+
+            # runc's words: podman and containerd look for "does not exist" to tell a container is gone
+            message = f"container {args.id!r} does not exist (in {statefile.root_directory(args.root)})"
+            hint = f"`{PROGRAM} list` shows the containers there; --root picks another directory"
+        log.error(message + (f"; hint: {hint}" if hint else ""))
+        return 1
+    except OSError as error:
+        where = f": {error.filename}" if error.filename else ""
+        log.error(f"{args.command}: {error.strerror or error}{where}")
+        return 1
+    except KeyboardInterrupt:
+        log.error(f"{args.command}: interrupted; what it had set up was released")
+        return 130
+    except Exception as error:  # a bug: one sentence, and the traceback only when asked for
+        if args.debug:
+            import traceback
+
+            log.debug(traceback.format_exc())
+        log.error(f"{args.command}: internal error: {type(error).__name__}: {error} (a bug in stages: please "
+                  "report it with the output of --debug)")
+        return 1
+
+
+def _log_from(argv: list[str]) -> Log:
+    """The log options of a command line argparse refused, as far as they can be read."""
+    path, form = None, "text"
+    for index, word in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if word == "--log" and following:
+            path = following
+        elif word.startswith("--log="):
+            path = word.partition("=")[2]
+        elif word == "--log-format" and following in ("text", "json"):
+            form = following
+        elif word in ("--log-format=json", "--log-format=text"):
+            form = word.partition("=")[2]
+    return Log(path, form)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""``stages-oci``, runc's command line over our OCI runtime: each test drives the real command as conmon does
+(one process per operation) and looks at the effect on the machine.
+
+The test process is a child subreaper while a test runs (prctl(2) PR_SET_CHILD_SUBREAPER), as conmon is:
+what the command leaves running when it exits is re-parented to us, so that the leak check sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stages import kernel
+from stages.isolate import cgroups
+from stages.runtime import oci
+from stages.runtime.oci import statefile
+
+pytestmark = pytest.mark.root
+
+SCRIPT = Path(sys.executable).parent / "stages-oci"
+#: The console script when it is installed (pip install -e .), else the module itself.
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "stages.runtime.oci.cli"]
+SCHEMA_DIRECTORY = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Result:
+    def __init__(self, code: int, out: Path, err: Path):
+        self.code = code
+        self.out_path = out
+        self.err_path = err
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def json(self):
+        return json.loads(self.out)
+
+
+class Reaper:
+    """conmon's part: collect every child of ours that ends, the commands and what they leave to us (the
+    init of a detached create is re-parented to the subreaper, and its exit status is ours to collect)."""
+
+    def __init__(self):
+        self.statuses: dict[int, int] = {}
+        self.condition = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid:
+                with self.condition:
+                    self.statuses[pid] = status
+                    self.condition.notify_all()
+            elif self.stopping:
+                return
+            else:
+                time.sleep(0.005)
+
+    def wait(self, pid: int, timeout: float) -> int:
+        with self.condition:
+            if not self.condition.wait_for(lambda: pid in self.statuses, timeout):
+                os.kill(pid, signal.SIGKILL)
+                raise TimeoutError(f"stages-oci (PID {pid}) did not finish within {timeout} s")
+            return os.waitstatus_to_exitcode(self.statuses.pop(pid))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Collect what is still ending, then stop (what stays alive is the leak check's to report)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            time.sleep(0.01)
+        self.stopping = True
+        self.thread.join()
+
+
+class Runtime:
+    """``stages-oci --root <the test's own> ...`` with stdout and stderr in files (a container created by
+    the command keeps them open, as it keeps conmon's pipes)."""
+
+    def __init__(self, directory: Path, reaper: Reaper):
+        self.directory = directory
+        self.root = directory / "state"
+        self.reaper = reaper
+        self.count = 0
+
+    def spawn(self, *args, options=(), out: Path | None = None, err: Path | None = None) -> int:
+        argv = [*COMMAND, "--root", str(self.root), *options, *map(str, args)]
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, str(out), flags, 0o644),
+                   (os.POSIX_SPAWN_OPEN, 2, str(err), flags, 0o644) if err else (os.POSIX_SPAWN_DUP2, 1, 2)]
+        return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
+
+    def __call__(self, *args, options=(), timeout: float = 60) -> Result:
+        self.count += 1
+        out = self.directory / f"out-{self.count}"
+        err = self.directory / f"err-{self.count}"
+        pid = self.spawn(*args, options=options, out=out, err=err)
+        return Result(self.reaper.wait(pid, timeout), out, err)
+
+    def state(self, container_id: str) -> dict:
+        result = self("state", container_id)
+        assert result.code == 0, result.err
+        return result.json()
+
+    def wait_for(self, container_id: str, status: str, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state(container_id)
+            if state["status"] == status or time.monotonic() > deadline:
+                return state
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def runtime(tmp_path, busybox_rootfs):
+    """A state root of the test's own, and this process as the subreaper of what the command leaves,
+    collecting it (busybox_rootfs first: the reaper must not collect the children of other fixtures)."""
+    kernel.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    reaper = Reaper()
+    try:
+        yield Runtime(tmp_path, reaper)
+    finally:
+        try:
+            for item in oci.list_containers(str(tmp_path / "state")):
+                oci.delete(item["id"], force=True, root=str(tmp_path / "state"))
+        finally:
+            kernel.prctl(PR_SET_CHILD_SUBREAPER, 0)
+            reaper.stop()
+
+
+def bundle(tmp_path: Path, rootfs: Path, args: list[str], name: str = "bundle", change=None,
+           **options) -> Path:
+    config = oci.default_spec(args, rootfs=str(rootfs), **options)
+    if change:
+        change(config)
+    return Path(oci.write_bundle(tmp_path / name, config))
+
+
+def name(tmp_path: Path, suffix: str = "") -> str:
+    return f"cli-{os.getpid()}-{tmp_path.name[-16:]}{suffix}"[:60]
+
+
+def wait_for_text(path: Path, text: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return path.read_text()
+
+
+def pid_1_inside(pid: int) -> bool:
+    """Whether host PID ``pid`` is PID 1 of its own PID namespace (the last NSpid, proc(5))."""
+    with open(f"/proc/{pid}/status") as handle:
+        line = next(line for line in handle if line.startswith("NSpid:"))
+    numbers = line.split()[1:]
+    return len(numbers) > 1 and numbers[-1] == "1"
+
+
+# -- the lifecycle -------------------------------------------------------------------------------------------
+def test_create_start_kill_delete_walks_creating_created_running_stopped(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", "echo started; exec sleep 60"], hostname="clibox")
+    pid_file = tmp_path / "init.pid"
+
+    # creating: catch the command between writing its state and the init reporting, and stop it there
+    seen = []
+    for _ in range(5):
+        out = tmp_path / "container-output"
+        create = runtime.spawn("create", "--bundle", path, "--pid-file", pid_file, container, out=out)
+        state_file = runtime.root / container / statefile.STATE_FILE
+        while not state_file.exists() and create not in runtime.reaper.statuses:
+            pass
+        os.kill(create, signal.SIGSTOP)
+        try:
+            seen.append(runtime.state(container)["status"])
+        finally:
+            os.kill(create, signal.SIGCONT)
+            assert runtime.reaper.wait(create, 60) == 0, out.read_text()
+        if seen[-1] == "creating":
+            break
+        assert runtime("delete", "--force", container).code == 0
+    assert "creating" in seen, seen
+
+    state = runtime.state(container)
+    assert state["status"] == "created" and state["id"] == container and state["bundle"] == str(path)
+    pid = int(pid_file.read_text())
+    assert pid == state["pid"] and pid_1_inside(pid)
+    assert "started" not in out.read_text()  # created: the init waits, the program has not run
+
+    listed = runtime("list", "--format", "json").json()
+    assert [(item["id"], item["status"], item["pid"]) for item in listed] == [(container, "created", pid)]
+    assert runtime("list", "-q").out.split() == [container]
+
+    assert runtime("start", container).code == 0
+    assert runtime.state(container)["status"] == "running"
+    assert "started" in wait_for_text(out, "started")
+    again = runtime("start", container)
+    assert again.code == 1 and "only a created container can be started" in again.err
+
+    assert runtime("kill", container, "KILL").code == 0
+    state = runtime.wait_for(container, "stopped")
+    assert state["status"] == "stopped" and state["pid"] == 0
+    assert runtime("kill", container, "KILL").code == 1  # nothing left to signal
+
+    assert runtime("delete", container).code == 0
+    gone = runtime("state", container)
+    assert gone.code == 1 and "does not exist" in gone.err
+    assert runtime("list", "-q").out == ""
+    assert not (runtime.root / container).exists()
+
+
+def test_state_follows_the_runtime_spec_schema(tmp_path, runtime, busybox_rootfs):
+    if not (SCHEMA_DIRECTORY / "state-schema.json").exists():
+        pytest.skip(f"no {SCHEMA_DIRECTORY}/state-schema.json: apt-get install golang-github-opencontainers-"
+                    "specs-dev")
+    import jsonschema
+    import referencing
+
+    def load(file_name: str) -> dict:
+        return json.loads((SCHEMA_DIRECTORY / file_name).read_text())
+
+    registry = referencing.Registry().with_resource(
+        "defs.json", referencing.Resource.from_contents(load("defs.json"), referencing.jsonschema.DRAFT4))
+    validator = jsonschema.Draft4Validator(load("state-schema.json"), registry=registry)
+
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sleep", "60"],
+                  change=lambda config: config.update(annotations={"org.example.test": "yes"}))
+    assert runtime("create", "-b", path, container).code == 0
+    states = [runtime.state(container)]
+    assert runtime("start", container).code == 0
+    states.append(runtime.state(container))
+    assert runtime("kill", container, "9").code == 0
+    states.append(runtime.wait_for(container, "stopped"))
+    assert [state["status"] for state in states] == ["created", "running", "stopped"]
+    for state in states:
+        validator.validate(state)
+        assert state["annotations"] == {"org.example.test": "yes"}
+    # the check itself can fail: a state without a bundle, or with a status the spec does not name
+    broken = [dict(states[0], status="sleeping"), {k: v for k, v in states[0].items() if k != "bundle"}]
+    assert all(list(validator.iter_errors(item)) for item in broken)
+
+
+def test_kill_by_name_and_by_number(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    script = ("trap 'echo got-usr1' USR1; trap 'echo got-hup' HUP; trap 'echo got-term; exit 3' TERM; "
+              "echo ready; while :; do usleep 10000; done")
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", script])
+    created = runtime("create", "--bundle", path, container)
+    assert created.code == 0, created.err
+    assert runtime("start", container).code == 0
+    wait_for_text(created.out_path, "ready")
+
+    assert runtime("kill", container, "USR1").code == 0  # a name without SIG
+    assert "got-usr1" in wait_for_text(created.out_path, "got-usr1")
+    assert runtime("kill", container, str(int(signal.SIGHUP))).code == 0  # a number
+    assert "got-hup" in wait_for_text(created.out_path, "got-hup")
+    wrong = runtime("kill", container, "NOSUCH")
+    assert wrong.code == 1 and "is not a signal" in wrong.err and "Traceback" not in wrong.err
+    assert runtime.state(container)["status"] == "running"
+    assert runtime("kill", container).code == 0  # SIGTERM, the default
+    assert "got-term" in wait_for_text(created.out_path, "got-term")
+    assert runtime.wait_for(container, "stopped")["status"] == "stopped"
+    assert runtime("delete", container).code == 0
+
+
+def test_delete_force_of_a_running_container_leaves_nothing(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sleep", "60"])
+    assert runtime("create", "-b", path, container).code == 0
+    assert runtime("start", container).code == 0
+    pid = runtime.state(container)["pid"]
+    private = json.loads((runtime.root / container / statefile.STATE_FILE).read_text())["stages"]
+    directories = cgroups.Cgroup.open(private["cgroup"]).unique_directories()
+    assert directories and all(os.path.isdir(d) for d in directories)
+    assert str(pid) in (Path(directories[0]) / "cgroup.procs").read_text().split()
+
+    refused = runtime("delete", container)
+    assert refused.code == 1 and "is running" in refused.err
+    assert runtime("delete", "--force", container).code == 0
+    assert not statefile.alive(pid, None)
+    assert not any(os.path.exists(d) for d in directories)
+    assert not (runtime.root / container).exists()
+    # as runc: a forced delete of what is not there is done; an unforced one says it does not exist
+    assert runtime("delete", "-f", container).code == 0
+    missing = runtime("delete", container)
+    assert missing.code == 1 and "does not exist" in missing.err
+
+
+# -- exec ----------------------------------------------------------------------------------------------------
+def test_exec_runs_inside_from_a_process_file_or_arguments(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sleep", "60"], hostname="inside")
+    assert runtime("create", "-b", path, container).code == 0
+    assert runtime("start", container).code == 0
+    init = runtime.state(container)["pid"]
+
+    process = tmp_path / "process.json"
+    process.write_text(json.dumps({"args": ["sh", "-c", "echo host=$(hostname) one=$(cat /proc/1/comm)"],
+                                   "cwd": "/", "env": ["PATH=/bin:/sbin:/usr/bin"]}))
+    result = runtime("exec", "--process", process, container)
+    assert result.code == 0, result.err
+    assert result.out.split() == ["host=inside", "one=sleep"] and os.uname().nodename != "inside"
+
+    result = runtime("exec", "-e", "GREETING=hello", "--cwd", "/tmp", container,
+                     "sh", "-c", "echo $GREETING $PWD")
+    assert (result.code, result.out.strip()) == (0, "hello /tmp"), result.err
+    assert runtime("exec", container, "sh", "-c", "exit 5").code == 5
+
+    pid_file = tmp_path / "exec.pid"
+    result = runtime("exec", "--detach", "--pid-file", pid_file, container, "sleep", "30")
+    assert result.code == 0, result.err
+    pid = int(pid_file.read_text())
+    assert os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{init}/ns/pid")
+    assert os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+
+    missing = runtime("exec", container)
+    assert missing.code == 1 and "needs a command" in missing.err
+    assert runtime("kill", container, "KILL").code == 0
+    assert runtime.wait_for(container, "stopped")["status"] == "stopped"
+    stopped = runtime("exec", container, "true")
+    assert stopped.code == 1 and "exec needs a running container" in stopped.err
+    assert runtime("delete", container).code == 0
+
+
+# -- run -----------------------------------------------------------------------------------------------------
+def test_run_exits_with_the_containers_code_and_removes_it(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", "echo from-inside; hostname; exit 7"],
+                  hostname="runbox",
+                  change=lambda config: config["linux"].update(cgroupsPath="machine.slice:libpod:abc"))
+    log = tmp_path / "log"
+    # options runc takes that mean nothing different here must not fail: --no-pivot, --no-new-keyring,
+    # --systemd-cgroup (conmon passes it when podman's cgroup manager is systemd)
+    result = runtime("run", "--bundle", path, "--no-pivot", "--no-new-keyring", container,
+                     options=("--systemd-cgroup", "--log", log, "--debug"))
+    assert result.code == 7, result.err
+    assert result.out.split() == ["from-inside", "runbox"]
+    assert runtime("list", "-q").out == "" and not (runtime.root / container).exists()
+    text = log.read_text()
+    assert "always pivots" in text and "level=debug" in text and "pivot_root" in text
+
+    result = runtime("run", "-b", path, container)
+    assert result.code == 7
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+def test_an_error_goes_to_stderr_and_to_the_log_as_a_json_line(tmp_path, runtime):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    log = tmp_path / "oci-log"
+    result = runtime("create", "--bundle", empty, "--pid-file", tmp_path / "pid", "bad",
+                     options=("--log-format=json", "--log", log))
+    assert result.code == 1
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines and lines[-1]["level"] == "error" and "time" in lines[-1]
+    assert "has no config.json" in lines[-1]["msg"] and "hint:" in lines[-1]["msg"]
+    assert "has no config.json" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "pid").exists() and not (runtime.root / "bad").exists()
+
+    text_log = tmp_path / "text-log"
+    assert runtime("state", "bad", options=("--log", text_log)).code == 1
+    assert 'level=error msg="container \'bad\' does not exist' in text_log.read_text()
+
+
+def test_a_wrong_command_line_says_so_in_one_sentence(tmp_path, runtime):
+    log = tmp_path / "log"
+    for args, words in ((["create", "--frobnicate", "x"], "unknown option or argument: --frobnicate"),
+                        (["frobnicate"], "unknown command 'frobnicate'"),
+                        (["kill"], "kill: missing ID"),
+                        (["create", "--preserve-fds", "2", "x"], "--preserve-fds 2")):
+        result = runtime(*args, options=("--log-format", "json", "--log", log))
+        assert result.code in (1, 2), (args, result.err)
+        assert words in result.err and "Traceback" not in result.err, result.err
+        assert len(result.err.strip().splitlines()) == 1, result.err
+        assert words in json.loads(log.read_text().splitlines()[-1])["msg"]
+    assert runtime("--version").out.startswith("stages-oci version ")
+    assert runtime("-v").code == 0 and runtime("--help").code == 0 and runtime("exec", "--help").code == 0
+
+
+# -- pause, features, spec ----------------------------------------------------------------------------------
+@pytest.mark.skipif("freezer" not in cgroups.detect().extras,
+                    reason="no freezer here (cgroup v1 freezer, or cgroup v2 on Linux 5.2+)")
+def test_pause_and_resume(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    count_up = "i=0; while :; do i=$((i+1)); echo $i; usleep 2000; done"
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", count_up])
+    created = runtime("create", "-b", path, container)
+    assert runtime("start", container).code == 0
+    wait_for_text(created.out_path, "3")
+
+    def count() -> int:
+        numbers = created.out.split()
+        return int(numbers[-1]) if numbers else 0
+
+    assert runtime("pause", container).code == 0
+    assert runtime.state(container)["status"] == "paused"
+    before = count()
+    time.sleep(0.3)
+    assert count() == before
+    assert runtime("resume", container).code == 0
+    assert runtime.state(container)["status"] == "running"
+    time.sleep(0.3)
+    assert count() > before
+    again = runtime("resume", container)
+    assert again.code == 1 and "not paused" in again.err
+    assert runtime("delete", "--force", container).code == 0
+
+
+def test_features_tell_what_the_library_accepts(tmp_path, runtime, busybox_rootfs):
+    result = runtime("features")
+    assert result.code == 0, result.err
+    features = result.json()
+    assert features["ociVersionMin"] == "1.0.0" and features["ociVersionMax"].startswith("1.")
+    assert set(features) >= {"ociVersionMin", "ociVersionMax", "hooks", "mountOptions", "linux",
+                             "annotations"}
+    linux = features["linux"]
+    assert {"mount", "pid", "network", "uts", "ipc", "user"} <= set(linux["namespaces"])
+    assert "CAP_SYS_ADMIN" in linux["capabilities"]
+    assert all(word.startswith("CAP_") for word in linux["capabilities"])
+    assert set(linux["cgroup"]) == {"v1", "v2", "systemd", "systemdUser", "rdma"}
+    assert all(isinstance(value, bool) for value in linux["cgroup"].values())
+    for name_ in ("seccomp", "apparmor", "selinux", "intelRdt"):
+        assert isinstance(linux[name_]["enabled"], bool)
+    if linux["seccomp"]["enabled"]:
+        assert "SCMP_ACT_ERRNO" in linux["seccomp"]["actions"]
+    assert all(isinstance(value, str) for value in features["annotations"].values())
+    assert set(features["hooks"]) <= {"prestart", "createRuntime", "createContainer", "startContainer",
+                                      "poststart", "poststop"}
+    # true, not hopeful: the library takes every listed mount option, and refuses one left out
+    assert "idmap" not in features["mountOptions"]
+    for option in features["mountOptions"]:
+        config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
+        # the source exists, for "bind" and "rbind" (tmpfs ignores it)
+        config["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": str(tmp_path),
+                                 "options": [option]})
+        oci.write_bundle(tmp_path / "b", config)
+        oci.load(tmp_path / "b")
+    config["mounts"][-1]["options"] = ["idmap"]
+    oci.write_bundle(tmp_path / "b", config)
+    with pytest.raises(oci.SpecError):
+        oci.load(tmp_path / "b")
+
+
+def test_spec_writes_a_default_config_once(tmp_path, runtime):
+    target = tmp_path / "new"
+    target.mkdir()
+    assert runtime("spec", "--bundle", target).code == 0
+    config = json.loads((target / "config.json").read_text())
+    assert config["process"]["args"] == ["sh"] and config["root"]["path"] == "rootfs"
+    assert {"type": "mount"} in config["linux"]["namespaces"]
+    again = runtime("spec", "-b", target)
+    assert again.code == 1 and "exists already" in again.err
