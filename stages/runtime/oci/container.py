@@ -25,6 +25,7 @@ import time
 
 from stages import kernel
 from stages.errors import NotRootError, StagesError
+from stages.runtime.oci import hooks as oci_hooks
 from stages.runtime.oci import spec as oci_spec
 from stages.runtime.oci import statefile as oci_state
 from stages.steps import StepRecord
@@ -46,7 +47,24 @@ def _fd(item) -> int | None:
     return item if isinstance(item, int) else item.fileno()
 
 
-def _spawn(plan: oci_spec.Plan, fifo: int, stdio) -> tuple[int, socket.socket]:
+def _posix_spawn(args: list[str], targets: dict[int, int | None]) -> int:
+    """``posix_spawn`` of ``args`` with each ``targets`` item (descriptor number in the child -> ours).
+
+    Each of ours is first copied above the targets, so that one dup2 cannot overwrite the source of
+    the next (ours may be 3 and a target 3: the file actions run in order, posix_spawn(3))."""
+    import fcntl
+
+    copies = {target: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for target, fd in targets.items()
+              if fd is not None}
+    try:
+        actions = [(os.POSIX_SPAWN_DUP2, copy, target) for target, copy in copies.items()]
+        return os.posix_spawn(args[0], args, _child_environment(), file_actions=actions)
+    finally:
+        for copy in copies.values():
+            os.close(copy)
+
+
+def _spawn(plan: oci_spec.Plan, fifo: int, stdio, detach: bool = False) -> tuple[int, socket.socket]:
     """Start the setup process: a fork of this process when it is single-threaded (fast, as a CLI is),
     else a fresh ``python -m stages.runtime.oci.process`` (a notebook kernel has threads, and
     unshare(CLONE_NEWUSER) refuses a threaded process)."""
@@ -63,17 +81,15 @@ def _spawn(plan: oci_spec.Plan, fifo: int, stdio) -> tuple[int, socket.socket]:
                     # holds, copying its pages into the container's cgroup (copy-on-write, fork(2)).
                     gc.disable()
                     ours.close()
-                    process.setup_process(theirs, plan, fifo, fds)
+                    process.setup_process(theirs, plan, fifo, fds, detach)
                 finally:
                     os._exit(1)
         else:
-            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
-            actions.append((os.POSIX_SPAWN_DUP2, theirs.fileno(), 3))  # dup2 clears close-on-exec
-            actions.append((os.POSIX_SPAWN_DUP2, fifo, 4))
             python = sys.executable  # the virtualenv's own, so that its packages are found
-            pid = os.posix_spawn(python, [python, "-m", "stages.runtime.oci.process", "3", "4"],
-                                 _child_environment(), file_actions=actions)
-            process.send(ours, {"plan": plan.to_dict()})
+            # dup2 clears close-on-exec: the fresh interpreter finds the socket at 3 and the FIFO at 4
+            pid = _posix_spawn([python, "-m", "stages.runtime.oci.process", "3", "4"],
+                               {**dict(enumerate(fds)), 3: theirs.fileno(), 4: fifo})
+            process.send(ours, {"plan": plan.to_dict(), "detach": detach})
     finally:
         theirs.close()
     return pid, ours
@@ -111,13 +127,21 @@ def _cgroup_name(container_id: str, cgroups_path: str) -> str:
 
 
 def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike | None = None,
-           pid_file: str | os.PathLike | None = None, stdio=None, record: StepRecord | None = None) -> dict:
+           pid_file: str | os.PathLike | None = None, stdio=None, record: StepRecord | None = None,
+           detach: bool = False) -> dict:
     """Create the container ``container_id`` from the OCI bundle ``bundle``; returns its state.
 
     The init is left waiting: ``start`` makes it exec ``process.args``. ``root`` is the state root
     (default ``$STAGES_OCI_ROOT`` or /run/stages/oci); ``pid_file`` receives the init's PID; ``stdio`` is
     ``(stdin, stdout, stderr)``, each a file descriptor, a file object or None (inherit ours);
     ``record`` collects the steps (a new :class:`StepRecord` otherwise).
+
+    ``detach`` is how a command-line runtime (``runc create``) behaves: no process of ours stays behind.
+    The setup process ends (and is reaped here) once the init has reported, so the init is reparented
+    to the nearest subreaper above us (conmon, containerd-shim, or a program that set
+    PR_SET_CHILD_SUBREAPER, prctl(2)); that one collects the exit code with waitpid() on the PID in
+    ``pid_file``. Without ``detach`` (the engine's way) the setup process stays our child and passes the
+    init's end on, which :func:`wait` returns.
     """
     from stages.isolate.cgroups import Cgroup
     from stages.runtime.oci import process
@@ -141,7 +165,11 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             "stages": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                        "rootfs": plan.rootfs, "cgroup": None, "setup_pid": 0,
                        "runtime_pid": os.getpid(), "runtime_started": oci_state.start_time(os.getpid())}}
+    data["stages"]["hooks"] = plan.hooks  # start and delete run the rest (config.json may change by then)
+    if plan.seccomp is not None:
+        data["stages"]["seccomp"] = plan.seccomp  # exec loads the same filter (as runc does)
     with contextlib.ExitStack() as undo, record.active():
+        undo.push(oci_hooks.poststop_on_failure(plan.hooks, data, record))  # last, once all is undone
         undo.callback(oci_state.remove, container_id, root)
         oci_state.write(state_file, data)
         fifo = os.path.join(where, oci_state.FIFO)
@@ -162,7 +190,7 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             cgroup.set_pids(plan.pids)
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
         try:
-            setup_pid, channel = _spawn(plan, fifo_fd, stdio)
+            setup_pid, channel = _spawn(plan, fifo_fd, stdio, detach)
         finally:
             os.close(fifo_fd)
         undo.callback(_end_setup, setup_pid)
@@ -172,6 +200,7 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
         channel.settimeout(CREATE_TIMEOUT)
         pid = 0
         created = False
+        paused = resumed = False  # the init pauses before pivot_root for the hooks
         # Two processes write to this socket: the setup process (the init's PID, as the host sees it) and
         # the init ("created"); on a busy machine either may come first.
         while not (pid and created):
@@ -193,9 +222,19 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
                 process.send(channel, {"go": True})
             if "pid" in message:
                 pid = message["pid"]
+            paused = paused or bool(message.get("hooks"))
+            if paused and pid and not resumed:  # the hooks read its host PID: wait for both messages
+                oci_hooks.resume_init(channel, plan.hooks, data, pid, where, record)
+                resumed = True
             created = created or bool(message.get("created"))
         data.update(status="created", pid=pid)
         data["stages"]["init_started"] = oci_state.start_time(pid)
+        if detach:
+            # it ends once the init no longer needs it; 0 says the init cleared its death signal first
+            ended = _reap(setup_pid, 5.0)
+            if ended is None or os.waitstatus_to_exitcode(ended) != 0:
+                raise _died(setup_pid, plan)
+            data["stages"]["detached"] = True
         oci_state.write(state_file, data)
         if pid_file is not None:
             oci_state.write_text(os.fspath(pid_file), f"{pid}\n")
@@ -253,7 +292,7 @@ def _rebuild(error: dict, step: str | None = None) -> BaseException:
 def _error_class(name: str) -> type:
     from stages import errors
 
-    found = getattr(errors, name, None) or getattr(oci_spec, name, None)
+    found = getattr(errors, name, None) or getattr(oci_spec, name, None) or getattr(oci_hooks, name, None)
     return found if isinstance(found, type) and issubclass(found, StagesError) else StagesError
 
 
@@ -303,13 +342,16 @@ def start(container_id: str, *, root: str | os.PathLike | None = None,
                 raise StagesError(f"container {container_id!r} is no longer waiting to start",
                                   "its init has gone; delete it and create it again") from None
             raise
+        report = oci_hooks.open_start_report(oci_state.directory(container_id, root))  # before the release
         try:
             os.write(fd, b"0")
         finally:
             os.close(fd)
         os.unlink(fifo)
+    oci_hooks.started(report, data["stages"].get("hooks") or {}, data["pid"], record)  # startContainer
     data["status"] = "running"
     oci_state.write(os.path.join(oci_state.directory(container_id, root), oci_state.STATE_FILE), data)
+    oci_hooks.run_poststart(data, record)  # a failure is a warning: the program runs already
     return oci_state.spec_state(data, root)
 
 
@@ -424,6 +466,7 @@ def delete(container_id: str, force: bool = False, *, root: str | os.PathLike | 
         except CgroupError:
             pass  # never made, or removed already
     oci_state.remove(container_id, root)
+    oci_hooks.run_poststop(data, record)  # after the container is gone (runtime.md); failures warn
 
 
 def list_containers(root: str | os.PathLike | None = None) -> list[dict]:
@@ -455,11 +498,17 @@ def cleanup(root: str | os.PathLike | None = None) -> list[str]:
 
 def wait(container_id: str, *, root: str | os.PathLike | None = None) -> int | None:
     """Wait for the container to stop; its exit code (negative: the signal that ended it), like
-    :mod:`subprocess`. None when this process did not create it (only the parent learns an exit code)."""
+    :mod:`subprocess`. None when this process did not create it (only the parent learns an exit code),
+    or created it detached without being the subreaper its init was reparented to."""
     data = oci_state.read(container_id, root)
-    setup = data.get("stages", {}).get("setup_pid")
+    private = data.get("stages", {})
+    # detached, the init itself is the child of its subreaper (which may be us); else the setup process
+    # is ours and ends as the init did
+    waited = data.get("pid") if private.get("detached") else private.get("setup_pid")
     try:
-        _, status = os.waitpid(setup, 0)
+        if not waited or waited <= 0:
+            raise ChildProcessError
+        _, status = os.waitpid(waited, 0)
         return os.waitstatus_to_exitcode(status)
     except ChildProcessError:
         while oci_state.status(data, root) != "stopped":
@@ -483,7 +532,9 @@ def run(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike
 def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | None = None, stdio=None,
                  record: StepRecord | None = None, detach: bool = False) -> int | None:
     """Run one more process in a running container (``runc exec``); its exit code, or with ``detach``
-    its PID (on the host) as soon as it runs.
+    its PID (on the host) as soon as it runs. Detached, no process of ours stays behind: the helper
+    ends once the process has exec'd (and is reaped here), so the process is reparented to the nearest
+    subreaper above us, as under ``runc exec --detach`` (conmon collects its exit code).
 
     ``process`` is config.json's ``process`` object (args, env, cwd, user, capabilities, rlimits,
     noNewPrivileges). The new process joins the container's cgroup, then its namespaces by
@@ -504,7 +555,9 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
         cgroup = Cgroup.open(data["stages"]["cgroup"])
         cgroup_files = [os.path.join(d, "cgroup.procs") for d in cgroup.unique_directories()]
     record = record if record is not None else StepRecord(f"exec {container_id}")
-    message = {"exec": {"target": data["pid"], "cgroup_files": cgroup_files, "process": wanted.__dict__}}
+    seccomp = data.get("stages", {}).get("seccomp")  # the container's filter binds what is exec'd in it too
+    message = {"exec": {"target": data["pid"], "cgroup_files": cgroup_files, "process": wanted.__dict__,
+                        "seccomp": seccomp}, "detach": detach}
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds = [_fd(item) for item in (stdio or (None, None, None))]
     try:
@@ -514,14 +567,13 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
                 try:
                     gc.disable()
                     ours.close()
-                    oci_process.exec_process(theirs, data["pid"], cgroup_files, wanted, fds)
+                    oci_process.exec_process(theirs, data["pid"], cgroup_files, wanted, fds, detach,
+                                             seccomp=seccomp)
                 finally:
                     os._exit(1)
         else:
-            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
-            actions.append((os.POSIX_SPAWN_DUP2, theirs.fileno(), 3))
-            helper = os.posix_spawn(sys.executable, [sys.executable, "-m", "stages.runtime.oci.process", "3"],
-                                    _child_environment(), file_actions=actions)
+            helper = _posix_spawn([sys.executable, "-m", "stages.runtime.oci.process", "3"],
+                                  {**dict(enumerate(fds)), 3: theirs.fileno()})
             oci_process.send(ours, message)
     finally:
         theirs.close()
@@ -542,6 +594,7 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
             raise _died(helper, None)
         undo.pop_all()
     if detach:
+        _reap(helper, 5.0)  # it ended as the process exec'd
         return pid
     _, status = os.waitpid(helper, 0)
     return os.waitstatus_to_exitcode(status)

@@ -29,10 +29,13 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 from stages import kernel, steps
 from stages.errors import CommandNotFoundError, StagesError
-from stages.isolate import filesystem, privileges
+from stages.isolate import filesystem
+from stages.runtime.oci import hooks as oci_hooks
+from stages.runtime.oci import seccomp as oci_seccomp
 from stages.runtime.oci.spec import Mount, Plan, Process
 
 PR_SET_DUMPABLE = 4
@@ -82,11 +85,15 @@ def _take_stdio_ignore_keyboard(stdio: list[int | None] | None) -> None:
             os.dup2(fd, target)
 
 
-def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | None] | None = None):
+def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | None] | None = None,
+                  detach: bool = False):
     """The setup process's life (never returns): namespaces, then fork the init and pass on its end.
 
     ``fifo`` is the exec FIFO, opened by the runtime (the state directory may be out of reach for the
-    root of a new user namespace); ``stdio`` the descriptors to make 0, 1 and 2.
+    root of a new user namespace); ``stdio`` the descriptors to make 0, 1 and 2. With ``detach`` it
+    does not stay: it ends as soon as the init has reported "created", so that the init is reparented
+    to the runtime's caller when that is a subreaper (conmon, containerd-shim: PR_SET_CHILD_SUBREAPER in
+    prctl(2)), whose own waitpid() then collects the container's exit code.
     """
     status = 1
     try:
@@ -112,14 +119,21 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | 
             if "cgroup" in plan.new_namespaces:
                 kernel.unshare(kernel.CLONE_NEWCGROUP,
                                what="a cgroup namespace rooted at the container's cgroup")
+            # detached: the init tells us on this pipe when it no longer needs us (end of file: it died)
+            released, release = os.pipe2(os.O_CLOEXEC) if detach else (-1, None)
             with steps.record("# fork: the child is PID 1 of the new PID namespace", where="inside",
                               what="unshare(2) moves only our children into a new PID namespace"):
                 pid = os.fork()
             if pid == 0:
-                init_process(sock, plan, fifo)  # never returns
+                if detach:
+                    os.close(released)
+                init_process(sock, plan, fifo, release)  # never returns
         os.close(fifo)  # only the init may hold it: an open FIFO is how `start` knows someone waits
         send(sock, {"pid": pid, "steps": record.to_dicts()})
         sock.close()
+        if detach:
+            os.close(release)
+            os._exit(0 if os.read(released, 1) == b"1" else 1)
         for number in _FORWARDED:
             signal.signal(number, lambda signum, _frame: _forward(pid, signum))
         status = _wait(pid)
@@ -176,15 +190,30 @@ def _end_like(status: int) -> None:
 
 
 # -- the init --------------------------------------------------------------------------------------------
-def init_process(sock: socket.socket, plan: Plan, fifo: int) -> None:
-    """The init's life (never returns): set up, report, wait for ``start``, exec."""
+def init_process(sock: socket.socket, plan: Plan, fifo: int, release: int | None = None) -> None:
+    """The init's life (never returns): set up, report, wait for ``start``, exec.
+
+    ``release`` (detached mode): the pipe the setup process waits on; one byte lets it end.
+    """
     record = steps.StepRecord()
     try:
-        kernel.set_parent_death_signal(signal.SIGKILL)  # no init outlives its setup process
+        kernel.set_parent_death_signal(signal.SIGKILL)  # no init outlives its setup process while setting up
         with record.active():
-            executable = init_chain(plan)
+            hooks = oci_hooks.InitHooks.for_plan(sock, plan.hooks, record)  # None: no hook, no pause
+            executable = init_chain(plan, hooks)
+            seccomp_filter = _seccomp_before_exec(plan.seccomp, plan.process)
+            if release is not None:
+                # Detached, the init outlives its setup process by design: clear the death signal
+                # *before* the setup process may end. If it is killed in between, the init lives on
+                # unreported, and the runtime's undo removes the cgroup, which kills it.
+                with steps.record("# prctl(PR_SET_PDEATHSIG, 0)", where="inside",
+                                  what="detached: the init is reparented to the caller's subreaper"):
+                    kernel.set_parent_death_signal(0)
         send(sock, {"created": True, "steps": record.to_dicts()})
         sock.close()
+        if release is not None:
+            os.write(release, b"1")
+            os.close(release)
     except BaseException as error:  # noqa: B036 - reported to the runtime
         try:
             send(sock, {"error": error_reply(error), "steps": record.to_dicts()})
@@ -197,17 +226,25 @@ def init_process(sock: socket.socket, plan: Plan, fifo: int) -> None:
         if os.read(fifo, 1) != b"0":
             os._exit(1)
         os.close(fifo)
+        if hooks is not None:
+            hooks.start_container()  # on failure the init reports to `start` and ends here
         for number in _RESET_SIGNALS:
             signal.signal(number, signal.SIG_DFL)  # ignored signals would stay ignored across execve(2)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if seccomp_filter is not None:
+            seccomp_filter.load()  # the last system call before execve(2), which the filter must allow
         os.execve(executable, plan.process.args, plan.process.env)
     except OSError as error:
         os.write(2, f"stages: cannot run {plan.process.args[0]}: {error.strerror}\n".encode())
     os._exit(127)
 
 
-def init_chain(plan: Plan) -> str:
-    """Everything the init does before it waits for ``start``, in order. Returns the program to exec."""
+def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) -> str:
+    """Everything the init does before it waits for ``start``, in order. Returns the program to exec.
+
+    ``before_pivot_root`` is called with the mounts made, just before pivot_root: the pause for the
+    hooks (:class:`stages.runtime.oci.hooks.InitHooks`).
+    """
     process = plan.process
     # 1. names (sethostname(2) in our own UTS namespace)
     if plan.hostname:
@@ -228,8 +265,10 @@ def init_chain(plan: Plan) -> str:
         dev = os.path.join(plan.rootfs, "dev")
         filesystem.make_devices(dev, plan.user_namespace)
         filesystem.make_device_links(dev)
-    if plan.seccomp_deny is not None:
-        privileges._library()  # load libseccomp now: after pivot_root it is out of reach
+    if before_pivot_root is not None:
+        # prestart, createRuntime (the runtime) and createContainer hooks (here) run now: the container's
+        # environment exists and the host's paths are still in reach (config.md, "POSIX-platform Hooks")
+        before_pivot_root()
     filesystem.pivot_root(plan.rootfs, bind=False)
     # 3. what /proc and /sys may show and change
     for key, value in plan.sysctl.items():
@@ -258,15 +297,23 @@ def init_chain(plan: Plan) -> str:
     with steps.record(f"cd {process.cwd}", where="inside"):
         os.chdir(process.cwd)
     executable = find_program(process.args[0], process.env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+    if plan.seccomp is not None and not process.no_new_privileges:
+        # Without no_new_privs, loading a filter takes CAP_SYS_ADMIN (seccomp(2)): so now, before
+        # become_user drops it, as runc does; what the init still does runs under the filter.
+        oci_seccomp.install(plan.seccomp)
     become_user(process)
     if process.no_new_privileges:
         kernel.set_no_new_privs(what="noNewPrivileges: execve can never grant more privileges")
-    if plan.seccomp_deny is not None:
-        # Last: the filter also binds us, and it needs no_new_privs or CAP_SYS_ADMIN (seccomp(2)), which
-        # libseccomp takes care of by setting no_new_privs itself.
-        privileges.install_seccomp(plan.seccomp_deny)
     kernel.set_parent_death_signal(signal.SIGKILL)  # a change of IDs cleared it (prctl(2))
     return executable
+
+
+def _seccomp_before_exec(compiled: dict | None, process: Process) -> oci_seccomp.Prepared | None:
+    """With no_new_privs, the filter is loaded as the very last thing before execve(2) (the fewer of our
+    own system calls it sees, the fewer it must allow); without, it was loaded already (init_chain)."""
+    if compiled is None or not process.no_new_privileges:
+        return None
+    return oci_seccomp.prepare(compiled)
 
 
 _RLIMIT_WORDS = {"RLIMIT_NOFILE": "nofile", "RLIMIT_NPROC": "nproc", "RLIMIT_CORE": "core",
@@ -383,9 +430,14 @@ JOIN_ORDER = ("cgroup", "ipc", "uts", "net", "pid", "time", "mount", "user")
 
 
 def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], process: Process,
-                 stdio: list[int | None] | None = None) -> None:
+                 stdio: list[int | None] | None = None, detach: bool = False,
+                 seccomp: dict | None = None) -> None:
     """The exec helper's life (never returns): join the cgroup and the namespaces of process ``target``
-    (the container's init), fork the new process into its PID namespace, and pass on how it ended."""
+    (the container's init), fork the new process into its PID namespace, and pass on how it ended.
+
+    With ``detach`` the helper ends as soon as the new process has exec'd, so that it is reparented to
+    the caller's subreaper (``runc exec --detach`` under conmon). ``seccomp``: the container's compiled
+    filter, which binds every process in it (runc applies it on exec too)."""
     status = 1
     try:
         _take_stdio_ignore_keyboard(stdio)
@@ -405,12 +457,18 @@ def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], proc
                 # the container's rootfs, as its init sees it after pivot_root.
                 kernel.setns(theirs, kernel.NAMESPACES[word][0],
                              what=f"join the container's {word} namespace")
+            # detached: the child holds this pipe's end until execve(2) closes it (close-on-exec)
+            execed, holding = os.pipe2(os.O_CLOEXEC) if detach else (-1, -1)
             with steps.record("# fork: the child lives in the container's PID namespace", where="inside"):
                 pid = os.fork()
             if pid == 0:
-                _exec_child(sock, process)  # never returns
+                _exec_child(sock, process, detach, seccomp)  # never returns
         send(sock, {"pid": pid, "steps": record.to_dicts()})
         sock.close()
+        if detach:
+            os.close(holding)
+            os.read(execed, 1)  # end of file: the child exec'd, or failed and ended
+            os._exit(0)
         for number in _FORWARDED:
             signal.signal(number, lambda signum, _frame: _forward(pid, signum))
         status = _wait(pid)
@@ -423,7 +481,8 @@ def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], proc
     _end_like(status)
 
 
-def _exec_child(sock: socket.socket, process: Process) -> None:
+def _exec_child(sock: socket.socket, process: Process, detach: bool = False,
+                seccomp: dict | None = None) -> None:
     record = steps.StepRecord()
     try:
         kernel.set_parent_death_signal(signal.SIGKILL)
@@ -437,14 +496,20 @@ def _exec_child(sock: socket.socket, process: Process) -> None:
                 os.chdir(process.cwd)
             executable = find_program(process.args[0],
                                       process.env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+            if seccomp is not None and not process.no_new_privileges:
+                oci_seccomp.install(seccomp)  # before become_user drops CAP_SYS_ADMIN, as in init_chain
             become_user(process)
             if process.no_new_privileges:
                 kernel.set_no_new_privs(what="noNewPrivileges")
-            kernel.set_parent_death_signal(signal.SIGKILL)
+            seccomp_filter = _seccomp_before_exec(seccomp, process)
+            # detached, it outlives its helper by design (reparented to the caller's subreaper)
+            kernel.set_parent_death_signal(0 if detach else signal.SIGKILL)
         send(sock, {"steps": record.to_dicts()})
         for number in _RESET_SIGNALS:
             signal.signal(number, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if seccomp_filter is not None:
+            seccomp_filter.load()
         os.execve(executable, process.args, process.env)  # the socket closes on exec: that says "started"
     except BaseException as error:  # noqa: B036 - reported to the runtime
         try:
@@ -458,15 +523,18 @@ def main(argv: list[str]) -> int:
     """``python -m stages.runtime.oci.process SOCKET [FIFO]``: the setup process (or an exec helper),
     started fresh by a threaded caller; both are file descriptors."""
     sock = socket.socket(fileno=int(argv[0]))
+    sock.set_inheritable(False)  # dup2 made it inheritable: the container's program must not hold it
     message = receive(sock)
     if message is None:
         return 1
     ctypes.get_errno()
     if "exec" in message:
         exec_process(sock, message["exec"]["target"], message["exec"]["cgroup_files"],
-                     Process(**message["exec"]["process"]))
+                     Process(**message["exec"]["process"]), detach=message.get("detach", False),
+                     seccomp=message["exec"].get("seccomp"))
     else:
-        setup_process(sock, Plan.from_dict(message["plan"]), int(argv[1]))
+        setup_process(sock, Plan.from_dict(message["plan"]), int(argv[1]),
+                      detach=message.get("detach", False))
     return 1
 
 

@@ -61,7 +61,6 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 # Fields of config.json we know but do not implement: refused when set to anything but "empty".
 _UNSUPPORTED = {
-    "hooks": "hooks (prestart, createRuntime ...) are not run by this runtime",
     "process.apparmorProfile": "AppArmor profiles are not applied by this runtime",
     "process.selinuxLabel": "SELinux labels are not applied by this runtime",
     "process.ioPriority": "I/O priorities are not set by this runtime",
@@ -159,7 +158,8 @@ class Plan:
     pids: int | None = None
     cgroups_path: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
-    seccomp_deny: list[str] | None = None  # system calls that fail with EPERM (a deny list), None: no filter
+    seccomp: dict | None = None  # linux.seccomp compiled (stages.runtime.oci.seccomp), None: no filter
+    hooks: dict[str, list[dict]] = field(default_factory=dict)  # kind -> hooks (stages.runtime.oci.hooks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -310,43 +310,22 @@ def plan(config: dict, bundle: str) -> Plan:
                      _typed(config.get("annotations"), dict, "annotations", {}).items()},
     )
     _resources(linux, result)
-    result.seccomp_deny = _seccomp(linux)
+    result.seccomp = _seccomp(linux)
+    from stages.runtime.oci import hooks
+
+    result.hooks = hooks.parse(config.get("hooks"))
     return result
 
 
-def _seccomp(linux: dict) -> list[str] | None:
-    """linux.seccomp as a deny list for stage 2's filter (stages.isolate.privileges): the default action
-    allows, and named system calls fail with EPERM. Anything richer is refused by name."""
+def _seccomp(linux: dict) -> dict | None:
+    """linux.seccomp, checked field by field and compiled to its BPF program now, so that a profile this
+    runtime cannot honour is refused at create (:mod:`stages.runtime.oci.seccomp`)."""
     profile = _typed(linux.get("seccomp"), dict, "linux.seccomp")
     if not profile:
         return None
-    if profile.get("defaultAction") != "SCMP_ACT_ALLOW":
-        raise refuse("linux.seccomp.defaultAction", f"{profile.get('defaultAction')!r} is not supported: "
-                     "this runtime builds deny lists (defaultAction SCMP_ACT_ALLOW) only",
-                     "use SCMP_ACT_ALLOW with the system calls to refuse listed as SCMP_ACT_ERRNO")
-    for name in ("flags", "listenerPath", "listenerMetadata", "defaultErrnoRet"):
-        if profile.get(name) not in (None, [], ""):
-            raise refuse(f"linux.seccomp.{name}", "is not supported by this runtime")
-    deny: list[str] = []
-    for index, rule in enumerate(_typed(profile.get("syscalls"), list, "linux.seccomp.syscalls", [])):
-        where = f"linux.seccomp.syscalls[{index}]"
-        _typed(rule, dict, where)
-        if rule.get("action") != "SCMP_ACT_ERRNO":
-            raise refuse(f"{where}.action", f"{rule.get('action')!r} is not supported: only SCMP_ACT_ERRNO")
-        if rule.get("errnoRet") not in (None, 1):
-            raise refuse(f"{where}.errnoRet", "only EPERM (1) is supported by this runtime")
-        if rule.get("args"):
-            raise refuse(f"{where}.args", "conditions on arguments are not supported by this runtime")
-        names = _typed(rule.get("names"), list, f"{where}.names", [])
-        if not names or not all(isinstance(name, str) for name in names):
-            raise refuse(f"{where}.names", "must be a non-empty list of system call names")
-        deny += names
-    from stages.isolate import privileges
+    from stages.runtime.oci import seccomp
 
-    if not privileges.seccomp_available():
-        raise refuse("linux.seccomp", "libseccomp, which builds the filter, is not installed",
-                     "install it (apt-get install libseccomp2), or remove linux.seccomp")
-    return deny
+    return seccomp.compile_profile(profile)
 
 
 def _namespaces(linux: dict) -> tuple[list[str], list[tuple[str, str]]]:

@@ -1,0 +1,242 @@
+"""OCI hooks (config.md "POSIX-platform Hooks", runtime.md "Lifecycle"), run for real.
+
+Every hook here is a small shell script of the host's (or, for startContainer, of the busybox rootfs)
+that writes the state it read on stdin, and facts about where it ran, into a directory the test reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+
+from stages.runtime import oci
+from stages.runtime.oci import hooks as oci_hooks
+from stages.runtime.oci import spec as oci_spec
+from stages.steps import StepRecord
+
+pytestmark = pytest.mark.root
+
+SH = "/bin/sh"
+# What a hook writes: the state it read, then where it ran (its UTS namespace and its root's inode).
+RECORDER = ('cat > "$OUT/$KIND.json"; readlink /proc/self/ns/uts > "$OUT/$KIND.uts"; '
+            'stat -c %i / > "$OUT/$KIND.root"; echo "$KIND" >> "$OUT/order"')
+
+
+@pytest.fixture
+def root(tmp_path):
+    directory = tmp_path / "state"
+    yield str(directory)
+    for item in oci.list_containers(str(directory)):
+        oci.delete(item["id"], force=True, root=str(directory))
+
+
+@pytest.fixture
+def out(tmp_path):
+    directory = tmp_path / "out"
+    directory.mkdir()
+    return directory
+
+
+def recorder(kind: str, out, inside: bool = False, **extra) -> dict:
+    """A hook that records what it saw; inside the container, ``out`` is bind-mounted at /tmp."""
+    where = "/tmp" if inside else str(out)
+    return {"path": SH, "args": ["sh", "-c", RECORDER], "env": [f"OUT={where}", f"KIND={kind}",
+                                                                  "PATH=/usr/bin:/bin"], **extra}
+
+
+def bundle(tmp_path, rootfs, out, hooks: dict, args=None) -> str:
+    config = oci.default_spec(args or ["sh", "-c", "echo program >> /tmp/order"], rootfs=str(rootfs),
+                              hostname="hooked")
+    config["mounts"].append({"destination": "/tmp", "type": "bind", "source": str(out),
+                             "options": ["rbind", "rw"]})
+    config["hooks"] = hooks
+    return oci.write_bundle(tmp_path / "bundle", config)
+
+
+def read_state(out, kind: str) -> dict:
+    return json.loads((out / f"{kind}.json").read_text())
+
+
+def name(tmp_path) -> str:
+    return f"h-{os.getpid()}-{tmp_path.name[-20:]}"[:60]
+
+
+# -- the whole lifecycle ---------------------------------------------------------------------------------
+def test_every_hook_kind_runs_in_order_with_the_state_and_in_the_right_namespaces(tmp_path, root, out,
+                                                                                busybox_rootfs):
+    kinds = ("prestart", "createRuntime", "createContainer", "poststart", "poststop")
+    hooks = {kind: [recorder(kind, out)] for kind in kinds}
+    hooks["startContainer"] = [recorder("startContainer", out, inside=True)]
+    path = bundle(tmp_path, busybox_rootfs, out, hooks)
+    cid = name(tmp_path)
+    record = StepRecord()
+    created = oci.create(cid, path, root=root, record=record)
+    pid = created["pid"]
+    with open(out / "order", "a") as handle:
+        handle.write("created\n")
+    oci.start(cid, root=root, record=record)
+    with open(out / "order", "a") as handle:
+        handle.write("started\n")
+    assert oci.wait(cid, root=root) == 0
+    oci.delete(cid, root=root, record=record)
+
+    order = (out / "order").read_text().split()
+    # runtime.md, "Lifecycle": 3-5 during create, 7 (then the program, 8) and 9 during start, 13 on delete
+    assert order[:4] == ["prestart", "createRuntime", "createContainer", "created"]
+    assert order[4] == "startContainer"
+    assert sorted(order[5:7]) == ["poststart", "program"] and order[7:] == ["started", "poststop"]
+    expected = {"prestart": "creating", "createRuntime": "creating", "createContainer": "creating",
+                "startContainer": "created", "poststart": "running", "poststop": "stopped"}
+    for kind, status in expected.items():
+        state = read_state(out, kind)
+        assert (state["status"], state["id"], state["bundle"]) == (status, cid, path), kind
+        assert state["pid"] == pid, kind  # the init's PID as the host sees it
+    assert pid != os.getpid() and pid > 1
+    # the runtime's hooks run in the host's namespaces, the container's in the container's
+    host_uts = os.readlink("/proc/self/ns/uts")
+    for kind in ("prestart", "createRuntime", "poststart", "poststop"):
+        assert (out / f"{kind}.uts").read_text().strip() == host_uts, kind
+    for kind in ("createContainer", "startContainer"):
+        assert (out / f"{kind}.uts").read_text().strip() != host_uts, kind
+    # createContainer still sees the host's root (before pivot_root), startContainer the rootfs
+    host_root = str(os.stat("/").st_ino)
+    assert (out / "createContainer.root").read_text().strip() == host_root
+    assert (out / "startContainer.root").read_text().strip() == str(os.stat(busybox_rootfs).st_ino)
+    # each hook is a step whose shell line is its command, once, in lifecycle order
+    lines = [item.shell for item in record.steps if item.shell.startswith("env -i OUT=")]
+    assert [line.split("KIND=")[1].split()[0] for line in lines] == list(expected)
+    assert all(item.ok for item in record.steps)
+    script = record.script()
+    assert script.index("mount -t proc") < script.index("KIND=prestart") < script.index("pivot_root . .")
+
+
+def test_a_hook_gets_exactly_its_args_and_env(tmp_path, root, out, busybox_rootfs):
+    """args[0] is the program's own name; env is its whole environment."""
+    script = r'echo "$(tr "\0" " " < /proc/$$/cmdline)" > "$1"; echo "$GREETING ${HOME:-nohome}" >> "$1"'
+    hook = {"path": SH, "args": ["my-hook", "-c", script, "zero", str(out / "said")],
+            "env": ["GREETING=hello"]}
+    path = bundle(tmp_path, busybox_rootfs, out, {"createRuntime": [hook]}, args=["true"])
+    assert oci.run(name(tmp_path), path, root=root) == 0
+    argv, environment = (out / "said").read_text().splitlines()
+    assert argv.split()[:3] == ["my-hook", "-c", "echo"] and argv.split()[-2:] == ["zero", str(out / "said")]
+    assert environment == "hello nohome"
+
+
+# -- failures --------------------------------------------------------------------------------------------
+def test_a_failing_create_runtime_hook_stops_the_container_and_leaves_nothing(tmp_path, root, out,
+                                                                            busybox_rootfs):
+    failing = {"path": SH, "args": ["sh", "-c", "echo the disk is full >&2; exit 3"]}
+    hooks = {"createRuntime": [recorder("createRuntime", out), failing],
+             "createContainer": [recorder("createContainer", out)],
+             "poststop": [recorder("poststop", out)]}
+    path = bundle(tmp_path, busybox_rootfs, out, hooks)
+    cid = name(tmp_path)
+    with pytest.raises(oci_hooks.HookError) as caught:
+        oci.create(cid, path, root=root)
+    message = str(caught.value)
+    assert "createRuntime hook #1 (/bin/sh)" in message and "status 3" in message
+    assert "the disk is full" in message
+    # the container is gone: no state directory, no cgroup (the leak check), no process
+    assert not os.path.exists(os.path.join(root, cid))
+    pid = read_state(out, "createRuntime")["pid"]
+    deadline = time.monotonic() + 2
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not os.path.exists(f"/proc/{pid}")
+    # the lifecycle goes on at "destroy", then poststop (runtime.md); createContainer never ran
+    assert (out / "order").read_text().split() == ["createRuntime", "poststop"]
+
+
+def test_a_failing_create_container_hook_is_raised_as_a_hook_error(tmp_path, root, out, busybox_rootfs):
+    path = bundle(tmp_path, busybox_rootfs, out,
+                  {"createContainer": [{"path": SH, "args": ["sh", "-c", "exit 4"]}]})
+    expected = r"createContainer hook #0 \(/bin/sh\) exited with status 4"
+    with pytest.raises(oci_hooks.HookError, match=expected):
+        oci.create(name(tmp_path), path, root=root)
+    assert os.listdir(root) == []
+
+
+def test_a_timeout_kills_the_hook(tmp_path, root, out, busybox_rootfs):
+    sleeper = {"path": "/bin/sleep", "args": ["sleep", "100"], "timeout": 1}
+    path = bundle(tmp_path, busybox_rootfs, out, {"prestart": [sleeper]})
+    began = time.monotonic()
+    expected = r"prestart hook #0 \(/bin/sleep\) did not finish within 1 s and was killed"
+    with pytest.raises(oci_hooks.HookError, match=expected):
+        oci.create(name(tmp_path), path, root=root)
+    assert time.monotonic() - began < 5
+    assert os.listdir(root) == []
+    # the sleep was killed (and reaped): the leak check finds no child process left
+
+
+def test_a_failing_start_container_hook_stops_the_container_before_its_program(tmp_path, root, out,
+                                                                             busybox_rootfs):
+    failing = {"path": "/bin/sh", "args": ["sh", "-c", "echo no >&2; exit 5"]}
+    path = bundle(tmp_path, busybox_rootfs, out, {"startContainer": [failing],
+                                                  "poststart": [recorder("poststart", out)]})
+    cid = name(tmp_path)
+    oci.create(cid, path, root=root)
+    expected = r"startContainer hook #0 \(/bin/sh\) exited with status 5: no"
+    with pytest.raises(oci_hooks.HookError, match=expected):
+        oci.start(cid, root=root)
+    oci.wait(cid, root=root)
+    assert oci.state(cid, root=root)["status"] == "stopped"
+    assert not (out / "order").exists()  # neither the program nor poststart ran
+    oci.delete(cid, root=root)
+
+
+def test_failing_poststart_and_poststop_hooks_are_warnings(tmp_path, root, out, busybox_rootfs, caplog):
+    failing = {"path": SH, "args": ["sh", "-c", "exit 6"]}
+    hooks = {"poststart": [failing, recorder("poststart", out)],
+             "poststop": [failing, recorder("poststop", out)]}
+    path = bundle(tmp_path, busybox_rootfs, out, hooks)
+    cid = name(tmp_path)
+    record = StepRecord()
+    oci.create(cid, path, root=root, record=record)
+    assert oci.start(cid, root=root, record=record)["status"] in ("running", "stopped")
+    assert oci.wait(cid, root=root) == 0
+    oci.delete(cid, root=root, record=record)
+    # the next hook still ran, the container ran and was deleted
+    assert sorted((out / "order").read_text().split()) == ["poststart", "poststop", "program"]
+    warnings = oci_hooks.warnings_of(record)
+    assert warnings == ["the poststart hook #0 (/bin/sh) exited with status 6",
+                        "the poststop hook #0 (/bin/sh) exited with status 6"]
+    assert "poststop hook #0" in caplog.text
+
+
+def test_a_missing_hook_program_names_the_hook(tmp_path, root, out, busybox_rootfs):
+    path = bundle(tmp_path, busybox_rootfs, out, {"prestart": [{"path": "/no/such/hook"}]})
+    with pytest.raises(oci_hooks.HookError, match=r"prestart hook #0 \(/no/such/hook\) cannot be run"):
+        oci.create(name(tmp_path), path, root=root)
+    assert os.listdir(root) == []
+
+
+# -- checking config.json --------------------------------------------------------------------------------
+@pytest.mark.parametrize("hooks, field", [
+    ({"preStart": [{"path": "/bin/true"}]}, "hooks.preStart"),
+    ({"poststop": [{"path": "true"}]}, "hooks.poststop[0].path"),
+    ({"poststop": [{"args": ["true"]}]}, "hooks.poststop[0].path"),
+    ({"poststart": [{"path": "/bin/true", "args": "true"}]}, "hooks.poststart[0].args"),
+    ({"poststart": [{"path": "/bin/true", "env": ["A=1", 2]}]}, "hooks.poststart[0].env"),
+    ({"prestart": [{"path": "/bin/true", "timeout": 0}]}, "hooks.prestart[0].timeout"),
+    ({"prestart": [{"path": "/bin/true", "timeout": 1.5}]}, "hooks.prestart[0].timeout"),
+    ({"prestart": {"path": "/bin/true"}}, "hooks.prestart"),
+    (["/bin/true"], "hooks"),
+])
+def test_bad_hooks_are_refused_by_name(tmp_path, busybox_rootfs, hooks, field):
+    config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
+    config["hooks"] = hooks
+    with pytest.raises(oci_spec.SpecError, match=re.escape(f"config.json: {field}:")):
+        oci_spec.plan(config, str(tmp_path))
+
+
+def test_hooks_become_plain_data_in_the_plan(tmp_path, busybox_rootfs):
+    config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
+    config["hooks"] = {"poststop": [{"path": "/bin/true", "timeout": 3}], "prestart": []}
+    plan = oci_spec.plan(config, str(tmp_path))
+    assert plan.hooks == {"poststop": [{"path": "/bin/true", "args": ["/bin/true"], "env": [], "timeout": 3}]}
+    assert oci_spec.Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).hooks == plan.hooks
+    assert oci_hooks.command(plan.hooks["poststop"][0]) == "timeout -s KILL 3 /bin/true < state.json"
