@@ -266,6 +266,12 @@ def setns(path: str, flags: int = 0, what: str = "") -> None:
             os.close(fd)
 
 
+def syscall(number: int, *args, call: str, arguments: str = "") -> int:
+    """syscall(2): a system call glibc has no wrapper for (seccomp(2), bpf(2)), by its number on this
+    architecture; ``args`` are ctypes values. Returns the result; raises OSError naming ``call``."""
+    return _check(_libc.syscall(ctypes.c_long(number), *args), call, arguments)
+
+
 # == prctl(2) and capabilities(7) ====================================================================
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(

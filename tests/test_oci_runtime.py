@@ -314,7 +314,8 @@ def test_sigterm_comes_back_as_such_without_a_pid_namespace(tmp_path, root, busy
 @pytest.mark.parametrize("field, change", [
     ("hooks.preStart", lambda c: c.update(hooks={"preStart": [{"path": "/bin/true"}]})),  # not a hook kind
     ("process.terminal", lambda c: c["process"].update(terminal=True)),
-    ("linux.seccomp.defaultAction", lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_NOTIFY"})),
+    ("linux.seccomp.defaultAction",
+     lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_NOTIFY"})),
     ("linux.seccomp.syscalls[0].args[0].op", lambda c: c["linux"].update(seccomp={
         "defaultAction": "SCMP_ACT_ALLOW",
         "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 0}]}]})),
