@@ -205,6 +205,7 @@ def test_create_start_kill_delete_walks_creating_created_running_stopped(tmp_pat
 
     state = runtime.state(container)
     assert state["status"] == "created" and state["id"] == container and state["bundle"] == str(path)
+    assert state == oci.state(container, root=str(runtime.root))  # the library's, word for word
     pid = int(pid_file.read_text())
     assert pid == state["pid"] and pid_1_inside(pid)
     assert "started" not in out.read_text()  # created: the init waits, the program has not run
