@@ -108,10 +108,16 @@ class Log:
         self.write("warning", message)
 
     def error(self, message: str) -> None:
-        """An error goes to the log and to stderr (once, when the log is stderr), as runc's ``fatal``."""
+        """An error goes to the log and to stderr (once, when the log is stderr), as runc's ``fatal``.
+
+        With a log file a supervisor runs us, and names us itself when it passes the message on
+        ("OCI runtime error: /usr/bin/stages-oci: ..."): stderr then carries the bare message, as runc's.
+        """
         if self.path is not None:
             self.write("error", message)
-        sys.stderr.write(f"{PROGRAM}: {message}\n")
+            sys.stderr.write(f"{message}\n")
+        else:
+            sys.stderr.write(f"{PROGRAM}: {message}\n")
         sys.stderr.flush()
 
     def steps(self, record) -> None:
