@@ -287,6 +287,26 @@ def test_kill_by_name_and_by_number(tmp_path, runtime, busybox_rootfs):
     assert runtime("delete", container).code == 0
 
 
+def test_kill_all_signals_every_process_of_the_container(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    # PID 1 has no handler for SIGTERM, so only its children can die of it (pid_namespaces(7))
+    script = "sleep 1000 & sleep 1000 & echo ready; wait; echo children-gone; exec sleep 1000"
+    created = runtime("create", "-b", bundle(tmp_path, busybox_rootfs, ["sh", "-c", script]), container)
+    assert runtime("start", container).code == 0
+    wait_for_text(created.out_path, "ready")
+    private = json.loads((runtime.root / container / statefile.STATE_FILE).read_text())["stages"]
+    cgroup = cgroups.Cgroup.open(private["cgroup"])
+    assert len(cgroup.pids()) == 3
+
+    assert runtime("kill", container, "TERM").code == 0  # the init alone: it ignores it
+    time.sleep(0.3)
+    assert len(cgroup.pids()) == 3 and "children-gone" not in created.out
+    assert runtime("kill", "--all", container, "TERM").code == 0
+    assert "children-gone" in wait_for_text(created.out_path, "children-gone")
+    assert runtime.state(container)["status"] == "running"
+    assert runtime("delete", "-f", container).code == 0
+
+
 def test_delete_force_of_a_running_container_leaves_nothing(tmp_path, runtime, busybox_rootfs):
     container = name(tmp_path)
     path = bundle(tmp_path, busybox_rootfs, ["sleep", "60"])

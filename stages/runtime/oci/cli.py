@@ -285,16 +285,7 @@ def do_state(args, log: Log) -> int:
 
 def do_kill(args, log: Log) -> int:
     oci = _oci()
-    number = oci.signal_number(args.signal)
-    if args.all:
-        if not _accepts(oci.kill, "all"):
-            from stages.errors import StagesError
-
-            raise StagesError("kill --all is not supported by this runtime yet",
-                              "signal the init alone (leave out --all); its children die with it")
-        oci.kill(args.id, number, root=args.root, all=True)
-    else:
-        oci.kill(args.id, number, root=args.root)
+    oci.kill(args.id, oci.signal_number(args.signal), root=args.root, all_processes=args.all)
     return 0
 
 

@@ -376,11 +376,14 @@ def signal_number(value: int | str) -> int:
 
 
 def kill(container_id: str, sig: int | str = signal.SIGTERM, *,
-         root: str | os.PathLike | None = None) -> None:
+         root: str | os.PathLike | None = None, all_processes: bool = False) -> None:
     """Send ``sig`` to the container's init (PID 1 inside).
 
     PID 1 of a PID namespace gets only the signals it has a handler for, and SIGKILL from outside
     (pid_namespaces(7)): a plain ``sleep`` as PID 1 ignores SIGTERM, as it would under runc.
+
+    ``all_processes`` (``runc kill --all``) signals every process in the container's cgroup: without a
+    PID namespace of its own, the init's end does not end the rest (podman stop of a ``--pid host``).
     """
     number = signal_number(sig)
     data = oci_state.read(container_id, root)
@@ -388,7 +391,14 @@ def kill(container_id: str, sig: int | str = signal.SIGTERM, *,
     if status not in ("created", "running", "paused"):
         raise StagesError(f"container {container_id!r} is {status}: there is no process to signal",
                           f"delete({container_id!r}) removes it")
-    os.kill(data["pid"], number)
+    victims = [data["pid"]]
+    if all_processes and data.get("stages", {}).get("cgroup"):
+        from stages.isolate.cgroups import Cgroup
+
+        victims = Cgroup.open(data["stages"]["cgroup"]).pids() or victims
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, number)
     if status == "paused" and number == signal.SIGKILL:
         # A frozen process acts on SIGKILL only once thawed (v1 freezer-subsystem.rst); runc thaws too.
         _thaw(data)
