@@ -483,6 +483,23 @@ def test_features_tell_what_the_library_accepts(tmp_path, runtime, busybox_rootf
     oci.write_bundle(tmp_path / "b", config)
     with pytest.raises(oci.SpecError):
         oci.load(tmp_path / "b")
+    # ... every hook kind listed, and every seccomp action
+    config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
+    config["hooks"] = {kind: [{"path": "/bin/true"}] for kind in features["hooks"]}
+    oci.write_bundle(tmp_path / "b", config)
+    oci.load(tmp_path / "b")
+    if linux["seccomp"]["enabled"]:
+        assert "SCMP_ACT_NOTIFY" not in linux["seccomp"]["actions"]
+        for action in linux["seccomp"]["actions"] + ["SCMP_ACT_NOTIFY"]:
+            config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
+            config["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW",
+                                          "syscalls": [{"names": ["getppid"], "action": action}]}
+            oci.write_bundle(tmp_path / "b", config)
+            if action in linux["seccomp"]["actions"]:
+                oci.load(tmp_path / "b")
+            else:
+                with pytest.raises(oci.SpecError):
+                    oci.load(tmp_path / "b")
 
 
 def test_spec_writes_a_default_config_once(tmp_path, runtime):

@@ -37,8 +37,6 @@ import time
 PROGRAM = "stages-oci"
 #: The runtime spec versions this runtime reads (features.md's ociVersionMin; the maximum is the library's).
 OCI_VERSION_MIN = "1.0.0"
-#: The lifecycle hooks of config.md, for ``features`` once the library runs them.
-HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
 
 
 class UsageError(Exception):
@@ -503,37 +501,63 @@ def _owner(container_id: str, root: str | None) -> str:
         return "?"
 
 
+#: The architecture names runc's features list (libseccomp's); ours are those this libseccomp resolves.
+SECCOMP_ARCHS = tuple(f"SCMP_ARCH_{name}" for name in (
+    "AARCH64", "ARM", "MIPS", "MIPS64", "MIPS64N32", "MIPSEL", "MIPSEL64", "MIPSEL64N32", "PPC", "PPC64",
+    "PPC64LE", "RISCV64", "S390", "S390X", "X32", "X86", "X86_64"))
+
+
 def features() -> dict:
     """What this runtime supports, in the shape of the runtime spec's features.md, read from the library
     (so that it cannot claim what the library refuses)."""
     from stages import __version__, kernel
-    from stages.isolate import privileges
     from stages.runtime.oci import spec
 
-    unsupported = spec._UNSUPPORTED
-    seccomp_on = "linux.seccomp" not in unsupported and privileges.seccomp_available()
-    seccomp = {"enabled": seccomp_on}
-    if seccomp_on:
-        seccomp.update(
-            actions=list(getattr(spec, "SECCOMP_ACTIONS", ("SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO"))),
-            operators=list(getattr(spec, "SECCOMP_OPERATORS", ())),
-            archs=list(getattr(spec, "SECCOMP_ARCHS", ())))
     last = kernel.last_capability()
     return {
         "ociVersionMin": OCI_VERSION_MIN,
         "ociVersionMax": spec.OCI_VERSION,
-        "hooks": [] if "hooks" in unsupported else list(getattr(spec, "HOOK_NAMES", HOOK_NAMES)),
+        "hooks": _hooks(spec),
         "mountOptions": sorted(set(spec._FLAG_OPTIONS) | set(spec._PROPAGATION_OPTIONS)),
         "linux": {
             "namespaces": sorted(spec.NAMESPACE_TYPES),
             "capabilities": [f"CAP_{name.upper()}" for name in kernel.CAPABILITIES[:last + 1]],
+            # cgroupsPath in systemd's shape is read, but no systemd unit is made (see --systemd-cgroup)
             "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False, "rdma": False},
-            "seccomp": seccomp,
+            "seccomp": _seccomp(spec),
             "apparmor": {"enabled": False},
             "selinux": {"enabled": False},
             "intelRdt": {"enabled": False},
         },
         "annotations": {"org.stages.version": __version__, "org.stages.runtime": PROGRAM},
+    }
+
+
+def _hooks(spec) -> list[str]:
+    if "hooks" in spec._UNSUPPORTED:
+        return []
+    from stages.runtime.oci import hooks
+
+    return list(hooks.KINDS)
+
+
+def _seccomp(spec) -> dict:
+    if "linux.seccomp" in spec._UNSUPPORTED:
+        return {"enabled": False}
+    from stages.runtime.oci import seccomp
+
+    if not seccomp.available():
+        return {"enabled": False}
+    library = seccomp._library()
+    refused = getattr(seccomp, "_REFUSED_FLAGS", {})
+    return {
+        "enabled": True,
+        "actions": sorted(seccomp.ACTIONS),
+        "operators": sorted(seccomp.OPERATORS),
+        "archs": [name for name in SECCOMP_ARCHS
+                  if library.seccomp_arch_resolve_name(name.removeprefix("SCMP_ARCH_").lower().encode())],
+        "knownFlags": sorted(set(seccomp.FLAGS) | set(refused)),
+        "supportedFlags": sorted(seccomp.FLAGS),
     }
 
 
