@@ -116,14 +116,18 @@ def test_every_hook_kind_runs_in_order_with_the_state_and_in_the_right_namespace
 
 def test_a_hook_gets_exactly_its_args_and_env(tmp_path, root, out, busybox_rootfs):
     """args[0] is the program's own name; env is its whole environment."""
-    script = r'echo "$(tr "\0" " " < /proc/$$/cmdline)" > "$1"; echo "$GREETING ${HOME:-nohome}" >> "$1"'
+    script = (r'echo "$(tr "\0" " " < /proc/$$/cmdline)" > "$1"; echo "$GREETING ${HOME:-nohome}" >> "$1";'
+              r'grep -E "^Sig(Blk|Ign)" /proc/$$/status >> "$1"')
     hook = {"path": SH, "args": ["my-hook", "-c", script, "zero", str(out / "said")],
             "env": ["GREETING=hello"]}
     path = bundle(tmp_path, busybox_rootfs, out, {"createRuntime": [hook]}, args=["true"])
     assert oci.run(name(tmp_path), path, root=root) == 0
-    argv, environment = (out / "said").read_text().splitlines()
+    argv, environment, blocked, ignored = (out / "said").read_text().splitlines()
     assert argv.split()[:3] == ["my-hook", "-c", "echo"] and argv.split()[-2:] == ["zero", str(out / "said")]
     assert environment == "hello nohome"
+    # no signal blocked or ignored (Python ignores SIGPIPE and SIGXFSZ, and the setup the keyboard's)
+    assert int(blocked.split()[1], 16) == 0
+    assert int(ignored.split()[1], 16) & 0x7FFFFFFF == 0  # signals 1-31 (glibc keeps its own 32 and 33)
 
 
 # -- failures --------------------------------------------------------------------------------------------
@@ -160,14 +164,21 @@ def test_a_failing_create_container_hook_is_raised_as_a_hook_error(tmp_path, roo
     assert os.listdir(root) == []
 
 
-def test_a_timeout_kills_the_hook(tmp_path, root, out, busybox_rootfs):
+@pytest.mark.parametrize("kind", ["prestart", "createContainer", "startContainer"])
+def test_a_timeout_kills_the_hook(tmp_path, root, out, busybox_rootfs, kind):
+    """In the runtime, in the init before pivot_root, in the container before its program."""
     sleeper = {"path": "/bin/sleep", "args": ["sleep", "100"], "timeout": 1}
-    path = bundle(tmp_path, busybox_rootfs, out, {"prestart": [sleeper]})
+    path = bundle(tmp_path, busybox_rootfs, out, {kind: [sleeper]})
+    expected = rf"{kind} hook #0 \(/bin/sleep\) did not finish within 1 s and was killed"
+    cid = name(tmp_path)
     began = time.monotonic()
-    expected = r"prestart hook #0 \(/bin/sleep\) did not finish within 1 s and was killed"
     with pytest.raises(oci_hooks.HookError, match=expected):
-        oci.create(name(tmp_path), path, root=root)
+        oci.create(cid, path, root=root)
+        oci.start(cid, root=root)
     assert time.monotonic() - began < 5
+    if kind == "startContainer":
+        assert oci.wait(cid, root=root) != 0 and not (out / "order").exists()  # the program never ran
+        oci.delete(cid, root=root)
     assert os.listdir(root) == []
     # the sleep was killed (and reaped): the leak check finds no child process left
 
@@ -240,3 +251,65 @@ def test_hooks_become_plain_data_in_the_plan(tmp_path, busybox_rootfs):
     assert plan.hooks == {"poststop": [{"path": "/bin/true", "args": ["/bin/true"], "env": [], "timeout": 3}]}
     assert oci_spec.Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).hooks == plan.hooks
     assert oci_hooks.command(plan.hooks["poststop"][0]) == "timeout -s KILL 3 /bin/true < state.json"
+
+
+# -- the other ways a container is made ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reachable(tmp_path_factory):
+    """A rootfs and an output directory root of a user namespace (a nobody on the host) may reach."""
+    import shutil
+    import tempfile
+
+    from stages import rootfs
+
+    top = tempfile.mkdtemp(prefix="stages-hooks-test-")
+    os.chmod(top, 0o755)
+    try:
+        yield rootfs.build(os.path.join(top, "rootfs"), source="busybox"), top
+    finally:
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("way", ["user namespace", "threaded caller"])
+def test_hooks_in_a_user_namespace_and_from_a_threaded_caller(tmp_path, root, reachable, way):
+    """A threaded caller starts a fresh setup process (python -m), whose init pauses the same way; in a
+    user namespace the container's hooks run as its root, a nobody on the host."""
+    import threading
+
+    rootfs, top = reachable
+    out = tmp_path.__class__(top) / f"out-{way.split()[0]}"
+    out.mkdir(mode=0o777)
+    os.chmod(out, 0o777)
+    (out / "order").touch()
+    os.chmod(out / "order", 0o666)  # written by the host's root and by the container's
+    hooks = {kind: [recorder(kind, out)] for kind in ("createRuntime", "createContainer", "poststart")}
+    hooks["startContainer"] = [recorder("startContainer", out, inside=True)]
+    config_path = bundle(tmp_path, rootfs, out, hooks)
+    if way == "user namespace":
+        config = json.loads(open(os.path.join(config_path, "config.json")).read())
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        oci.write_bundle(config_path, config)
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    if way == "threaded caller":
+        helper.start()
+    try:
+        cid = name(tmp_path)
+        pid = oci.create(cid, config_path, root=root)["pid"]
+        oci.start(cid, root=root)
+        assert oci.wait(cid, root=root) == 0
+        oci.delete(cid, root=root)
+    finally:
+        stop.set()
+        if helper.is_alive():
+            helper.join()
+    assert (out / "order").read_text().split()[:3] == ["createRuntime", "createContainer", "startContainer"]
+    for kind, status in (("createRuntime", "creating"), ("createContainer", "creating"),
+                         ("startContainer", "created"), ("poststart", "running")):
+        assert (read_state(out, kind)["status"], read_state(out, kind)["pid"]) == (status, pid), kind
+    owner = 100000 if way == "user namespace" else 0
+    assert os.stat(out / "createRuntime.json").st_uid == 0
+    assert os.stat(out / "createContainer.json").st_uid == owner
+    assert os.stat(out / "startContainer.json").st_uid == owner

@@ -47,6 +47,10 @@ IN_CONTAINER = ("createContainer", "startContainer")
 START_FIFO = "hooks.fifo"
 _MESSAGE_SIZE = 1 << 20
 _OUTPUT_SHOWN = 400  # characters of a failed hook's output an error message quotes
+# Signals Python (SIGPIPE, SIGXFSZ) or the setup process (the keyboard's) ignore: a hook starts with
+# them at their defaults and nothing blocked, as from a shell (ignored signals stay so across execve(2)).
+_DEFAULT_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGPIPE, signal.SIGXFSZ,
+                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP, signal.SIGTERM}
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +141,10 @@ def run_hook(kind: str, index: int, hook: dict, state: dict) -> None:
         os.lseek(stdin, 0, os.SEEK_SET)
         actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, output, 1),
                    (os.POSIX_SPAWN_DUP2, output, 2)]
+        environment = dict(item.partition("=")[::2] for item in hook["env"])
         try:
-            pid = os.posix_spawn(hook["path"], hook["args"], dict(item.partition("=")[::2]
-                                                                  for item in hook["env"]),
-                                 file_actions=actions, setsid=True)
+            pid = os.posix_spawn(hook["path"], hook["args"], environment, file_actions=actions, setsid=True,
+                                 setsigmask=set(), setsigdef=_DEFAULT_SIGNALS)
         except OSError as error:
             raise HookError(f"{name} cannot be run: {error.strerror}",
                             f"check hooks.{kind}[{index}].path in config.json") from None
@@ -236,6 +240,10 @@ def resume_init(channel: socket.socket, hooks: dict[str, list[dict]], data: dict
     state = state_for(data, "creating", pid)
     for kind in ("prestart", "createRuntime"):
         run_hooks(kind, hooks, state, record=record)
+    # create waits for the init's next message; its createContainer hooks may take their whole timeouts
+    timeouts = [hook["timeout"] for hook in hooks.get("createContainer", [])]
+    if timeouts and channel.gettimeout() is not None:
+        channel.settimeout(channel.gettimeout() + sum(timeouts) if all(timeouts) else None)
     message = json.dumps({"hooks_go": state}).encode()
     if not hooks.get("startContainer"):
         channel.send(message)
