@@ -22,9 +22,11 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from stages import kernel
 from stages.errors import NotRootError, StagesError
+from stages.runtime.oci import devices as oci_devices
 from stages.runtime.oci import hooks as oci_hooks
 from stages.runtime.oci import spec as oci_spec
 from stages.runtime.oci import statefile as oci_state
@@ -128,7 +130,8 @@ def _cgroup_name(container_id: str, cgroups_path: str) -> str:
 
 def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike | None = None,
            pid_file: str | os.PathLike | None = None, stdio=None, record: StepRecord | None = None,
-           detach: bool = False) -> dict:
+           detach: bool = False, console_socket: str | os.PathLike | None = None,
+           console: Console | None = None) -> dict:
     """Create the container ``container_id`` from the OCI bundle ``bundle``; returns its state.
 
     The init is left waiting: ``start`` makes it exec ``process.args``. ``root`` is the state root
@@ -142,6 +145,13 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     PR_SET_CHILD_SUBREAPER, prctl(2)); that one collects the exit code with waitpid() on the PID in
     ``pid_file``. Without ``detach`` (the engine's way) the setup process stays our child and passes the
     init's end on, which :func:`wait` returns.
+
+    With ``process.terminal`` true the init gets a new pseudo-terminal (its stdin, stdout, stderr and
+    controlling terminal) and the terminal's master goes to ``console_socket``: the path of a listening
+    AF_UNIX stream socket, which receives one message whose payload is the terminal's name and whose
+    SCM_RIGHTS carry the master (runc's protocol, ``--console-socket``); or, in-process, to
+    ``console(master_fd, name)``, which then owns the descriptor (closes it when done). The master
+    arrives during ``create``, before the program runs.
     """
     from stages.isolate.cgroups import Cgroup
     from stages.runtime.oci import process
@@ -150,6 +160,7 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     if not kernel.is_root():
         raise NotRootError("creating a container")
     config, plan = oci_spec.load(bundle)
+    _check_console(plan.process.terminal, console_socket, console)
     record = record if record is not None else StepRecord(f"create {container_id}")
     base = oci_state.root_directory(root)
     os.makedirs(base, mode=0o700, exist_ok=True)
@@ -188,6 +199,8 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             cgroup.set_cpus(plan.cpus)
         if plan.pids is not None:
             cgroup.set_pids(plan.pids)
+        if plan.devices is not None:  # before any process of the container is in the cgroup
+            oci_devices.apply(cgroup, plan.devices)
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
         try:
             setup_pid, channel = _spawn(plan, fifo_fd, stdio, detach)
@@ -205,13 +218,16 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
         # the init ("created"); on a busy machine either may come first.
         while not (pid and created):
             try:
-                message = process.receive(channel)
+                fds: list[int] = []
+                message = process.receive(channel, fds)
             except TimeoutError:
                 raise StagesError(f"the container's init did not report within {CREATE_TIMEOUT:g} s",
                                   "look at what it was doing with the step record; try again") from None
             if message is None:
                 raise _died(setup_pid, plan)
             record.extend(message.get("steps", []))
+            if "console" in message:
+                _pass_console(fds, message["console"], console_socket, console, record)
             if "error" in message:
                 failed = [item["shell"] for item in message.get("steps", []) if not item["ok"]]
                 raise _rebuild(message["error"], failed[-1] if failed else None)
@@ -243,6 +259,48 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     return oci_state.spec_state(data, root)
 
 
+#: ``console(master_fd, name)``: receives a container's terminal (see :func:`create`).
+Console = Callable[[int, str], None]
+
+
+def _check_console(terminal: bool, console_socket, console: Console | None) -> None:
+    if terminal and console_socket is None and console is None:
+        raise oci_spec.refuse("process.terminal", "is true, but nothing was given to receive the terminal",
+                              "pass a console socket (--console-socket PATH, console_socket=PATH) or "
+                              "console=callable, or set terminal to false")
+    if not terminal and (console_socket is not None or console is not None):
+        raise StagesError("a console socket was given, but process.terminal is false: there is no terminal "
+                          "to send", "set process.terminal to true, or leave the console socket out")
+
+
+def _pass_console(fds: list[int], name: str, console_socket, console: Console | None,
+                  record: StepRecord) -> None:
+    """Hand the terminal's master (``fds[0]``) to ``console`` or to the console socket; ours is closed."""
+    try:
+        if not fds:
+            raise StagesError("the container's terminal did not arrive with its message",
+                              "this is a bug in stages: please report it with the step record")
+        if console is not None:
+            master = fds.pop(0)
+            console(master, name)  # theirs now
+            return
+        path = os.fspath(console_socket)
+        with record.step(f"# send {name}'s master to {path} (SCM_RIGHTS)", where="outside",
+                         what="the terminal goes to whoever listens on the console socket"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                try:
+                    connection.connect(path)
+                except OSError as error:
+                    raise StagesError(f"cannot reach the console socket {path}: {error.strerror}",
+                                      "listen on it first (an AF_UNIX stream socket), as conmon does"
+                                      ) from None
+                socket.send_fds(connection, [name.encode()], fds[:1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+
+
 def _controllers(plan: oci_spec.Plan) -> list[str]:
     """The cgroup controllers a container gets: every limit this machine offers, and the freezer (for
     pause) where there is one."""
@@ -253,6 +311,12 @@ def _controllers(plan: oci_spec.Plan) -> list[str]:
     wanted += [name for name in ("freezer",) if name in layout.extras]
     if not wanted:
         layout.hierarchy("memory")  # raises, saying why no controller can be used
+    if plan.devices is not None:
+        if "devices" not in layout.extras:
+            raise oci_spec.refuse("linux.resources.devices", "this machine has no way to enforce it: "
+                                  f"{layout.missing.get('devices', 'no devices cgroup')}",
+                                  "leave linux.resources.devices out, or run on cgroup v1 or v2 as root")
+        wanted.append("devices")
     return wanted
 
 
@@ -540,7 +604,9 @@ def run(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike
 
 
 def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | None = None, stdio=None,
-                 record: StepRecord | None = None, detach: bool = False) -> int | None:
+                 record: StepRecord | None = None, detach: bool = False,
+                 console_socket: str | os.PathLike | None = None,
+                 console: Console | None = None) -> int | None:
     """Run one more process in a running container (``runc exec``); its exit code, or with ``detach``
     its PID (on the host) as soon as it runs. Detached, no process of ours stays behind: the helper
     ends once the process has exec'd (and is reaped here), so the process is reparented to the nearest
@@ -549,7 +615,8 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
     ``process`` is config.json's ``process`` object (args, env, cwd, user, capabilities, rlimits,
     noNewPrivileges). The new process joins the container's cgroup, then its namespaces by
     /proc/PID/ns/* (setns(2)), which also puts it in the container's root, then takes its user and
-    capabilities and execs.
+    capabilities and execs. ``terminal`` true in ``process`` gives it a new pseudo-terminal, whose master
+    goes to ``console_socket`` or ``console``, as in :func:`create` (``podman exec -it``).
     """
     from stages.isolate.cgroups import Cgroup
     from stages.runtime.oci import process as oci_process
@@ -560,6 +627,7 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
         raise StagesError(f"container {container_id!r} is {status}; exec needs a running container",
                           f"start({container_id!r}) it first" if status == "created" else "create it again")
     wanted = oci_spec._process({"process": process}, [], [])
+    _check_console(wanted.terminal, console_socket, console)
     cgroup_files = []
     if data.get("stages", {}).get("cgroup"):
         cgroup = Cgroup.open(data["stages"]["cgroup"])
@@ -592,10 +660,13 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
         undo.callback(_end_setup, helper)
         ours.settimeout(CREATE_TIMEOUT)
         while True:
-            reply = oci_process.receive(ours)
+            fds: list[int] = []
+            reply = oci_process.receive(ours, fds)
             if reply is None:
                 break
             record.extend(reply.get("steps", []))
+            if "console" in reply:
+                _pass_console(fds, reply["console"], console_socket, console, record)
             if "error" in reply:
                 failed = [item["shell"] for item in reply.get("steps", []) if not item["ok"]]
                 raise _rebuild(reply["error"], failed[-1] if failed else None)

@@ -72,8 +72,6 @@ _UNSUPPORTED = {
     "linux.personality": "execution domains (personality(2)) are not set by this runtime",
     "linux.intelRdt": "Intel RDT is not configured by this runtime",
     "linux.timeOffsets": "time namespace offsets are not set by this runtime",
-    "linux.resources.devices": "the devices cgroup is not configured by this runtime (the container's "
-                               "/dev only holds the default devices anyway)",
     "linux.resources.blockIO": "block I/O limits are not set by this runtime",
     "linux.resources.hugepageLimits": "huge page limits are not set by this runtime",
     "linux.resources.network": "network class IDs and priorities are not set by this runtime",
@@ -131,6 +129,8 @@ class Process:
     rlimits: list[tuple[int, int, int, str]] = field(default_factory=list)  # resource, soft, hard, name
     no_new_privileges: bool = False
     oom_score_adj: int | None = None
+    terminal: bool = False  # a new pseudo-terminal as stdin/stdout/stderr, its master to a console socket
+    console_size: tuple[int, int] | None = None  # rows, columns (process.consoleSize height, width)
 
 
 @dataclass
@@ -159,6 +159,7 @@ class Plan:
     cgroups_path: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
     seccomp: dict | None = None  # linux.seccomp compiled (stages.runtime.oci.seccomp), None: no filter
+    devices: list[list] | None = None  # the device allowlist, in order (stages.runtime.oci.devices)
     hooks: dict[str, list[dict]] = field(default_factory=dict)  # kind -> hooks (stages.runtime.oci.hooks)
 
     def to_dict(self) -> dict:
@@ -457,9 +458,6 @@ def _process(config: dict, uid_mappings, gid_mappings) -> Process:
     process = _typed(config.get("process"), dict, "process")
     if not process:
         raise refuse("process", "is missing: there is nothing to run", "add process.args, e.g. [\"sh\"]")
-    if process.get("terminal"):
-        raise refuse("process.terminal", "a terminal (console socket) is not supported by this runtime yet",
-                     'set "terminal": false and connect stdin/stdout/stderr instead')
     args = _typed(process.get("args"), list, "process.args")
     if not args or not all(isinstance(a, str) for a in args):
         raise refuse("process.args", "must be a non-empty list of strings", 'for instance ["sh", "-c", "id"]')
@@ -524,11 +522,19 @@ def _process(config: dict, uid_mappings, gid_mappings) -> Process:
         rlimits.append((number, soft, hard, kind))
     umask = _typed(user.get("umask"), int, "process.user.umask")
     oom = _typed(process.get("oomScoreAdj"), int, "process.oomScoreAdj")
+    size = _typed(process.get("consoleSize"), dict, "process.consoleSize")
+    console_size = None
+    if size:
+        console_size = (_typed(size.get("height"), int, "process.consoleSize.height", 0),
+                        _typed(size.get("width"), int, "process.consoleSize.width", 0))
+        if not all(0 <= number < 65536 for number in console_size):
+            raise refuse("process.consoleSize", "height and width must be whole numbers from 0 to 65535")
     return Process(args=args, env=env, cwd=cwd, uid=uid, gid=gid, additional_gids=groups, umask=umask,
                    capabilities=capabilities, rlimits=rlimits,
                    no_new_privileges=bool(_typed(process.get("noNewPrivileges"), bool,
                                                  "process.noNewPrivileges", False)),
-                   oom_score_adj=oom)
+                   oom_score_adj=oom, console_size=console_size,
+                   terminal=bool(_typed(process.get("terminal"), bool, "process.terminal")))
 
 
 def _resources(linux: dict, result: Plan) -> None:
@@ -550,6 +556,9 @@ def _resources(linux: dict, result: Plan) -> None:
     pids_limit = _typed(pids.get("limit"), int, "linux.resources.pids.limit")
     if pids_limit is not None and pids_limit > 0:
         result.pids = pids_limit
+    from stages.runtime.oci import devices
+
+    result.devices = devices.parse(resources.get("devices"), linux.get("devices"))
 
 
 # -- writing ------------------------------------------------------------------------------------------
