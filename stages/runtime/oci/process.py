@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import resource
 import signal
 import socket
+import struct
 import sys
+import termios
 from collections.abc import Callable
 
 from stages import kernel, steps
@@ -59,9 +62,54 @@ def send(sock: socket.socket, message: dict) -> None:
     sock.send(json.dumps(message, default=str).encode())
 
 
-def receive(sock: socket.socket) -> dict | None:
-    data = sock.recv(_MESSAGE_SIZE)
+def receive(sock: socket.socket, fds: list[int] | None = None) -> dict | None:
+    """The next message (None: the other end closed). Descriptors sent with it (SCM_RIGHTS, unix(7)) are
+    appended to ``fds``; without ``fds`` they are closed."""
+    data, received, _flags, _address = socket.recv_fds(sock, _MESSAGE_SIZE, 4)
+    if fds is not None:
+        fds.extend(received)
+    else:
+        for fd in received:
+            os.close(fd)
     return json.loads(data) if data else None
+
+
+def attach_terminal(sock: socket.socket, process: Process) -> None:
+    """process.terminal: a new pseudo-terminal of the container's devpts becomes our stdin, stdout,
+    stderr and controlling terminal; its master goes to the runtime (which passes it on to the console
+    socket, as runc does), and ours is closed: whoever holds the master is the terminal's other end.
+
+    /dev/ptmx is the link to pts/ptmx, so the pair comes from the container's own devpts instance
+    (devpts "newinstance", pts(4)). A controlling terminal needs a session of its own: setsid(2), then
+    the TIOCSCTTY ioctl (ioctl_tty(2)).
+    """
+    try:
+        with steps.record("# openpty(3): /dev/ptmx -> a new pair in the container's /dev/pts", where="inside",
+                          what="process.terminal: the program's terminal"):
+            master, slave = os.openpty()
+    except OSError as error:
+        raise StagesError(f"process.terminal: the container has no pseudo-terminals to give: /dev/ptmx: "
+                          f"{error.strerror}",
+                          "mount a tmpfs at /dev and a devpts at /dev/pts (newinstance, ptmxmode=0666), as "
+                          "runc spec writes them") from None
+    try:
+        name = os.ttyname(slave)
+        if process.console_size:
+            rows, columns = process.console_size
+            with steps.record(f"stty rows {rows} cols {columns}", where="inside",
+                              what="process.consoleSize (TIOCSWINSZ)"):
+                fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        with steps.record(f"setsid --ctty # on {name}", where="inside",
+                          what="a session of its own, with the terminal as its controlling terminal"):
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for target in (0, 1, 2):
+                os.dup2(slave, target)
+        socket.send_fds(sock, [json.dumps({"console": name}).encode()], [master])
+    finally:
+        os.close(master)
+        if slave > 2:
+            os.close(slave)
 
 
 def error_reply(error: BaseException) -> dict:
@@ -201,6 +249,8 @@ def init_process(sock: socket.socket, plan: Plan, fifo: int, release: int | None
         with record.active():
             hooks = oci_hooks.InitHooks.for_plan(sock, plan.hooks, record)  # None: no hook, no pause
             executable = init_chain(plan, hooks)
+            if plan.process.terminal:
+                attach_terminal(sock, plan.process)
             seccomp_filter = _seccomp_before_exec(plan.seccomp, plan.process)
             if release is not None:
                 # Detached, the init outlives its setup process by design: clear the death signal
@@ -499,6 +549,8 @@ def _exec_child(sock: socket.socket, process: Process, detach: bool = False,
             if seccomp is not None and not process.no_new_privileges:
                 oci_seccomp.install(seccomp)  # before become_user drops CAP_SYS_ADMIN, as in init_chain
             become_user(process)
+            if process.terminal:
+                attach_terminal(sock, process)
             if process.no_new_privileges:
                 kernel.set_no_new_privs(what="noNewPrivileges")
             seccomp_filter = _seccomp_before_exec(seccomp, process)

@@ -1,0 +1,239 @@
+"""What a command-line OCI runtime must do for podman and conmon: a detached create, a terminal through a
+console socket, the config.json that ``runc spec`` and podman write. Each test runs real containers.
+
+Bundles point at the session's busybox rootfs (root.path may be absolute), which no test changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from stages.runtime import oci
+from stages.runtime.oci import statefile as oci_state
+
+pytestmark = pytest.mark.root
+
+PROJECT = os.path.abspath(os.path.join(os.path.dirname(oci.__file__), "..", "..", ".."))
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A state root of the test's own; anything left in it is removed (and fails the leak check)."""
+    directory = tmp_path / "state"
+    yield str(directory)
+    for item in oci.list_containers(str(directory)):
+        oci.delete(item["id"], force=True, root=str(directory))
+
+
+def make_bundle(directory, rootfs, args, change=None, **options) -> str:
+    config = oci.default_spec(args, rootfs=str(rootfs), **options)
+    if change:
+        change(config)
+    return oci.write_bundle(directory, config)
+
+
+def run_script(python: str, body: str, **values) -> dict:
+    """Run ``body`` in a fresh interpreter that made itself a child subreaper first, as conmon and
+    containerd-shim do (PR_SET_CHILD_SUBREAPER, prctl(2)); ``values`` are its globals; it prints JSON."""
+    script = ("import json, os, signal, threading, time\n"
+              "from stages import kernel\nfrom stages.runtime import oci\n"
+              "kernel.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER\n"
+              + "".join(f"{name} = {value!r}\n" for name, value in values.items())
+              + textwrap.dedent(body))
+    result = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=PROJECT))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return int(next(line.split()[1] for line in handle if line.startswith("PPid:")))
+
+
+# -- 1. detached create and exec ---------------------------------------------------------------------------
+@pytest.mark.parametrize("threaded", [False, True], ids=["forked", "spawned"])
+def test_a_detached_container_is_reaped_by_the_callers_subreaper(tmp_path, root, busybox_rootfs, python,
+                                                                 threaded):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs, ["sh", "-c", "sleep 0.2; exit 7"])
+    report = run_script(python, """
+        if THREADED:  # a thread makes the runtime start a fresh setup process instead of forking
+            stop = threading.Event()
+            threading.Thread(target=stop.wait, daemon=True).start()
+        created = oci.create("sub", BUNDLE, root=ROOT, pid_file=PID_FILE, detach=True)
+        pid = int(open(PID_FILE).read())
+        with open(f"/proc/{pid}/status") as handle:
+            status = dict(line.split(":", 1) for line in handle)
+        try:  # the setup process has been reaped: the init is our only child
+            others = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            others = None
+        oci.start("sub", root=ROOT)
+        # the init has ended but is not collected yet (a zombie): the state says stopped already
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        stopped = oci.state("sub", root=ROOT)["status"]
+        _, code = os.waitpid(pid, 0)
+        oci.delete("sub", root=ROOT)
+        print(json.dumps({"pid": pid, "state_pid": created["pid"], "ppid": int(status["PPid"]),
+                          "me": os.getpid(), "sig": status["SigCgt"].strip(), "others": others,
+                          "stopped": stopped, "code": os.waitstatus_to_exitcode(code)}))
+    """, BUNDLE=bundle, ROOT=root, PID_FILE=str(tmp_path / "pid"), THREADED=threaded)
+    assert report["pid"] == report["state_pid"]
+    assert report["ppid"] == report["me"], "the init was not reparented to the subreaper"
+    assert report["others"] == [0, 0], "a process of the runtime is still a child of the caller"
+    assert report["stopped"] == "stopped"
+    assert report["code"] == 7
+    assert oci.list_containers(root) == []
+
+
+def test_a_detached_init_has_no_parent_death_signal(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs, ["sleep", "60"])
+    # without a subreaper above us, the init goes to the machine's init: it must survive its setup process
+    created = oci.create("nodeath", bundle, root=root, detach=True)
+    assert parent_of(created["pid"]) != os.getpid() and oci_state.alive(created["pid"], None)
+    assert oci.state("nodeath", root=root)["status"] == "created"
+    oci.start("nodeath", root=root)
+    assert oci.state("nodeath", root=root)["status"] == "running"
+    oci.delete("nodeath", force=True, root=root)
+    assert oci.list_containers(root) == []
+
+
+def test_a_detached_exec_is_reaped_by_the_callers_subreaper(tmp_path, root, busybox_rootfs, python):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs, ["sleep", "60"])
+    report = run_script(python, """
+        created = oci.create("ex", BUNDLE, root=ROOT, detach=True)
+        oci.start("ex", root=ROOT)
+        pid = oci.exec_process("ex", {"args": ["sh", "-c", "sleep 0.2; exit 5"], "cwd": "/"}, root=ROOT,
+                               detach=True)
+        ppid = int(next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("PPid")))
+        _, code = os.waitpid(pid, 0)
+        oci.kill("ex", "KILL", root=ROOT)
+        _, init = os.waitpid(created["pid"], 0)
+        try:
+            others = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            others = None
+        oci.delete("ex", root=ROOT)
+        print(json.dumps({"ppid": ppid, "me": os.getpid(), "code": os.waitstatus_to_exitcode(code),
+                          "init": os.waitstatus_to_exitcode(init), "others": others}))
+    """, BUNDLE=bundle, ROOT=root)
+    assert report["ppid"] == report["me"]
+    assert report["code"] == 5
+    assert report["init"] == -9
+    assert report["others"] is None  # no helper of ours was left to reap
+
+
+def test_wait_collects_a_detached_init_when_we_are_its_subreaper(tmp_path, root, busybox_rootfs, python):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs, ["sh", "-c", "exit 3"])
+    report = run_script(python, """
+        oci.create("w", BUNDLE, root=ROOT, detach=True)
+        oci.start("w", root=ROOT)
+        code = oci.wait("w", root=ROOT)
+        oci.delete("w", root=ROOT)
+        print(json.dumps({"code": code}))
+    """, BUNDLE=bundle, ROOT=root)
+    assert report["code"] == 3
+
+
+# -- 2. a terminal through a console socket ------------------------------------------------------------------
+@pytest.fixture
+def console_socket(tmp_path):
+    """A listening AF_UNIX stream socket, as conmon offers with --console-socket."""
+    path = str(tmp_path / "console.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    server.settimeout(10)
+    yield path, server
+    server.close()
+
+
+def receive_terminal(server) -> tuple[str, int]:
+    """The terminal's name and master, as the runtime sends them (runc's protocol)."""
+    connection, _ = server.accept()
+    with connection:
+        name, fds, _, _ = socket.recv_fds(connection, 4096, 1)
+    assert len(fds) == 1
+    return name.decode(), fds[0]
+
+
+def read_until(master: int, wanted: bytes, timeout: float = 10) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{wanted!r} never came: {seen!r}"
+        ready, _, _ = select.select([master], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_a_terminal_reaches_the_console_socket(tmp_path, root, busybox_rootfs, console_socket):
+    path, server = console_socket
+
+    def change(config):
+        config["process"].update(terminal=True, consoleSize={"height": 30, "width": 100})
+
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs,
+                         ["sh", "-c", "tty; stty size; read x; echo got $x"], change)
+    oci.create("tty", bundle, root=root, console_socket=path)
+    name, master = receive_terminal(server)
+    try:
+        assert name == "/dev/pts/0"
+        oci.start("tty", root=root)
+        seen = read_until(master, b"30 100")
+        os.write(master, b"hello\n")
+        seen += read_until(master, b"got hello")
+    finally:
+        os.close(master)
+    assert oci.wait("tty", root=root) == 0
+    oci.delete("tty", root=root)
+    lines = seen.decode().replace("\r", "").splitlines()
+    # its own devpts, process.consoleSize, and what we typed (echoed by the terminal) read by the program
+    assert lines == ["/dev/pts/0", "30 100", "hello", "got hello"], lines
+
+
+def test_terminal_without_a_console_socket_is_refused(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs, ["true"],
+                         lambda config: config["process"].update(terminal=True))
+    with pytest.raises(oci.SpecError, match="process.terminal: is true") as caught:
+        oci.create("notty", bundle, root=root)
+    assert "console" in caught.value.hint
+    assert oci.list_containers(root) == []
+
+
+def test_exec_with_a_terminal_and_an_in_process_console(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs, ["sleep", "60"])
+    oci.create("exectty", bundle, root=root)
+    oci.start("exectty", root=root)
+    got = []
+
+    def console(master: int, name: str) -> None:  # the engine's way: no socket, the master itself
+        got.append((master, name))
+        os.write(master, b"6\n")  # typed ahead: the terminal keeps it until the program reads
+
+    try:
+        code = oci.exec_process("exectty", {"args": ["sh", "-c", "tty; read x; exit $x"], "cwd": "/",
+                                            "terminal": True}, root=root, console=console)
+        [(master, name)] = got
+        seen = read_until(master, b"pts")
+        os.close(master)
+    finally:
+        oci.delete("exectty", force=True, root=root)
+    assert code == 6
+    assert name.startswith("/dev/pts/") and name.encode() in seen
