@@ -20,9 +20,7 @@ import datetime
 import fcntl
 import json
 import os
-import random
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +39,7 @@ NAMES = ("babbage", "bellard", "corbato", "dijkstra", "hopper", "kerrisk", "knut
          "goldberg", "kay", "engelbart", "bach")
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_ID = re.compile(r"^[0-9a-f]{32}$")  # new_id()'s shape
 
 
 class NoSuchContainerError(StagesError):
@@ -49,9 +48,9 @@ class NoSuchContainerError(StagesError):
 
 def home() -> Path:
     """The state directory: ``$STAGES_HOME``, else /var/lib/stages (as :func:`stages.rootfs.state_dir`)."""
-    from stages.rootfs import state_dir
+    from stages.runtime.store import state_dir
 
-    return Path(state_dir())
+    return state_dir()
 
 
 def directory(container_id: str, base: Path | None = None) -> Path:
@@ -73,14 +72,19 @@ def locked(base: Path | None = None) -> Iterator[Path]:
 
 
 def write(record: dict, base: Path | None = None) -> None:
-    """Write a container's record atomically: a temporary file, fsync, then rename(2) over the old."""
+    """Write a container's record atomically: a temporary file, then rename(2) over the old, so that a
+    reader sees the old record or the new one, never half of one.
+
+    No fsync(2): a record describes processes and mounts that do not outlive a reboot, and losing its
+    last write in a crash changes nothing :func:`status` says (the monitor is gone either way); each
+    fsync would cost a ``stages run`` a disk flush, eight times over. One line of JSON, as the C encoder
+    writes it (``indent`` would take the slow pure-Python one); ``stages inspect`` prints it indented.
+    """
     where = directory(record["id"], base)
     where.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = where / f".{STATE_FILE}.{os.getpid()}.tmp"
     with open(temporary, "w") as handle:
-        json.dump(record, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
+        handle.write(json.dumps(record, sort_keys=True))
     os.replace(temporary, where / STATE_FILE)
 
 
@@ -166,7 +170,7 @@ def exit_description(record: dict) -> str:
 def new_id() -> str:
     """A container ID: 32 random hex digits (short enough for a cgroup name, cgroups(7) has no limit
     but a veth name does, so the network hashes it)."""
-    return secrets.token_hex(16)
+    return os.urandom(16).hex()  # what secrets.token_hex(16) does, without importing hmac and hashlib
 
 
 def check_name(name: str) -> str:
@@ -179,13 +183,18 @@ def check_name(name: str) -> str:
 def pick_name(taken: set[str]) -> str:
     """A docker-style ``adjective_name`` nobody has; a number is added once the pairs run out."""
     for _ in range(200):
-        name = f"{random.choice(ADJECTIVES)}_{random.choice(NAMES)}"
+        name = f"{_choice(ADJECTIVES)}_{_choice(NAMES)}"
         if name not in taken:
             return name
     number = 2
     while f"{name}{number}" in taken:
         number += 1
     return f"{name}{number}"
+
+
+def _choice(items: tuple[str, ...]) -> str:
+    """One of ``items`` at random (os.urandom(2): :mod:`random` would be one more import per run)."""
+    return items[int.from_bytes(os.urandom(2), "little") % len(items)]
 
 
 def reserve(record: dict, name: str | None, base: Path | None = None) -> dict:
@@ -207,6 +216,11 @@ def reserve(record: dict, name: str | None, base: Path | None = None) -> dict:
 
 def find(name_or_id: str, base: Path | None = None) -> dict:
     """A container by name, by ID, or by a unique prefix of its ID."""
+    if _ID.match(name_or_id):
+        # a whole ID (what `stages run --rm` and the monitor hold) names its directory: no need to read
+        # every record in the store
+        with contextlib.suppress(NoSuchContainerError):
+            return read(name_or_id, base)
     records = all_records(base)
     for record in records:
         if name_or_id in (record["name"], record["id"]):

@@ -19,13 +19,17 @@ import datetime
 import json
 import os
 import shutil
-import tarfile
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stages.errors import RootfsError, StagesError, UnsafeArchiveError
-from stages.runtime import layers as layerlib
 from stages.runtime import store
+
+if TYPE_CHECKING:
+    import tarfile
+
+# The layer code (tarfile, gzip, bz2, lzma, hashlib) and tempfile are imported by the functions that write
+# the store: `stages run` only reads it, and pays for none of that.
 
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 BUILTIN = {"busybox": "busybox", "host-minimal": "host"}
@@ -145,6 +149,8 @@ def resolve_for_engine(reference: str) -> dict:
 
 def flatten(image: dict | str, dest: str | os.PathLike) -> Path:
     """Apply every layer of ``image`` (a record or a reference) into ``dest``, whiteouts resolved."""
+    from stages.runtime import layers as layerlib
+
     image = get(image) if isinstance(image, str) else image
     return layerlib.flatten_layers(layer_dirs(image), dest)
 
@@ -168,6 +174,8 @@ def _store_blob(source: str | os.PathLike, digest: str, created: list[Path]) -> 
     if target.exists():
         return
     created.append(target)
+    import tempfile
+
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming.")
     os.close(fd)
     try:
@@ -182,6 +190,10 @@ def _store_blob(source: str | os.PathLike, digest: str, created: list[Path]) -> 
 def _add_layer(blob: str | os.PathLike, digest: str, work: Path, created: list[Path]) -> dict:
     """Store one checked layer blob and its unpacked directory; returns its descriptor. What it adds
     to the store goes into ``created``, to be taken back if the import fails (:func:`_roll_back`)."""
+    import tempfile
+
+    from stages.runtime import layers as layerlib
+
     diff = layerlib.diff_id(blob)
     target = layer_dir(diff)
     if not target.exists():
@@ -200,6 +212,7 @@ def _commit(config: dict, layers: list[dict], names: list[str]) -> dict:
     config = {**config, "rootfs": {"type": "layers", "diff_ids": [layer["diff_id"] for layer in layers]}}
     body = json.dumps(config, indent=2, sort_keys=True).encode()
     import hashlib
+    import tempfile
 
     image_id = f"sha256:{hashlib.sha256(body).hexdigest()}"
     with store.locked() as top:
@@ -234,6 +247,8 @@ def _clean_config(raw: dict, created_by: str) -> dict:
 def _workspace():
     """A scratch directory in the store (same filesystem: layers rename(2) into place), and the list of
     blobs and layers added; on failure (or Ctrl-C) those no image uses are removed, and the scratch always."""
+    import tempfile
+
     work = Path(tempfile.mkdtemp(dir=store.images_dir() / "tmp", prefix="import."))
     created: list[Path] = []
     try:
@@ -272,7 +287,10 @@ def _without_setuid(member: tarfile.TarInfo) -> tarfile.TarInfo:
 def ensure_builtin(name: str) -> dict:
     """The built-in image ``name`` (``busybox`` or ``host-minimal``), built offline by stage 1's rootfs
     builder and stored as a one-layer image the first time it is asked for."""
+    import tarfile
+
     from stages import rootfs
+    from stages.runtime import layers as layerlib
 
     plain = name.split(":")[0]
     if plain not in BUILTIN:
@@ -298,6 +316,8 @@ def ensure_builtin(name: str) -> dict:
 # -- importing ---------------------------------------------------------------------------------------
 def _checked_blob(root: Path, digest: str, what: str) -> Path:
     """The blob ``digest`` in the layout at ``root``, its bytes checked against the digest."""
+    from stages.runtime import layers as layerlib
+
     algorithm, _, hexpart = digest.partition(":")
     if algorithm != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
         raise ImageError(f"the archive names {what} by {digest!r}, which is not a sha256 digest",
@@ -370,6 +390,8 @@ def _import_oci(root: Path, work: Path, created: list[Path], source: str
 
 def _import_docker(root: Path, work: Path, created: list[Path], source: str
                    ) -> tuple[dict, list[dict], list[str]]:
+    from stages.runtime import layers as layerlib
+
     manifest = _read_json_file(root / "manifest.json", "manifest.json")
     if not isinstance(manifest, list) or not manifest:
         raise ImageError(f"{source}'s manifest.json lists no image", "save the image again with docker save")
@@ -404,6 +426,10 @@ def import_archive(source: str | os.PathLike, name: str | None = None) -> dict:
     the archive carries are used. Digests are checked; a mismatch, a hostile entry or a damaged archive
     is refused (:class:`StagesError`) and leaves nothing behind in the store.
     """
+    import tarfile
+
+    from stages.runtime import layers as layerlib
+
     source = os.fspath(source)
     names = [parse_reference(name)] if name else []
     if not os.path.exists(source):
