@@ -4,6 +4,12 @@ Each tool runs ``true`` in a busybox rootfs from start to exit, N times (``BENCH
 tools alternating run by run (A B C D A B C D ...) after a few warm-up runs, and the table gives the
 median, p90 and min in milliseconds and each median's ratio to runc's and to ours.
 
+Then two comparisons with runc, when ``.venv/bin/stages-oci`` is installed: the OCI operations ``create``,
+``start`` and ``delete`` of one unedited ``runc spec`` bundle, each timed on its own, with ``stages-oci`` and
+with runc (the bench is the subreaper that collects each container's exit, as conmon is); and ``podman run
+--rm`` with each of them as podman's runtime (when podman is installed), with podman's state in the same
+temporary directory.
+
 Everything lives in one temporary directory (STAGES_HOME, STAGES_RUN, the OCI bundle, the runc and crun
 state roots); it is removed at the end, also on Ctrl-C, and the bench then checks that no container,
 mount or cgroup of it is left. Run as root: ``make bench`` (or ``.venv/bin/python bench/run.py``).
@@ -25,6 +31,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 VENV_PYTHON = HERE / ".venv" / "bin" / "python"
 STAGES = HERE / ".venv" / "bin" / "stages"
+STAGES_OCI = HERE / ".venv" / "bin" / "stages-oci"
+PODMAN_DATA = HERE / "tests" / "data" / "podman"
+PODMAN_IMAGE = "localhost/stages-bench-busybox"
+# no hard rlimit may be raised without CAP_SYS_RESOURCE (setrlimit(2)); podman's defaults are higher
+PODMAN_RUN = ["run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
+              "--ulimit", "nproc=32768:32768"]
+# runc has no --cgroup-manager, which podman passes a runtime when cgroups = "disabled" (crun's option)
+RUNC_WRAPPER = """#!/bin/sh
+first=1
+for argument in "$@"; do
+    if [ "$first" = 1 ]; then set --; first=0; fi
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    case "$argument" in --cgroup-manager) skip=1; continue;; esac
+    set -- "$@" "$argument"
+done
+exec runc "$@"
+"""
 PREFIX = "stages-bench-"
 WARMUP = 3
 
@@ -35,11 +58,11 @@ def say(message: str) -> None:
 
 # -- what the bench needs ---------------------------------------------------------------------------
 def install() -> None:
-    """The venv (``workshop.sh setup``) and runc, crun from Debian when they are missing."""
+    """The venv (``workshop.sh setup``) and runc, crun, podman, conmon from Debian when they are missing."""
     if not VENV_PYTHON.exists() or not STAGES.exists():
         say("setting up the virtualenv: bash workshop.sh setup")
         subprocess.run(["bash", str(HERE / "workshop.sh"), "setup"], check=True)
-    missing = [name for name in ("runc", "crun") if shutil.which(name) is None]
+    missing = [name for name in ("runc", "crun", "podman", "conmon") if shutil.which(name) is None]
     if missing:
         say(f"installing {' '.join(missing)} with apt-get")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -69,6 +92,10 @@ class Bench:
         self.runc_root = self.tmp / "runc-state"
         self.crun_root = self.tmp / "crun-state"
         self.oci_root = self.tmp / "oci-state"
+        self.cli_root = self.tmp / "stages-oci-state"
+        self.podman_dir = self.tmp / "podman"
+        self.podman_command: list[str] = []
+        self.podman_env: dict[str, str] = {}
         self.counter = 0
         self.env = dict(os.environ, STAGES_HOME=str(self.home), STAGES_RUN=str(self.run_dir))
         # the library path runs in this process: it reads the same variables
@@ -82,8 +109,14 @@ class Bench:
         return f"{PREFIX}{tool}-{self.counter}"
 
     def prepare(self) -> None:
-        for directory in (self.home, self.run_dir, self.runc_root, self.crun_root, self.oci_root):
+        for directory in (self.home, self.run_dir, self.runc_root, self.crun_root, self.oci_root,
+                          self.cli_root):
             directory.mkdir(parents=True)
+        # A learner's `stages` loads the bytecode its first run wrote (__pycache__). Write it now: with
+        # PYTHONDONTWRITEBYTECODE set (CI, some sandboxes) every run would compile every module again,
+        # and that, not the containers, is what the bench would time.
+        subprocess.run([str(VENV_PYTHON), "-m", "compileall", "-q", str(HERE / "stages")], check=True,
+                       stdout=subprocess.DEVNULL)
         say(f"building the busybox rootfs: stages rootfs build {self.rootfs}")
         self.bundle.mkdir()
         subprocess.run([str(STAGES), "rootfs", "build", str(self.rootfs)], check=True, env=self.env,
@@ -136,6 +169,72 @@ class Bench:
                        stdio=(self.devnull, None, None))
         return code if code is not None else 0
 
+    # -- create, start, delete on their own: the bench is the subreaper, as conmon is ---------------------
+    def lifecycle(self, tool: str) -> tuple[float, float, float]:
+        """One container of the runc spec bundle through ``tool``'s create, start and delete: the time of
+        each, in ms. Between start and delete the bench collects the container's exit (untimed): the
+        runtime's create has left the init to its nearest subreaper, which is this process."""
+        command = ["runc", "--root", str(self.runc_root)] if tool == "runc" else \
+            [str(STAGES_OCI), "--root", str(self.cli_root)]
+        name = self.next_id(tool)
+        pid_file = self.tmp / f"{name}.pid"
+        times = []
+        for step in (["create", "--bundle", str(self.bundle), "--pid-file", str(pid_file), name],
+                     ["start", name], ["delete", name]):
+            if step[0] == "delete":
+                reap(int(pid_file.read_text()))
+            start = time.perf_counter_ns()
+            result = subprocess.run([*command, *step], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            times.append((time.perf_counter_ns() - start) / 1e6)
+            if result.returncode != 0:
+                raise SystemExit(f"bench: {tool} {step[0]} exited with {result.returncode}: "
+                                 f"{result.stderr.strip()}")
+        pid_file.unlink()
+        return times[0], times[1], times[2]
+
+    # -- podman run --rm, with stages-oci or runc as its runtime ---------------------------------------------
+    def prepare_podman(self) -> None:
+        """podman with all its state below the bench's directory, the configuration of
+        tests/test_podman.py (vfs storage, file locks and events, cgroups = "disabled"), and the busybox
+        rootfs imported as an image."""
+        base = self.podman_dir
+        for name in ("root", "runroot", "tmp", "home", "config", "data", "xdg-run", "networks"):
+            (base / name).mkdir(parents=True, mode=0o700)
+        wrapper = base / "runc-wrapper"
+        wrapper.write_text(RUNC_WRAPPER)
+        wrapper.chmod(0o755)
+        conf = (PODMAN_DATA / "containers.conf").read_text()
+        conf = conf.replace("runtime_supports_nocgroup = [", 'runtime_supports_nocgroup = ["runc-wrapper", ')
+        conf = conf.replace("/usr/local/bin/stages-oci", str(STAGES_OCI))
+        conf += f'\n[network]\nnetwork_config_dir = "{base / "networks"}"\n'
+        (base / "containers.conf").write_text(conf)
+        storage = (PODMAN_DATA / "storage.conf").read_text()
+        storage += f'graphroot = "{base / "root"}"\nrunroot = "{base / "runroot"}"\n'
+        (base / "storage.conf").write_text(storage)
+        shutil.copy(PODMAN_DATA / "registries.conf", base / "registries.conf")
+        self.podman_env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": str(base / "home"),
+            "TMPDIR": str(base / "tmp"), "XDG_CONFIG_HOME": str(base / "config"),
+            "XDG_DATA_HOME": str(base / "data"), "XDG_RUNTIME_DIR": str(base / "xdg-run"),
+            "CONTAINERS_CONF": str(base / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf"),
+        }
+        self.podman_command = ["podman", "--root", str(base / "root"), "--runroot", str(base / "runroot"),
+                               "--tmpdir", str(base / "tmp"), "--storage-driver", "vfs",
+                               "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
+        archive = base / "busybox.tar"
+        subprocess.run(["tar", "-C", str(self.rootfs), "-cf", str(archive), "."], check=True)
+        subprocess.run([*self.podman_command, "import", str(archive), PODMAN_IMAGE], env=self.podman_env,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def podman_run(self, runtime: str) -> int:
+        path = str(self.podman_dir / "runc-wrapper") if runtime == "runc" else str(STAGES_OCI)
+        return subprocess.run([*self.podman_command, "--runtime", path, *PODMAN_RUN, PODMAN_IMAGE, "true"],
+                              env=self.podman_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL).returncode
+
     def check_crun(self) -> str | None:
         """None when crun runs the bundle; else the first line of its error."""
         result = subprocess.run(["crun", "--root", str(self.crun_root), "run", "--bundle", str(self.bundle),
@@ -150,7 +249,15 @@ class Bench:
     def cleanup(self) -> list[str]:
         """Remove every container, mount, cgroup and file of the bench; returns what was still there."""
         left = []
-        for tool, root in (("runc", self.runc_root), ("crun", self.crun_root)):
+        if self.podman_command and (self.podman_dir / "root").exists():
+            listing = subprocess.run([*self.podman_command, "ps", "-a", "-q"], capture_output=True, text=True,
+                                     env=self.podman_env)
+            for name in listing.stdout.split():
+                left.append(f"podman container {name}")
+                subprocess.run([*self.podman_command, "rm", "--force", "--time", "0", name],
+                               capture_output=True, env=self.podman_env)
+        for tool, root in (("runc", self.runc_root), ("crun", self.crun_root),
+                           (str(STAGES_OCI), self.cli_root)):
             if shutil.which(tool) is None or not root.exists():
                 continue
             listing = subprocess.run([tool, "--root", str(root), "list", "-q"], capture_output=True,
@@ -181,6 +288,17 @@ class Bench:
             os.close(self.devnull)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return left
+
+
+def reap(pid: int) -> None:
+    """Wait for a container's init to end: collect it when it is our child (we are its subreaper), else
+    watch /proc until it is gone (a runtime that keeps it as its own child)."""
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -224,6 +342,63 @@ def table(results: dict[str, list[float]], labels: dict[str, str]) -> str:
                     f"{median / runc if runc else float('nan'):7.2f} "
                     f"{median / ours if ours else float('nan'):7.2f}  {len(times)}")
     return "\n".join(rows)
+
+
+def ratio_table(results: dict[str, dict[str, list[float]]], tools: list[str]) -> str:
+    """One row per operation: each tool's median, and the ratio of the last tool's to the first's."""
+    first, last = tools[0], tools[-1]
+    header = " ".join(f"{tool:>12}" for tool in tools)
+    rows = [f"{'operation':<24} {header} {last + ' / ' + first:>20}"]
+    for operation, by_tool in results.items():
+        medians = {tool: statistics.median(by_tool[tool]) for tool in tools}
+        rows.append(f"{operation:<24} " + " ".join(f"{medians[tool]:12.1f}" for tool in tools)
+                    + f" {medians[last] / medians[first]:20.2f}")
+    return "\n".join(rows)
+
+
+def compare_with_runc(bench: Bench, runs: int) -> None:
+    """create/start/delete, then podman run --rm: stages-oci against runc, alternating, medians in ms."""
+    if not STAGES_OCI.exists():
+        print(f"\n{STAGES_OCI} is not installed: no stages-oci comparison (pip install -e .)")
+        return
+    from stages import kernel
+
+    # Like conmon: each container's init is reparented to us when its runtime's create returns (prctl(2)).
+    kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
+    tools = ["runc", "stages-oci"]
+    operations: dict[str, dict[str, list[float]]] = {
+        op: {tool: [] for tool in tools} for op in ("create", "start", "delete", "create+start+delete")}
+    say(f"create, start, delete: {WARMUP} warm-up and {runs} runs each of runc and stages-oci, alternating")
+    for index in range(WARMUP + runs):
+        for tool in tools:
+            create, start, delete = bench.lifecycle(tool)
+            if index < WARMUP:
+                continue
+            for op, value in (("create", create), ("start", start), ("delete", delete),
+                              ("create+start+delete", create + start + delete)):
+                operations[op][tool].append(value)
+    print()
+    print(f"OCI operations on one `runc spec` bundle (`true`), ms, median of {runs} runs each, alternating")
+    print(ratio_table(operations, tools))
+    if shutil.which("podman") is None or shutil.which("conmon") is None:
+        print("\npodman or conmon is not installed: no podman comparison")
+        return
+    bench.prepare_podman()
+    podman: dict[str, dict[str, list[float]]] = {"podman run --rm true": {tool: [] for tool in tools}}
+    say(f"podman run --rm: {WARMUP} warm-up and {runs} runs each with runc and stages-oci, alternating")
+    for index in range(WARMUP + runs):
+        for tool in tools:
+            start = time.perf_counter_ns()
+            code = bench.podman_run(tool)
+            elapsed = (time.perf_counter_ns() - start) / 1e6
+            if code != 0:
+                raise SystemExit(f"bench: podman run with {tool} exited with {code}")
+            if index >= WARMUP:
+                podman["podman run --rm true"][tool].append(elapsed)
+    print()
+    print(f"podman run --rm --network none busybox true, ms, median of {runs} runs each, alternating "
+          f"({version(['podman', '--version'])}, {version(['conmon', '--version'])})")
+    print(ratio_table(podman, tools))
 
 
 def main() -> int:
@@ -270,6 +445,7 @@ def main() -> int:
         print(f"runc: {version(['runc', '--version'])}; crun: {version(['crun', '--version'])}; "
               f"unshare: {version(['unshare', '--version'])}; kernel {os.uname().release}")
         print(table(results, labels))
+        compare_with_runc(bench, runs)
     except KeyboardInterrupt:
         print("bench: interrupted; cleaning up", file=sys.stderr)
         interrupted = True
