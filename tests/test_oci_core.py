@@ -17,6 +17,7 @@ import time
 import pytest
 
 from stages.runtime import oci
+from stages.runtime.oci import process as oci_process
 from stages.runtime.oci import statefile as oci_state
 
 pytestmark = pytest.mark.root
@@ -237,3 +238,47 @@ def test_exec_with_a_terminal_and_an_in_process_console(tmp_path, root, busybox_
         oci.delete("exectty", force=True, root=root)
     assert code == 6
     assert name.startswith("/dev/pts/") and name.encode() in seen
+
+
+# -- 3. what runc spec and podman write --------------------------------------------------------------------
+CGROUP_MOUNT = {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+
+
+def run_container(tmp_path, root, rootfs, args, change=None, name="c", **options) -> tuple[int, str]:
+    """Run ``args`` in a container; its exit code and what it wrote (stdout and stderr together)."""
+    bundle = make_bundle(tmp_path / "bundle", rootfs, args, change, **options)
+    output = tmp_path / "output"
+    with open(os.devnull) as stdin, open(output, "w") as out:
+        code = oci.run(name, bundle, root=root, stdio=(stdin, out, out))
+    return code, output.read_text()
+
+
+@pytest.mark.parametrize("cgroupns", [False, True], ids=["host-cgroupns", "cgroupns"])
+def test_a_container_reads_its_own_memory_limit_in_sys_fs_cgroup(tmp_path, root, busybox_rootfs, cgroupns):
+    from stages.isolate import cgroups
+
+    layout = cgroups.detect()
+    if "memory" not in layout.controllers:
+        pytest.skip("no memory controller here")
+
+    def change(config):
+        config["mounts"].append(dict(CGROUP_MOUNT))
+        config["linux"]["resources"] = {"memory": {"limit": 48 << 20}}
+        if cgroupns:
+            config["linux"]["namespaces"].append({"type": "cgroup"})
+
+    v2 = layout.kind == "v2"
+    if v2 and not cgroupns:
+        pytest.skip("without a cgroup namespace, cgroup v2 shows the host's tree (as under runc)")
+    limit_file = "/sys/fs/cgroup/memory.max" if v2 else "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+    code, out = run_container(tmp_path, root, busybox_rootfs,
+                              ["sh", "-c", f"cat {limit_file}; ls /sys/fs/cgroup; touch /sys/fs/cgroup/x"],
+                              change)
+    lines = out.splitlines()
+    assert code == 1, out  # read-only: touch fails
+    assert lines[0] == str(48 << 20), out
+    assert "Read-only file system" in lines[-1]
+    if not v2:  # one directory per hierarchy the host has, as runc makes them
+        assert {os.path.basename(m) for m, _, _ in oci_process.container_cgroups()
+                if os.path.dirname(m) == "/sys/fs/cgroup"} <= set(lines[1:-1])

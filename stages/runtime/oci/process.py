@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 from stages import kernel, steps
 from stages.errors import CommandNotFoundError, StagesError
+from stages.isolate import cgroups as host_cgroups
 from stages.isolate import filesystem
 from stages.runtime.oci import hooks as oci_hooks
 from stages.runtime.oci import seccomp as oci_seccomp
@@ -164,6 +165,9 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | 
         with record.active():
             if plan.user_namespace:
                 become_root()
+            if any(item.type == "cgroup" for item in plan.mounts):
+                # read before a cgroup namespace makes our cgroups look like roots; the init inherits it
+                CONTAINER_CGROUPS[:] = container_cgroups()
             if "cgroup" in plan.new_namespaces:
                 kernel.unshare(kernel.CLONE_NEWCGROUP,
                                what="a cgroup namespace rooted at the container's cgroup")
@@ -377,9 +381,93 @@ def _locked(path: str) -> int:
     return sum(flag for bit, flag in _STATVFS_FLAGS if have & bit and flag != kernel.MS_RDONLY)
 
 
+#: (mount point, file system type, the container's own cgroup directory in it) of each cgroup hierarchy
+#: the host has mounted, found by :func:`container_cgroups` in the setup process.
+CONTAINER_CGROUPS: list[tuple[str, str, str]] = []
+
+
+def container_cgroups() -> list[tuple[str, str, str]]:
+    """Each mounted cgroup hierarchy (v1 and v2), with our own cgroup's directory in it: where the runtime
+    has put us, that is the container's cgroup (/proc/self/cgroup, /proc/self/mountinfo; cgroups(7))."""
+    own = {}
+    with open("/proc/self/cgroup") as handle:
+        for line in handle:
+            _number, names, path = line.rstrip("\n").split(":", 2)
+            own[names] = path  # "" names the v2 hierarchy
+    found = []
+    for mountpoint, fstype, mount_root, options in host_cgroups._cgroup_mounts():
+        names = "" if fstype == "cgroup2" else next(
+            (key for key in own if key and set(key.split(",")) <= options), None)
+        path = own.get(names) if names is not None else None
+        if path is None:
+            continue
+        if mount_root != "/":  # the mount shows only part of the tree (mountinfo's root field, proc(5))
+            if path != mount_root and not path.startswith(mount_root + "/"):
+                continue
+            path = path[len(mount_root):]
+        found.append((mountpoint, fstype, os.path.normpath(mountpoint + "/" + path.lstrip("/"))))
+    return found
+
+
+def mount_cgroup(item: Mount, in_user_namespace: bool) -> None:
+    """A ``cgroup`` mount (``/sys/fs/cgroup``): the container sees its own cgroups there, read-only.
+
+    cgroup v2 alone: a fresh cgroup2 mount, whose root is the container's cgroup when the container has
+    a cgroup namespace (cgroup_namespaces(7)). cgroup v1 or hybrid, as runc does: a tmpfs, and in it one
+    directory per hierarchy (``memory``, ``cpu`` ..., ``unified``) with the container's own cgroup
+    directory of that hierarchy bind-mounted on it, and the host's links (``cpuacct -> cpu,cpuacct``).
+    """
+    target = item.target
+    flags = item.flags & ~kernel.MS_RDONLY
+    readonly = item.flags & kernel.MS_RDONLY
+    hierarchies = [entry for entry in CONTAINER_CGROUPS if os.path.dirname(entry[0]) == "/sys/fs/cgroup"]
+    unified = next((entry for entry in CONTAINER_CGROUPS if entry[0] == "/sys/fs/cgroup"), None)
+    if not os.path.isdir(target):
+        with steps.record(f"mkdir -p {target}", where="inside"):
+            os.makedirs(target, exist_ok=True)
+    if unified is not None:
+        try:
+            kernel.mount("cgroup2", target, "cgroup2", item.flags, what="the container's cgroups (cgroup v2)")
+        except PermissionError:
+            if not in_user_namespace:
+                raise
+            # a user namespace may mount cgroup2 only from a cgroup namespace it owns: bind ours instead
+            kernel.mount(unified[2], target, None, kernel.MS_BIND | kernel.MS_REC,
+                         what="the container's own cgroup from the host, since it has no cgroup namespace")
+            kernel.mount(None, target, None,
+                         kernel.MS_BIND | kernel.MS_REMOUNT | item.flags | _locked(target),
+                         what="with the mount's options")
+        return
+    kernel.mount("tmpfs", target, "tmpfs", flags, "mode=755",
+                 what="cgroup v1: a directory per hierarchy, each the container's own cgroup")
+    for mountpoint, _fstype, directory in hierarchies:
+        inside = os.path.join(target, os.path.basename(mountpoint))
+        with steps.record(f"mkdir {inside}", where="inside"):
+            os.mkdir(inside, 0o755)
+        kernel.mount(directory, inside, None, kernel.MS_BIND | kernel.MS_REC,
+                     what=f"the container's {os.path.basename(mountpoint)} cgroup")
+        kernel.mount(None, inside, None,
+                     kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY | flags | _locked(inside),
+                     what="read-only: a container reads its limits, never changes them")
+    with os.scandir("/sys/fs/cgroup") as entries:
+        for entry in entries:
+            link = os.path.join(target, entry.name)
+            if entry.is_symlink() and not os.path.lexists(link):
+                with steps.record(f"ln -s {os.readlink(entry.path)} {link}", where="inside"):
+                    os.symlink(os.readlink(entry.path), link)
+    if readonly:
+        kernel.mount(None, target, None, kernel.MS_REMOUNT | item.flags, "mode=755",
+                     what="the directory of hierarchies read-only too")
+
+
 def mount_one(item: Mount, in_user_namespace: bool) -> None:
     """One entry of config.json's ``mounts``, below the rootfs (``item.target`` was resolved there)."""
     target = item.target
+    if item.type == "cgroup" and not item.bind:
+        mount_cgroup(item, in_user_namespace)
+        if item.propagation:
+            kernel.mount(None, target, None, item.propagation)
+        return
     if item.bind and not os.path.isdir(item.source):
         if not os.path.exists(target):
             os.makedirs(os.path.dirname(target), exist_ok=True)
