@@ -7,9 +7,12 @@ what the command leaves running when it exits is re-parented to us, so that the 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -364,6 +367,72 @@ def test_exec_runs_inside_from_a_process_file_or_arguments(tmp_path, runtime, bu
     stopped = runtime("exec", container, "true")
     assert stopped.code == 1 and "exec needs a running container" in stopped.err
     assert runtime("delete", container).code == 0
+
+
+# -- terminals ---------------------------------------------------------------------------------------------
+def read_until(fd: int, text: str, timeout: float = 10) -> str:
+    """What the terminal's master gives until ``text`` shows (or the terminal closes, or time is up)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: every slave end is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.skipif("console_socket" not in inspect.signature(oci.create).parameters,
+                    reason="the library has no terminals (console_socket) yet")
+def test_a_terminal_through_the_console_socket(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", "tty; read line; echo got:$line; exec sleep 60"],
+                  change=lambda config: config["process"].update(terminal=True))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        # as conmon: listen, let create connect and send the master, take it
+        listener.bind(str(tmp_path / "console.sock"))
+        listener.listen(1)
+        created = runtime("create", "--bundle", path, "--console-socket", tmp_path / "console.sock",
+                          container)
+        assert created.code == 0, created.err
+        listener.settimeout(10)
+        connection, _ = listener.accept()
+        with connection:
+            message, fds, _, _ = socket.recv_fds(connection, 4096, 1)
+    assert len(fds) == 1 and message.decode().startswith("/dev/pts/")
+    master = fds[0]
+    try:
+        assert runtime("start", container).code == 0
+        assert "/dev/pts/" in read_until(master, "/dev/pts/")
+        os.write(master, b"typed\n")
+        assert "got:typed" in read_until(master, "got:typed")
+
+        # exec -t: a terminal of its own, to a console socket of its own
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(tmp_path / "exec.sock"))
+            listener.listen(1)
+            result = runtime("exec", "--tty", "--console-socket", tmp_path / "exec.sock", container,
+                             "sh", "-c", "tty; echo exec-tty")
+            assert result.code == 0, result.err
+            listener.settimeout(10)
+            connection, _ = listener.accept()
+            with connection:
+                _, exec_fds, _, _ = socket.recv_fds(connection, 4096, 1)
+        try:
+            assert "exec-tty" in read_until(exec_fds[0], "exec-tty")
+        finally:
+            for fd in exec_fds:
+                os.close(fd)
+        no_socket = runtime("exec", "--tty", container, "true")
+        assert no_socket.code == 1 and "--console-socket" in no_socket.err
+    finally:
+        os.close(master)
+    assert runtime("delete", "--force", container).code == 0
 
 
 # -- run -----------------------------------------------------------------------------------------------------

@@ -399,6 +399,8 @@ def exec_process_object(args) -> dict:
         if not isinstance(process, dict):
             raise StagesError(f"{args.process} must hold one JSON object (config.json's process)",
                               'for instance {"args": ["ps"], "cwd": "/"}')
+        if args.tty:
+            process["terminal"] = True  # as runc: --tty wins over the file
         return process
     if not args.args:
         raise StagesError("exec needs a command to run (after the ID), or --process FILE",
