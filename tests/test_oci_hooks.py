@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 
 import pytest
+import test_podman
+from test_podman import podman, runtime  # noqa: F401 - fixtures of the podman test
 
 from stages.runtime import oci
 from stages.runtime.oci import hooks as oci_hooks
@@ -313,3 +316,35 @@ def test_hooks_in_a_user_namespace_and_from_a_threaded_caller(tmp_path, root, re
     assert os.stat(out / "createRuntime.json").st_uid == 0
     assert os.stat(out / "createContainer.json").st_uid == owner
     assert os.stat(out / "startContainer.json").st_uid == owner
+
+
+# -- podman ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("podman") is None or shutil.which("conmon") is None,
+                    reason="podman and conmon are not installed (bash workshop.sh test installs them)")
+def test_podman_hooks_dir_runs_every_kind_through_our_runtime(request, tmp_path):
+    """podman reads oci-hooks(5) files from --hooks-dir and writes them into config.json; conmon and
+    podman then call stages-oci, which runs them. (podman runs poststop hooks itself, after cleanup.)"""
+    engine = request.getfixturevalue("podman")  # test_podman's: a podman of its own, busybox imported
+    hooks_dir, out = tmp_path / "hooks.d", tmp_path / "out"
+    hooks_dir.mkdir()
+    out.mkdir()
+    for kind in oci_hooks.KINDS:
+        where = "/out" if kind == "startContainer" else str(out)  # its path resolves in the container
+        script = f'cat > {where}/{kind}.json; echo {kind} >> {where}/order'
+        (hooks_dir / f"{kind}.json").write_text(json.dumps({
+            "version": "1.0.0", "hook": {"path": "/bin/sh", "args": ["sh", "-c", script]},
+            "when": {"always": True}, "stages": [kind]}))
+    result = engine("--hooks-dir", str(hooks_dir), *test_podman.RUN, "--rm", "-v", f"{out}:/out",
+                    test_podman.IMAGE, "sh", "-c", "echo program >> /out/order; echo hi")
+    assert (result.returncode, result.stdout) == (0, "hi\n"), result.stderr
+    order = (out / "order").read_text().split()
+    assert order[:4] == ["prestart", "createRuntime", "createContainer", "startContainer"]
+    assert sorted(order[4:6]) == ["poststart", "program"] and order[6:] == ["poststop"]
+    pid = read_state(out, "createRuntime")["pid"]
+    for kind, status in (("prestart", "creating"), ("createRuntime", "creating"),
+                         ("createContainer", "creating"), ("startContainer", "created"),
+                         ("poststart", "running")):
+        state = read_state(out, kind)
+        assert (state["status"], state["pid"], len(state["id"])) == (status, pid, 64), kind
+    assert read_state(out, "poststop")["status"] == "stopped"

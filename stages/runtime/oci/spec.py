@@ -6,7 +6,7 @@ program to start (config.md, config-linux.md). :func:`load` reads it, checks eve
 it into a :class:`Plan`: plain data the container's first process can follow without deciding anything.
 
 The spec says a runtime ignores properties it does not know, and refuses values it cannot honour. So a
-field we know but do not implement (hooks, seccomp, AppArmor, a terminal ...) is refused *by its name*,
+field we know but do not implement (seccomp, AppArmor, a terminal ...) is refused *by its name*,
 with a hint, rather than silently skipped: a container that quietly runs without its seccomp filter is
 worse than one that does not start.
 
@@ -67,7 +67,6 @@ _UNSUPPORTED = {
     "process.scheduler": "scheduling policies are not set by this runtime",
     "process.execCPUAffinity": "CPU affinity is not set by this runtime",
     "process.user.username": "user names are for Windows containers",
-    "linux.devices": "extra device nodes are not created by this runtime yet (the default ones are)",
     "linux.mountLabel": "SELinux mount labels are not applied by this runtime",
     "linux.personality": "execution domains (personality(2)) are not set by this runtime",
     "linux.intelRdt": "Intel RDT is not configured by this runtime",
@@ -161,6 +160,8 @@ class Plan:
     seccomp: dict | None = None  # linux.seccomp compiled (stages.runtime.oci.seccomp), None: no filter
     devices: list[list] | None = None  # the device allowlist, in order (stages.runtime.oci.devices)
     hooks: dict[str, list[dict]] = field(default_factory=dict)  # kind -> hooks (stages.runtime.oci.hooks)
+    #: linux.devices, checked: path, target (below the rootfs), type (c, b or p), major, minor, mode, uid, gid
+    device_nodes: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -315,7 +316,39 @@ def plan(config: dict, bundle: str) -> Plan:
     from stages.runtime.oci import hooks
 
     result.hooks = hooks.parse(config.get("hooks"))
+    result.device_nodes = _device_nodes(linux, rootfs)
     return result
+
+
+def _device_nodes(linux: dict, rootfs: str) -> list[dict]:
+    """linux.devices: the extra device nodes to make in the container (config-linux.md, "Devices")."""
+    from stages.rootfs import resolve
+
+    nodes = []
+    for index, item in enumerate(_typed(linux.get("devices"), list, "linux.devices", [])):
+        where = f"linux.devices[{index}]"
+        _typed(item, dict, where)
+        path = _typed(item.get("path"), str, f"{where}.path")
+        if not path or not path.startswith("/") or ".." in path.split("/"):
+            raise refuse(f"{where}.path", f"{path!r} must be an absolute path inside the container",
+                         'for instance "/dev/fuse"')
+        kind = _typed(item.get("type"), str, f"{where}.type")
+        if kind not in ("c", "b", "u", "p"):
+            raise refuse(f"{where}.type", f"{kind!r} is not a device type",
+                         'use "c" (character), "b" (block), "u" (unbuffered character) or "p" (FIFO)')
+        numbers = [_typed(item.get(name), int, f"{where}.{name}") for name in ("major", "minor")]
+        if kind != "p" and (None in numbers or min(numbers) < 0):
+            raise refuse(where, "a character or block device needs its major and minor numbers",
+                         "look them up with ls -l on the host (for instance /dev/fuse is c 10 229)")
+        mode = _typed(item.get("fileMode"), int, f"{where}.fileMode", 0o666)
+        if not 0 <= mode <= 0o7777:
+            raise refuse(f"{where}.fileMode", f"{mode} is not a file mode", "for instance 438 (0666)")
+        nodes.append({"path": path, "target": str(resolve(rootfs, path)),
+                      "type": "c" if kind == "u" else kind, "major": numbers[0] or 0,
+                      "minor": numbers[1] or 0, "mode": mode,
+                      "uid": _typed(item.get("uid"), int, f"{where}.uid", 0),
+                      "gid": _typed(item.get("gid"), int, f"{where}.gid", 0)})
+    return nodes
 
 
 def _seccomp(linux: dict) -> dict | None:
