@@ -235,6 +235,30 @@ def test_create_start_kill_delete_walks_creating_created_running_stopped(tmp_pat
     assert not (runtime.root / container).exists()
 
 
+def test_sigterm_during_create_undoes_it(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sleep", "60"])
+    out = tmp_path / "create-output"
+    codes = []
+    for _ in range(5):  # until the signal lands while create is still at work
+        create = runtime.spawn("create", "--bundle", path, "--pid-file", tmp_path / "pid", container, out=out)
+        state_file = runtime.root / container / statefile.STATE_FILE
+        while not state_file.exists() and create not in runtime.reaper.statuses:
+            pass
+        os.kill(create, signal.SIGSTOP)
+        os.kill(create, signal.SIGTERM)  # delivered when it goes on
+        os.kill(create, signal.SIGCONT)
+        codes.append(runtime.reaper.wait(create, 60))
+        if codes[-1] != 0:
+            break
+        assert runtime("delete", "--force", container).code == 0  # it was done already: again
+    assert codes[-1] == 128 + signal.SIGTERM, (codes, out.read_text())
+    assert "interrupted by SIGTERM" in out.read_text() and "Traceback" not in out.read_text()
+    # nothing is left: no state, no PID file, no cgroup, no process (the leak check)
+    assert not (runtime.root / container).exists() and not (tmp_path / "pid").exists()
+    assert runtime("list", "-q").out == ""
+
+
 def test_state_follows_the_runtime_spec_schema(tmp_path, runtime, busybox_rootfs):
     if not (SCHEMA_DIRECTORY / "state-schema.json").exists():
         pytest.skip(f"no {SCHEMA_DIRECTORY}/state-schema.json: apt-get install golang-github-opencontainers-"

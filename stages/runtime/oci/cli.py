@@ -620,11 +620,39 @@ def main(argv: list[str] | None = None) -> int:
     return _dispatch(args, log)
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived (a supervisor gave up on us): unwind, so that what was set up is undone.
+
+    A BaseException, as KeyboardInterrupt: no ``except Exception`` on the way may swallow it.
+    """
+
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.number = number
+
+
+def _interrupt(number: int, _frame) -> None:
+    import signal
+
+    # once: a second signal must not break off the undoing the first one started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise Interrupted(number)
+
+
 def _dispatch(args, log: Log) -> int:
+    import signal
+
     from stages.errors import StagesError
 
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, _interrupt)
     try:
         return HANDLERS[args.command](args, log)
+    except Interrupted as interrupted:
+        name = signal.Signals(interrupted.number).name
+        log.error(f"{args.command}: interrupted by {name}; what it had set up was released")
+        return 128 + interrupted.number
     except StagesError as error:
         message, hint = error.message, error.hint
         if type(error).__name__ == "ContainerNotFoundError":
