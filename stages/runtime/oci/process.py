@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import struct
 import sys
 import termios
@@ -319,6 +320,8 @@ def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) 
         dev = os.path.join(plan.rootfs, "dev")
         filesystem.make_devices(dev, plan.user_namespace)
         filesystem.make_device_links(dev)
+    for node in plan.device_nodes:
+        make_device_node(node, plan.user_namespace)
     if before_pivot_root is not None:
         # prestart, createRuntime (the runtime) and createContainer hooks (here) run now: the container's
         # environment exists and the host's paths are still in reach (config.md, "POSIX-platform Hooks")
@@ -496,6 +499,46 @@ def mount_one(item: Mount, in_user_namespace: bool) -> None:
         kernel.mount(None, target, None, item.propagation)
 
 
+def make_device_node(node: dict, in_user_namespace: bool) -> None:
+    """One entry of linux.devices: mknod(2) with its mode and owner; a FIFO is mkfifo(3).
+
+    Inside a user namespace mknod of a device is refused (user_namespaces(7)), so the host's node of the
+    same path is bind-mounted, as for the default devices (and as runc does); it must be that device.
+    """
+    target, kind, path = node["target"], node["type"], node["path"]
+    number = os.makedev(node["major"], node["minor"])
+    kinds = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+    if not os.path.isdir(os.path.dirname(target)):
+        with steps.record(f"mkdir -p {os.path.dirname(target)}", where="inside"):
+            os.makedirs(os.path.dirname(target))
+    if os.path.lexists(target):
+        here = os.lstat(target)
+        if stat.S_IFMT(here.st_mode) == kinds[kind] and (kind == "p" or here.st_rdev == number):
+            return  # made already (a default device, or the rootfs has it)
+        with steps.record(f"rm {target}", where="inside", what="not the device linux.devices asks for"):
+            os.unlink(target)
+    if in_user_namespace and kind != "p":
+        try:
+            host = os.stat(path)
+        except FileNotFoundError:
+            host = None
+        if host is None or stat.S_IFMT(host.st_mode) != kinds[kind] or host.st_rdev != number:
+            raise StagesError(f"linux.devices: {path} cannot be made inside a user namespace, and the host "
+                              f"has no such device at {path} to lend",
+                              "give the path the device has on the host, or run without a user namespace")
+        with steps.record(f"touch {target}", where="inside", what="a file to mount the device on"):
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+        kernel.mount(path, target, None, kernel.MS_BIND,
+                     what=f"the host's {path}: mknod is refused inside a user namespace")
+        return
+    shell = (f"mkfifo -m {node['mode']:o} {target}" if kind == "p" else
+             f"mknod -m {node['mode']:o} {target} {kind} {node['major']} {node['minor']}")
+    with steps.record(shell, where="inside", what=f"linux.devices: {path}"):
+        os.mknod(target, kinds[kind] | node["mode"], number)
+        os.chmod(target, node["mode"])  # mknod's mode is filtered by the umask
+        os.chown(target, node["uid"], node["gid"])
+
+
 def mask(path: str) -> None:
     """maskedPaths: /dev/null over a file, an empty read-only tmpfs over a directory; missing is fine."""
     if not os.path.lexists(path):
@@ -554,10 +597,20 @@ def become_user(process) -> None:
         kernel.capset(kernel.capability_mask(caps["effective"]), kernel.capability_mask(caps["permitted"]),
                       kernel.capability_mask(caps["inheritable"]),
                       what="process.capabilities: effective, permitted, inheritable")
-        if caps["ambient"]:
-            with steps.record("setpriv --ambient-caps " + ",".join(f"+{n}" for n in caps["ambient"]),
+        # An ambient capability can be raised only if it is permitted and inheritable (capabilities(7));
+        # runc warns about the others and goes on (runc spec lists ambient ones without inheritable), so
+        # do we: each one left out is a step that says so.
+        raising = [name for name in caps["ambient"]
+                   if name in caps["permitted"] and name in caps["inheritable"]]
+        for name in caps["ambient"]:
+            if name not in raising:
+                with steps.record(f"# ambient {name} not raised", where="inside",
+                                  what="it is not in both the permitted and the inheritable set"):
+                    pass
+        if raising:
+            with steps.record("setpriv --ambient-caps " + ",".join(f"+{n}" for n in raising),
                               where="inside", what="ambient: kept across execve by a non-root program"):
-                for name in caps["ambient"]:
+                for name in raising:
                     kernel.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, kernel.capability_number(name))
 
 
