@@ -7,6 +7,9 @@ STAGES_HOME and STAGES_RUN, and a network namespace standing in for the host for
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +176,146 @@ def test_start_refuses_a_port_another_container_publishes_now(stages, host_netns
     finally:
         stages("rm", "-f", "first", "second")
 
+
+
+# -- a terminal of its own: -t -------------------------------------------------------------------------
+class Typist:
+    """The command line on a pseudo-terminal of the test's own, as a learner's terminal window: its
+    controlling terminal, so that the window size and the keys reach it as they would from a person."""
+
+    def __init__(self, stages, *argv: str, rows: int = 24, columns: int = 80):
+        import fcntl
+        import struct
+        import subprocess
+        import termios
+
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        self.modes = termios.tcgetattr(slave)
+
+        def controlling_terminal():
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.process = subprocess.Popen([sys.executable, "-m", "stages.cli", *argv], env=stages.env,
+                                        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                        preexec_fn=controlling_terminal)
+        self.slave = slave
+        self.seen = b""
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def expect(self, wanted: str, timeout: float = 20.0) -> str:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while wanted.encode() not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{wanted!r} never came; the terminal showed {self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:
+                    chunk = b""
+                assert chunk, f"{wanted!r} never came before the end: {self.seen[-2000:]!r}"
+                self.seen += chunk
+        return self.seen.decode(errors="replace")
+
+    def resize(self, rows: int, columns: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def finish(self, timeout: float = 20.0) -> int:
+        import select
+        import termios
+
+        code = self.process.wait(timeout)
+        while select.select([self.master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.seen += chunk
+        self.restored = termios.tcgetattr(self.slave) == self.modes
+        os.close(self.slave)
+        os.close(self.master)
+        return code
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for fd in (self.slave, self.master):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def typist(stages):
+    started = []
+
+    def start(*argv: str, **size) -> Typist:
+        started.append(Typist(stages, *argv, **size))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.close()
+
+
+def test_run_it_gives_the_container_a_terminal_of_its_own(stages, typist):
+    window = typist("run", "-it", "--rm", "--network", "none", "busybox", "sh", rows=33, columns=111)
+    window.expect("# ")
+    window.type("tty; echo $((6*7)); stty size\n")
+    seen = window.expect("33 111")  # our window's size, passed on
+    assert "/dev/pts/0" in seen and "42" in seen
+    window.resize(40, 120)  # SIGWINCH: passed on again
+    window.type("stty size\n")
+    window.expect("40 120")
+    window.type("sleep 30\n")
+    time.sleep(0.5)
+    window.type("\x03")  # Ctrl-C: a byte for the container's terminal, which interrupts its sleep
+    window.type("echo after-ctrl-c\n")
+    window.expect("after-ctrl-c\r\n")
+    window.type("exit 3\n")
+    assert window.finish() == 3
+    assert window.restored  # our terminal is as it was: echo, lines, Ctrl-C
+    assert stages("ps", "-a", "-q").stdout.strip() == ""
+
+
+def test_run_t_keeps_what_the_terminal_showed_in_the_logs(stages, typist):
+    window = typist("run", "-t", "--name", "shown", "--network", "none", "busybox", "sh", "-c", "tty; exit 4")
+    window.expect("/dev/pts/0")
+    assert window.finish() == 4 and window.restored
+    try:
+        assert "/dev/pts/0" in stages("logs", "shown").stdout
+    finally:
+        stages("rm", "shown")
+    piped = stages("run", "-t", "--rm", "--network", "none", "busybox", "sh", "-c", "tty; echo done")
+    assert piped.stdout.replace("\r", "").split() == ["/dev/pts/0", "done"]  # a terminal, even from a pipe
+
+
+def test_run_dt_and_exec_it(stages, typist):
+    stages("run", "-dt", "--name", "held", "--network", "none", "busybox", "sh", "-c",
+           "tty; while true; do sleep 1; done")
+    try:
+        wait_for(lambda: "/dev/pts/0" in stages("logs", "held").stdout)  # the monitor holds its master
+        window = typist("exec", "-it", "held", "sh")
+        window.expect("# ")
+        window.type("tty; echo $((6*7)); echo $$\n")
+        seen = window.expect("42")
+        assert "/dev/pts/" in seen and "/dev/pts/0" not in seen.split("42")[0].split("tty;")[-1]
+        window.type("exit 3\n")
+        assert window.finish() == 3 and window.restored
+        assert inspect(stages, "held")["state"]["status"] == "running"
+    finally:
+        stages("rm", "-f", "held")
+    assert stages("ps", "-a", "-q").stdout.strip() == ""

@@ -7,7 +7,8 @@ import argparse
 
 def configure(parser) -> None:
     parser.add_argument("-i", "--interactive", action="store_true", help="pass your input through")
-    parser.add_argument("-t", "--tty", action="store_true", help="a terminal (not supported yet)")
+    parser.add_argument("-t", "--tty", action="store_true",
+                        help="a terminal of its own (a pseudo-terminal, pty(7)); with -i, your keys reach it")
     parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="set a variable")
     parser.add_argument("-w", "--workdir", metavar="DIR", help="the working directory inside")
     parser.add_argument("-u", "--user", metavar="UID[:GID]", help="the user it runs as")
@@ -27,5 +28,5 @@ def run(args) -> int:
                           f"for instance: stages exec {args.container} ps")
     stdio = None if args.interactive else (os.open(os.devnull, os.O_RDONLY), None, None)
     code = engine.exec_in(args.container, args.command, env=args.env, workdir=args.workdir, user=args.user,
-                          stdio=stdio)
+                          stdio=stdio, tty=args.tty)
     return code if code is not None else 0

@@ -29,7 +29,8 @@ def configure(parser) -> None:
     parser.add_argument("--no-init", dest="init", action="store_false",
                         help="run the command itself as PID 1 (no reaper, no signal forwarding)")
     parser.add_argument("-i", "--interactive", action="store_true", help="pass your input through")
-    parser.add_argument("-t", "--tty", action="store_true", help="a terminal (not supported yet)")
+    parser.add_argument("-t", "--tty", action="store_true",
+                        help="a terminal of its own (a pseudo-terminal, pty(7)); with -i, your keys reach it")
     parser.add_argument("--explain", action="store_true",
                         help="print every step as the command a person would type, with its time")
     parser.add_argument("image", help="the image, e.g. busybox")
@@ -50,11 +51,6 @@ def run(args) -> int:
     from stages.steps import StepRecord, explain_printer
 
     options = options_from(args)
-    if options.tty:
-        # config.json's process.terminal (a new pseudo-terminal, pty(7)) is not implemented by our runtime
-        print("stages run: no terminal of its own yet (-t): the container reads your input through -i",
-              file=sys.stderr)
-        options.interactive = True
     record = StepRecord(f"stages run {options.image}")
     if args.explain and not options.detach:
         record.listeners.append(explain_printer(sys.stderr))

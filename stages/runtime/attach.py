@@ -122,8 +122,8 @@ class Output:
 
     def __init__(self, log_path: str | os.PathLike, stdio=None):
         stdin, stdout, stderr = stdio or (None, None, None)
-        self.out = _fd(stdout, 1)
-        self.err = _fd(stderr, 2)
+        self.out = descriptor(stdout, 1)
+        self.err = descriptor(stderr, 2)
         self.log = open_log(log_path)
         self._ours: list[int] = []
         self._theirs: list[int] = []
@@ -155,7 +155,8 @@ class Output:
         self._theirs, self._ours, self.log = [], [], -1
 
 
-def _fd(item, default: int) -> int:
+def descriptor(item, default: int) -> int:
+    """``item`` (a file descriptor, a file object, or None for ``default``) as a file descriptor."""
     if item is None:
         return default
     return item if isinstance(item, int) else item.fileno()
@@ -178,56 +179,105 @@ def set_window_size(fd: int, size: bytes | None) -> None:
             fcntl.ioctl(fd, termios.TIOCSWINSZ, size)
 
 
-@contextlib.contextmanager
-def raw_mode(fd: int):
-    """Our terminal in raw mode for the ``with`` block (keys pass through unprocessed: Ctrl-C is a byte
-    for the container's terminal to turn into SIGINT), restored on every way out."""
-    if not os.isatty(fd):
-        yield
-        return
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd, termios.TCSANOW)
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
-
-
-@contextlib.contextmanager
-def window_changes(source: int, master: int):
-    """Pass our window size to the master now, and again at each SIGWINCH while the block runs."""
-    set_window_size(master, window_size(source))
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGWINCH, lambda _n, _f: set_window_size(master, window_size(source)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGWINCH, previous)
-
-
 class Terminal:
-    """The master side of a container's pseudo-terminal, attached to our own terminal (or to whatever
-    our stdin and stdout are), its output also kept in the container's log (``log_path``)."""
+    """Our side of a container's pseudo-terminal: its master, attached to our own terminal (or to whatever
+    our stdin and stdout are), and what it shows also kept in the container's log (``log_path``).
 
-    def __init__(self, master: int, log_path: str | os.PathLike | None = None, *, stdin: int | None = 0,
-                 stdout: int = 1):
-        self.master = master
+    :meth:`configure` asks config.json's ``process`` for a terminal of our window's size; :meth:`receive`
+    is the runtime's ``console`` callback, which hands us the master; :meth:`attach` relays until the
+    container's side closes (in this thread), :meth:`start` and :meth:`join` do it in another (while this
+    one waits for an exec'd process); :meth:`close` in any case, which also gives our terminal back its
+    modes if it is still raw.
+    """
+
+    def __init__(self, *, stdin: int | None = 0, stdout: int = 1, log_path: str | os.PathLike | None = None):
         self.stdin = stdin
         self.stdout = stdout
+        self.master: int | None = None
+        self.name = ""
         self.log = open_log(log_path) if log_path is not None else None
+        self._size_from = stdin if stdin is not None and os.isatty(stdin) else stdout
+        self._saved = None
+        self._thread: threading.Thread | None = None
+        self._previous_handler = None
+        self.error: BaseException | None = None
+
+    def configure(self, process: dict) -> dict:
+        """Ask for a terminal in config.json's ``process`` (terminal, consoleSize, TERM as docker sets it)."""
+        process["terminal"] = True
+        size = window_size(self._size_from)
+        if size is not None:
+            rows, columns, _, _ = struct.unpack("HHHH", size)
+            if rows and columns:
+                process["consoleSize"] = {"height": rows, "width": columns}
+        env = process.setdefault("env", [])
+        if not any(item.startswith("TERM=") for item in env):
+            env.append("TERM=xterm")
+        return process
+
+    def receive(self, master: int, name: str) -> None:
+        """The ``console`` callback of :func:`stages.runtime.oci.create`: the master is ours now."""
+        self.master, self.name = master, name
+        set_window_size(master, window_size(self._size_from))
+
+    def _resize(self, _number, _frame) -> None:
+        if self.master is not None and self.master >= 0:
+            set_window_size(self.master, window_size(self._size_from))
+
+    def follow_window(self) -> None:
+        """From now on, a SIGWINCH (our window changed) passes the new size on (main thread only)."""
+        if threading.current_thread() is threading.main_thread() and self._previous_handler is None:
+            self._previous_handler = signal.signal(signal.SIGWINCH, self._resize)
+
+    def _raw(self) -> None:
+        if self.stdin is not None and os.isatty(self.stdin) and self._saved is None:
+            self._saved = termios.tcgetattr(self.stdin)
+            tty.setraw(self.stdin, termios.TCSANOW)
+
+    def _restore(self) -> None:
+        if self._saved is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self.stdin, termios.TCSAFLUSH, self._saved)
+            self._saved = None
 
     def attach(self) -> None:
-        """Relay until the container's side of the terminal closes (its processes have ended)."""
-        size_from = self.stdin if self.stdin is not None and os.isatty(self.stdin) else self.stdout
-        with raw_mode(self.stdin) if self.stdin is not None else contextlib.nullcontext(), \
-                window_changes(size_from, self.master):
+        """Relay until the container's side of the terminal closes (its processes have ended); our
+        terminal is raw meanwhile, and restored however this ends."""
+        if self.master is None:
+            return
+        self.follow_window()
+        self._raw()
+        try:
             relay({self.master: self.stdout}, self.log,
                   stdin=(self.stdin, self.master) if self.stdin is not None else None,
                   on_input_end=lambda: _write_all(self.master, END_OF_INPUT))
+        finally:
+            self._restore()
+
+    def start(self) -> None:
+        """:meth:`attach` in a thread of its own (the caller waits for the process meanwhile)."""
+
+        def attached():
+            try:
+                self.attach()
+            except BaseException as error:  # noqa: B036 - handed to join()
+                self.error = error
+
+        self._thread = threading.Thread(target=attached, name="terminal", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = 10.0) -> None:
+        """Wait for :meth:`start`'s relay to end (the process has ended: its terminal closes)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
+        self._restore()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGWINCH, self._previous_handler)
+            self._previous_handler = None
         for fd in (self.master, self.log):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):

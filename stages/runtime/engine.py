@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,6 +140,8 @@ def prepare(options: Options, base: Path | None = None) -> dict:
 
 def _check_ports(options: Options, base: Path | None, container_id: str | None = None) -> None:
     """Refuse a host port another running container publishes already (call it under the lock)."""
+    if not options.publish:
+        return  # nothing to clash: no need to read every record
     published = {int(port.split(":")[0]) for port in options.publish}
     for other in containers.all_records(base):
         in_use = {int(p.split(":")[0]) for p in other.get("options", {}).get("publish", [])}
@@ -169,8 +170,11 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
     from stages.runtime import flags, hostfiles, oci
 
     record = record if record is not None else StepRecord(f"stages run {container_id}")
-    info = containers.update(container_id, base, monitor_pid=os.getpid(),
-                             monitor_started=_start_time(os.getpid()))
+    monitor = {"monitor_pid": os.getpid(), "monitor_started": _start_time(os.getpid())}
+    info = containers.read(container_id, base)
+    if any(info.get(key) != value for key, value in monitor.items()):
+        # a detached container: its monitor is not the process that prepared it
+        info = containers.update(container_id, base, **monitor)
     options = Options(**info["options"])
     where = containers.directory(container_id, base)
     bundle = where / "bundle"
@@ -184,46 +188,59 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         # overlayfs wants the topmost lower layer first (lowerdir=top:...:bottom)
         overlay.mount(list(reversed(info["layers"])), where / "upper", where / "work", rootfs)
         init = overlay.init_program(base or containers.home()) if options.init else None
-        containers.update(container_id, base, init=init)
         config = flags.build_config(options, info["image_config"], str(rootfs), info["args"], init,
                                     info["limits"])
         config["linux"]["cgroupsPath"] = f"stages-{container_id}"
         # /etc/hosts, /etc/hostname, /etc/resolv.conf: the container's own, bound over the image's
         config["mounts"] += hostfiles.mounts(hostfiles.write(where, config["hostname"], options.network),
                                              config["mounts"])
-        oci.write_bundle(bundle, config)
-        record.add(_note(f"# config.json written: {bundle}/config.json", "the OCI bundle for the runtime"))
-        output = None
-        if keep_output:
+        output = terminal = None
+        if options.tty:
+            # -t: a pseudo-terminal of its own (process.terminal); its master comes to us (console=)
+            from stages.runtime import attach
+
+            ours = stdio or (None, None, None)
+            terminal = attach.Terminal(
+                stdin=0 if options.interactive and ours[0] is None else None,
+                stdout=1 if ours[1] is None else attach.descriptor(ours[1], 1),
+                log_path=where / containers.LOG_FILE if keep_output else None)
+            undo.callback(terminal.close)
+            terminal.configure(config["process"])
+        elif keep_output:
             from stages.runtime import attach
 
             output = attach.Output(where / containers.LOG_FILE, stdio)
             undo.callback(output.close)
             stdio = output.stdio
-        state = oci.create(container_id, str(bundle), root=root, stdio=stdio, record=record)
+        oci.write_bundle(bundle, config)
+        record.add(_note(f"# config.json written: {bundle}/config.json", "the OCI bundle for the runtime"))
+        state = oci.create(container_id, str(bundle), root=root, stdio=stdio, record=record,
+                           **({"console": terminal.receive} if terminal is not None else {}))
         if output is not None:
             output.created()
         if options.network == "bridge":
             # written down first: a monitor killed halfway through attach leaves a record that says
             # there is a veth to remove
-            containers.update(container_id, base, network={"mode": "bridge"})
+            containers.update(container_id, base, init=init, network={"mode": "bridge"})
             network = network_manager(base, record)
             attachment = network.attach(container_id, state["pid"])
             hostfiles.add_address(where, config["hostname"], attachment.address)
             for item in options.publish:
                 host_port, container_port = flags.parse_publish(item)
                 network.publish(container_id, host_port, container_port)
-            containers.update(container_id, base, network={
-                "mode": "bridge", "address": attachment.address, "gateway": attachment.gateway,
-                "veth": attachment.veth_host, "ports": options.publish})
+            attached = {"mode": "bridge", "address": attachment.address, "gateway": attachment.gateway,
+                        "veth": attachment.veth_host, "ports": options.publish}
         else:
-            containers.update(container_id, base, network={"mode": options.network})
+            attached = {"mode": options.network}  # nothing to release later: written with the rest
         oci.start(container_id, root=root, record=record)
-        info = containers.update(container_id, base, status="running", pid=state["pid"],
-                                 started=containers.now(), steps=record.to_dicts())
+        # One write for all that is known now (each write is a record rewritten under the lock)
+        info = containers.update(container_id, base, status="running", pid=state["pid"], init=init,
+                                 network=attached, started=containers.now(), steps=record.to_dicts())
         if on_running is not None:
             on_running(info)
-        if output is not None:
+        if terminal is not None:
+            terminal.attach()  # until the container's side of the terminal closes: its processes ended
+        elif output is not None:
             output.relay()  # until the container's output ends: all its processes have gone
         code = oci.wait(container_id, root=root)
         # The init ends as its command did; the setup process passes that on (a signal as -N)
@@ -247,15 +264,18 @@ def _finish(container_id: str, base: Path | None, record: StepRecord | None = No
     with contextlib.suppress(StagesError):
         oci.delete(container_id, force=True, root=root, record=record)
     try:
-        network = (containers.read(container_id, base).get("network") or {}).get("mode")
+        current = containers.read(container_id, base)
+        network = (current.get("network") or {}).get("mode")
     except StagesError:
+        current = None
         network = "bridge"  # no record to tell: ask the network (a no-op if it never attached it)
     if network == "bridge":
         with contextlib.suppress(StagesError, OSError):
             network_manager(base, record if record is not None else StepRecord()).detach(container_id)
     overlay.unmount(containers.directory(container_id, base) / "bundle" / "rootfs")
-    with contextlib.suppress(StagesError):
-        containers.update(container_id, base, status="stopped", finished=containers.now())
+    if current is not None and not (current.get("status") == "stopped" and current.get("finished")):
+        with contextlib.suppress(StagesError):  # (the second call, from `stages rm`, has nothing to add)
+            containers.update(container_id, base, status="stopped", finished=containers.now())
 
 
 def run(options: Options, *, base: Path | None = None, record: StepRecord | None = None,
@@ -377,16 +397,93 @@ def start_detached(info: dict, base: Path | None = None, record: StepRecord | No
     that cannot start is removed, unless ``keep`` (``stages start``: it stays as it was)."""
     where = containers.directory(info["id"], base)
     log = os.open(where / containers.LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    ready, ready_write = os.pipe()  # the monitor writes one byte into it once the container runs
+    try:
+        monitor = _start_monitor(info["id"], base, log, ready_write)
+    finally:
+        os.close(log)
+        os.close(ready_write)
+    try:
+        return _wait_running(info, base, record, keep, monitor, ready)
+    finally:
+        os.close(ready)
+
+
+def _start_monitor(container_id: str, base: Path | None, log: int, ready: int):
+    """The monitor, in a session of its own (setsid(2)), its output into ``log``: forked from this
+    process when it is single-threaded (fork(2) copies one thread only), else a fresh interpreter.
+    Returns an object with ``pid`` and ``poll()`` (None while it runs), as :class:`subprocess.Popen`."""
+    if _single_threaded():
+        import gc
+
+        pid = os.fork()
+        if pid == 0:  # the monitor: never returns into the caller's code
+            code = 1
+            try:
+                # A collection could run the finalizer of a caller's object that closes a descriptor
+                # number we reuse below (and would copy every page the caller holds, fork(2)).
+                gc.disable()
+                os.setsid()
+                nothing = os.open(os.devnull, os.O_RDONLY)
+                for target, fd in enumerate((nothing, log, log)):
+                    os.dup2(fd, target)
+                # nothing of the caller's stays open for the container's lifetime (as close_fds=True)
+                os.closerange(3, ready)
+                os.closerange(ready + 1, os.sysconf("SC_OPEN_MAX"))
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # not a caller's (a test's capture)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                if base is not None:
+                    os.environ["STAGES_HOME"] = str(base)
+                from stages.runtime import monitor
+
+                code = monitor.main([container_id], ready=ready)
+            except BaseException:  # noqa: B036 - reported in the container's log, never raised into the caller
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        return _Forked(pid)
+    import subprocess
+
     env = dict(os.environ)
     if base is not None:
         env["STAGES_HOME"] = str(base)
+    with open(os.devnull) as nothing:
+        return subprocess.Popen([sys.executable, "-m", "stages.runtime.monitor", container_id, str(ready)],
+                                stdin=nothing, stdout=log, stderr=log, start_new_session=True, env=env,
+                                close_fds=True, pass_fds=(ready,))
+
+
+class _Forked:
+    """A forked monitor, with the two things :func:`start_detached` asks of a :class:`subprocess.Popen`."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+                if done:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _single_threaded() -> bool:
     try:
-        with open(os.devnull) as nothing:
-            monitor = subprocess.Popen([sys.executable, "-m", "stages.runtime.monitor", info["id"]],
-                                       stdin=nothing, stdout=log, stderr=log, start_new_session=True,
-                                       env=env, close_fds=True)
-    finally:
-        os.close(log)
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _wait_running(info: dict, base: Path | None, record: StepRecord | None, keep: bool, monitor,
+                  ready: int) -> dict:
+    """Until the monitor says the container runs (a byte in ``ready``), or it ended, or time ran out."""
+    import select
+
+    where = containers.directory(info["id"], base)
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         ended = monitor.poll() is not None
@@ -420,7 +517,12 @@ def start_detached(info: dict, base: Path | None = None, record: StepRecord | No
         if time.monotonic() > deadline:
             raise StagesError(f"the container did not start within {START_TIMEOUT:g} s",
                               f"stages rm -f {info['name']}; then try again")
-        time.sleep(0.01)
+        # Woken by the monitor's byte, or by its end of file, else a look at the record again in 50 ms
+        if ready >= 0 and select.select([ready], [], [], 0.05)[0]:
+            if not os.read(ready, 1):
+                ready = -1  # end of file: no more news from the pipe, only from the record
+        elif ready < 0:
+            time.sleep(0.01)
     if record is not None:
         record.extend(current.get("steps") or [])
     # The monitor is not our child any more once we exit; reaping it is init's work (or a subreaper's).
@@ -523,14 +625,15 @@ def prune(base: Path | None = None) -> list[str]:
 
 def exec_in(name: str, args: list[str], *, env: list[str] | None = None, workdir: str | None = None,
             user: str | None = None, base: Path | None = None, stdio=None,
-            record: StepRecord | None = None) -> int | None:
-    """``stages exec``: run ``args`` in a running container's namespaces and cgroup; its exit code."""
+            record: StepRecord | None = None, tty: bool = False) -> int | None:
+    """``stages exec``: run ``args`` in a running container's namespaces and cgroup; its exit code.
+    ``tty``: a terminal of its own, attached to ours (with our input when ``stdio`` leaves stdin ours)."""
     from stages.runtime import flags, oci
 
     info = containers.find(name, base)
     if containers.status(info) != "running":
-        raise StagesError(f"container {info['name']} is not running", f"start a new one: stages run "
-                          f"{info['image']} ...")
+        raise StagesError(f"container {info['name']} is not running", f"start it again: stages start "
+                          f"{info['name']}")
     bundle = containers.directory(info["id"], base) / "bundle"
     config = _config(bundle)
     process = dict(config["process"])
@@ -541,7 +644,29 @@ def exec_in(name: str, args: list[str], *, env: list[str] | None = None, workdir
     if user:
         uid, gid = flags.parse_user(user, str(bundle / "rootfs"))
         process["user"] = {"uid": uid, "gid": gid}
-    code = oci.exec_process(info["id"], process, root=oci_root(base), stdio=stdio, record=record)
+    process["terminal"] = False  # the container's own -t is not ours
+    process.pop("consoleSize", None)
+    if not tty:
+        code = oci.exec_process(info["id"], process, root=oci_root(base), stdio=stdio, record=record)
+        return 128 - code if code is not None and code < 0 else code
+    from stages.runtime import attach
+
+    ours = stdio or (None, None, None)
+    terminal = attach.Terminal(stdin=0 if ours[0] is None else None, stdout=attach.descriptor(ours[1], 1))
+    terminal.configure(process)
+
+    def received(master: int, terminal_name: str) -> None:
+        # the relay runs beside us while exec_process waits for the process to end
+        terminal.receive(master, terminal_name)
+        terminal.start()
+
+    try:
+        terminal.follow_window()
+        code = oci.exec_process(info["id"], process, root=oci_root(base), stdio=stdio, record=record,
+                                console=received)
+        terminal.join(timeout=2.0)  # its terminal closed as it ended (unless a background job holds it)
+    finally:
+        terminal.close()
     return 128 - code if code is not None and code < 0 else code
 
 
