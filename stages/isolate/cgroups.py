@@ -595,7 +595,9 @@ class Cgroup:
         return steps.record(shell, what=what, where=where)
 
     def _write(self, path: str, value: str, what: str = "", where: str = "host") -> None:
-        with self._step(f"echo {value} > {shlex.quote(path)}", what=what, where=where):
+        # quoted only where a shell would change it: 'c *:* m' would glob (devices.allow)
+        shown = shlex.quote(value) if set(value) & set("*?[]$`'\"\\;&|<>(){}~#!") else value
+        with self._step(f"echo {shown} > {shlex.quote(path)}", what=what, where=where):
             try:
                 # one write(2) per value: the kernel parses each write on its own (cgroups(7))
                 with open(path, "w") as handle:
