@@ -351,3 +351,74 @@ def user_namespace(config, host_id: int = 100000) -> None:
     config["linux"]["namespaces"].append({"type": "user"})
     config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": host_id, "size": 65536}]
     config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": host_id, "size": 65536}]
+
+
+# -- joining another container's namespaces by path ----------------------------------------------------------
+def join(config, **paths) -> None:
+    """Replace each named namespace of ``config`` by the namespace file to join (``net="/proc/1/ns/net"``)."""
+    config["linux"]["namespaces"] = [
+        {"type": item["type"], "path": paths[item["type"]]} if item["type"] in paths else item
+        for item in config["linux"]["namespaces"]]
+    for kind, path in paths.items():
+        if kind not in [item["type"] for item in config["linux"]["namespaces"]]:
+            config["linux"]["namespaces"].append({"type": kind, "path": path})
+
+
+def test_joining_another_containers_network_and_pid_namespaces(tmp_path, root, busybox_rootfs):
+    first = make_bundle(tmp_path / "first", busybox_rootfs, ["sleep", "60"])
+    created = oci.create("first", first, root=root)
+    oci.start("first", root=root)
+    pid = created["pid"]
+    subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "add", "oci-core0", "type",
+                    "veth", "peer", "name", "oci-core1"], check=True)  # gone with the namespace
+    try:
+        code, out = run_container(
+            tmp_path, root, busybox_rootfs, ["sh", "-c", "ls /sys/class/net; ps -o pid,args"],
+            lambda config: join(config, network=f"/proc/{pid}/ns/net", pid=f"/proc/{pid}/ns/pid"),
+            name="second")
+    finally:
+        oci.delete("first", force=True, root=root)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[:3] == ["lo", "oci-core0", "oci-core1"], out  # the first container's interfaces
+    processes = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in lines[4:]}
+    assert processes["1"] == "sleep 60", out  # its PID 1, seen from the second container
+
+
+def test_joining_another_containers_user_namespace(tmp_path, root, reachable_rootfs):
+    first = make_bundle(tmp_path / "first", reachable_rootfs, ["sleep", "60"], user_namespace)
+    created = oci.create("userfirst", first, root=root)
+    oci.start("userfirst", root=root)
+    userns = f"/proc/{created['pid']}/ns/user"
+    try:
+        second = make_bundle(tmp_path / "second", reachable_rootfs,
+                             ["sh", "-c", "id -u; cat /proc/self/uid_map; readlink /proc/self/ns/user"],
+                             lambda config: join(config, user=userns))
+        output = tmp_path / "output"
+        with open(output, "w") as out:
+            joined = oci.create("usersecond", second, root=root, stdio=(None, out, out))
+            with open(f"/proc/{joined['pid']}/status") as handle:  # root inside, 100000 on the host
+                host_uid = next(line.split()[1] for line in handle if line.startswith("Uid:"))
+            oci.start("usersecond", root=root)
+            assert oci.wait("usersecond", root=root) == 0
+        oci.delete("usersecond", root=root)
+        # mappings that differ from the joined namespace's are refused
+        wrong = make_bundle(tmp_path / "wrong", reachable_rootfs, ["true"],
+                            lambda config: (join(config, user=userns), user_namespace(config, 200000),
+                                            config["linux"]["namespaces"].pop()))
+        with pytest.raises(oci.SpecError, match="linux.uidMappings: the joined user namespace maps 0 100000"):
+            oci.create("userwrong", wrong, root=root)
+        assert os.readlink(userns) in output.read_text()
+    finally:
+        oci.delete("userfirst", force=True, root=root)
+    assert host_uid == "100000"
+    assert output.read_text().split()[:4] == ["0", "0", "100000", "65536"]
+    assert [item["id"] for item in oci.list_containers(root)] == []
+
+
+def test_joining_a_mount_namespace_is_refused_with_the_reason(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs, ["true"],
+                         lambda config: join(config, mount="/proc/1/ns/mnt"))
+    with pytest.raises(oci.SpecError, match="change the root of every process already in it") as caught:
+        oci.create("mnt", bundle, root=root)
+    assert "exec" in caught.value.hint

@@ -41,7 +41,7 @@ from stages.isolate import cgroups as host_cgroups
 from stages.isolate import filesystem
 from stages.runtime.oci import hooks as oci_hooks
 from stages.runtime.oci import seccomp as oci_seccomp
-from stages.runtime.oci.spec import Mount, Plan, Process
+from stages.runtime.oci.spec import Mount, Plan, Process, SpecError
 
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
@@ -150,10 +150,12 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | 
         _take_stdio_ignore_keyboard(stdio)
         record = steps.StepRecord()
         with record.active():
-            # setns(2) before unshare(2): once in a new user namespace we would hold no capability over
-            # the host's namespaces any more.
-            for word, path in plan.join_namespaces:
+            # setns(2) before unshare(2), and a user namespace last: once in another user namespace we
+            # would hold no capability over the host's namespaces any more.
+            for word, path in sorted(plan.join_namespaces, key=lambda item: JOIN_ORDER.index(item[0])):
                 kernel.setns(path, kernel.NAMESPACES[word][0], what=f"join the {word} namespace at {path}")
+                if word == "user":
+                    check_joined_maps(plan)
             # The cgroup namespace is made after the runtime has moved us into the container's cgroup, so
             # that its root is that cgroup (cgroup_namespaces(7)).
             flags = kernel.namespace_flags([w for w in plan.new_namespaces if w != "cgroup"])
@@ -164,7 +166,7 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | 
             os._exit(1)
         record = steps.StepRecord()
         with record.active():
-            if plan.user_namespace:
+            if plan.in_user_namespace:
                 become_root()
             if any(item.type == "cgroup" for item in plan.mounts):
                 # read before a cgroup namespace makes our cgroups look like roots; the init inherits it
@@ -197,6 +199,20 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | 
             pass
         os._exit(1)
     _end_like(status)
+
+
+def check_joined_maps(plan: Plan) -> None:
+    """A joined user namespace has its maps; those config.json gives must be the same (or left out)."""
+    for name, wanted in (("uid_map", plan.uid_mappings), ("gid_map", plan.gid_mappings)):
+        if not wanted:
+            continue
+        with open(f"/proc/self/{name}") as handle:
+            have = sorted(tuple(map(int, line.split())) for line in handle if line.strip())
+        if have != sorted(tuple(item) for item in wanted):
+            field_name = "linux.uidMappings" if name == "uid_map" else "linux.gidMappings"
+            shown = ", ".join(" ".join(map(str, item)) for item in have)
+            raise SpecError(f"config.json: {field_name}: the joined user namespace maps {shown}, not what "
+                            "config.json says", f"leave {field_name} out, or give the joined namespace's")
 
 
 def become_root() -> None:
@@ -314,14 +330,14 @@ def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) 
     filesystem.bind_on_itself(plan.rootfs)
     dev_is_ours = False
     for item in plan.mounts:
-        mount_one(item, plan.user_namespace)
+        mount_one(item, plan.in_user_namespace)
         dev_is_ours |= item.destination.rstrip("/") == "/dev" and item.type == "tmpfs"
     if dev_is_ours:  # the default devices the spec promises (config-linux.md, "Default Devices")
         dev = os.path.join(plan.rootfs, "dev")
-        filesystem.make_devices(dev, plan.user_namespace)
+        filesystem.make_devices(dev, plan.in_user_namespace)
         filesystem.make_device_links(dev)
     for node in plan.device_nodes:
-        make_device_node(node, plan.user_namespace)
+        make_device_node(node, plan.in_user_namespace)
     if before_pivot_root is not None:
         # prestart, createRuntime (the runtime) and createContainer hooks (here) run now: the container's
         # environment exists and the host's paths are still in reach (config.md, "POSIX-platform Hooks")

@@ -6,7 +6,7 @@ program to start (config.md, config-linux.md). :func:`load` reads it, checks eve
 it into a :class:`Plan`: plain data the container's first process can follow without deciding anything.
 
 The spec says a runtime ignores properties it does not know, and refuses values it cannot honour. So a
-field we know but do not implement (seccomp, AppArmor, a terminal ...) is refused *by its name*,
+field we know but do not implement (AppArmor, SELinux labels, Intel RDT ...) is refused *by its name*,
 with a hint, rather than silently skipped: a container that quietly runs without its seccomp filter is
 worse than one that does not start.
 
@@ -176,7 +176,13 @@ class Plan:
 
     @property
     def user_namespace(self) -> bool:
+        """A new user namespace (whose maps the runtime writes)."""
         return "user" in self.new_namespaces
+
+    @property
+    def in_user_namespace(self) -> bool:
+        """A user namespace other than the host's, new or joined: no mknod, sysfs borrowed ..."""
+        return self.user_namespace or any(word == "user" for word, _ in self.join_namespaces)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -253,14 +259,20 @@ def plan(config: dict, bundle: str) -> Plan:
                      "rootfs, which would change the host's root without one", 'add {"type": "mount"}')
     uid_mappings = _mappings(linux, "uidMappings")
     gid_mappings = _mappings(linux, "gidMappings")
-    if ("user" in new) != bool(uid_mappings and gid_mappings):
+    joins_user = any(word == "user" for word, _ in join)
+    if joins_user:
+        # a joined user namespace has its maps already; given ones must match (checked once joined)
+        if bool(uid_mappings) != bool(gid_mappings):
+            raise refuse("linux.uidMappings", "give both linux.uidMappings and linux.gidMappings, or neither",
+                         "leave both out: the joined user namespace has its mappings already")
+    elif ("user" in new) != bool(uid_mappings and gid_mappings):
         raise refuse("linux.uidMappings" if "user" in new else "linux.namespaces",
                      "a new user namespace needs linux.uidMappings and linux.gidMappings, and mappings "
                      "need a new user namespace",
                      'give both, for instance [{"containerID": 0, "hostID": 100000, "size": 65536}], with '
                      '{"type": "user"} in linux.namespaces')
 
-    if "user" in new:
+    if "user" in new or joins_user and uid_mappings:
         _check_reachable(rootfs, uid_mappings, gid_mappings)
 
     hostname = _typed(config.get("hostname"), str, "hostname")
@@ -379,9 +391,14 @@ def _namespaces(linux: dict) -> tuple[list[str], list[tuple[str, str]]]:
             raise refuse(name, f"this kernel has no {kind} namespaces")
         path = _typed(item.get("path"), str, f"{name}.path")
         if path:
-            if word in ("mount", "user"):
-                raise refuse(f"{name}.path", f"joining an existing {kind} namespace is not supported by this "
-                             "runtime", f"let the container have a new {kind} namespace (drop the path)")
+            if word == "mount":
+                # runc would set the rootfs up inside the joined namespace: pivot_root(2) there changes the
+                # root of every process already in it (another container's, or the host's).
+                raise refuse(f"{name}.path", "joining an existing mount namespace is not supported: this "
+                             "runtime pivots into the rootfs in the container's mount namespace, which in a "
+                             "joined one would change the root of every process already in it",
+                             "let the container have a new mount namespace (drop the path); to run a "
+                             "program in another container's namespaces, use exec")
             if not os.path.exists(path):
                 raise refuse(f"{name}.path", f"{path} does not exist",
                              "give a namespace file such as /proc/PID/ns/net or /run/netns/NAME")
