@@ -117,14 +117,18 @@ def test_every_hook_kind_runs_in_order_with_the_state_and_in_the_right_namespace
     assert script.index("mount -t proc") < script.index("KIND=prestart") < script.index("pivot_root . .")
 
 
-def test_a_hook_gets_exactly_its_args_and_env(tmp_path, root, out, busybox_rootfs):
-    """args[0] is the program's own name; env is its whole environment."""
+def test_a_hook_gets_exactly_its_args_and_env(tmp_path, root, out, busybox_rootfs, monkeypatch):
+    """args[0] is the program's own name; env is its whole environment (without one, the runtime's)."""
+    monkeypatch.setenv("STAGES_HOOK_TEST", "inherited")
+    plain = {"path": SH, "args": ["sh", "-c", f'echo "$STAGES_HOOK_TEST" > {out}/plain']}
     script = (r'echo "$(tr "\0" " " < /proc/$$/cmdline)" > "$1"; echo "$GREETING ${HOME:-nohome}" >> "$1";'
-              r'grep -E "^Sig(Blk|Ign)" /proc/$$/status >> "$1"')
+              r'exec grep -E "^Sig(Blk|Ign)" /proc/self/status >> "$1"')  # exec: the shell's own mask
     hook = {"path": SH, "args": ["my-hook", "-c", script, "zero", str(out / "said")],
             "env": ["GREETING=hello"]}
-    path = bundle(tmp_path, busybox_rootfs, out, {"createRuntime": [hook]}, args=["true"])
+    path = bundle(tmp_path, busybox_rootfs, out, {"createRuntime": [hook], "createContainer": [plain]},
+                  args=["true"])
     assert oci.run(name(tmp_path), path, root=root) == 0
+    assert (out / "plain").read_text() == "inherited\n"
     argv, environment, blocked, ignored = (out / "said").read_text().splitlines()
     assert argv.split()[:3] == ["my-hook", "-c", "echo"] and argv.split()[-2:] == ["zero", str(out / "said")]
     assert environment == "hello nohome"
@@ -251,7 +255,8 @@ def test_hooks_become_plain_data_in_the_plan(tmp_path, busybox_rootfs):
     config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
     config["hooks"] = {"poststop": [{"path": "/bin/true", "timeout": 3}], "prestart": []}
     plan = oci_spec.plan(config, str(tmp_path))
-    assert plan.hooks == {"poststop": [{"path": "/bin/true", "args": ["/bin/true"], "env": [], "timeout": 3}]}
+    assert plan.hooks == {"poststop": [{"path": "/bin/true", "args": ["/bin/true"], "env": None,
+                                        "timeout": 3}]}
     assert oci_spec.Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).hooks == plan.hooks
     assert oci_hooks.command(plan.hooks["poststop"][0]) == "timeout -s KILL 3 /bin/true < state.json"
 

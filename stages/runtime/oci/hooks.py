@@ -9,12 +9,12 @@ config.md ("POSIX-platform Hooks") names six kinds, and runtime.md ("Lifecycle")
                  poststart                 run by the runtime once the program runs, before start returns
     delete   ->  poststop                  run by the runtime once the container is gone
 
-Each hook is ``path`` (absolute), ``args`` (argv, ``args[0]`` included), ``env`` (its whole environment)
-and an optional ``timeout`` in seconds, after which it is killed. It reads the container's state (the
-JSON ``state`` prints) on its standard input. A failing prestart, createRuntime, createContainer or
-startContainer hook stops the container and ``create``/``start`` raise :class:`HookError`; a failing
-poststart or poststop hook is only a warning (a failed step in the record, and a logged warning), as the
-spec says.
+Each hook is ``path`` (absolute), ``args`` (argv, ``args[0]`` included), ``env`` (its whole environment;
+without one it inherits the runtime's, as under runc) and an optional ``timeout`` in seconds, after
+which it is killed. It reads the container's state (the JSON ``state`` prints) on its standard input.
+A failing prestart, createRuntime, createContainer or startContainer hook stops the container and
+``create``/``start`` raise :class:`HookError`; a failing poststart or poststop hook is only a warning
+(a failed step in the record, and a logged warning), as the spec says.
 
 This module runs on both sides of the container: in the runtime (:func:`resume_init`, :func:`started`,
 :func:`run_poststart`, :func:`run_poststop`), and in the init (:class:`InitHooks`), where nothing may be
@@ -65,6 +65,7 @@ def parse(value) -> dict[str, list[dict]]:
 
     Unknown kinds are refused by name (a hook we would silently skip is worse than a clear refusal);
     ``path`` must be absolute, ``args`` and ``env`` lists of strings, ``timeout`` a whole number above 0.
+    ``args`` defaults to ``[path]``; ``env`` stays None when absent (the hook inherits our environment).
     """
     if value in (None, {}):
         return {}
@@ -102,7 +103,7 @@ def parse(value) -> dict[str, list[dict]]:
                                         or timeout <= 0):
                 raise refuse(f"{where}.timeout", f"{json.dumps(timeout)} is not a number of seconds above 0",
                              "give a whole number such as 5, or leave the timeout out")
-            hooks.append({"path": path, "args": lists["args"] or [path], "env": lists["env"] or [],
+            hooks.append({"path": path, "args": lists["args"] or [path], "env": lists["env"],
                           "timeout": timeout})
         if hooks:
             result[kind] = hooks
@@ -112,7 +113,7 @@ def parse(value) -> dict[str, list[dict]]:
 def command(hook: dict) -> str:
     """The shell line a person would type to run ``hook`` by hand, state on its standard input."""
     words = [hook["path"], *hook["args"][1:]]
-    if hook["env"]:
+    if hook["env"] is not None:
         words = ["env", "-i", *hook["env"], *words]
     if hook["timeout"]:
         words = ["timeout", "-s", "KILL", str(hook["timeout"]), *words]
@@ -141,13 +142,16 @@ def run_hook(kind: str, index: int, hook: dict, state: dict) -> None:
         os.lseek(stdin, 0, os.SEEK_SET)
         actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, output, 1),
                    (os.POSIX_SPAWN_DUP2, output, 2)]
-        environment = dict(item.partition("=")[::2] for item in hook["env"])
+        environment = (dict(item.partition("=")[::2] for item in hook["env"]) if hook["env"] is not None
+                       else os.environ)
         try:
             pid = os.posix_spawn(hook["path"], hook["args"], environment, file_actions=actions, setsid=True,
                                  setsigmask=set(), setsigdef=_DEFAULT_SIGNALS)
         except OSError as error:
             raise HookError(f"{name} cannot be run: {error.strerror}",
-                            f"check hooks.{kind}[{index}].path in config.json") from None
+                            f"check hooks.{kind}[{index}].path in config.json"
+                            + (" (it is looked up in the container's rootfs)" if kind == "startContainer" else
+                               " (it is looked up on the host)")) from None
         status = _wait(pid, hook["timeout"])
         if status is None:
             raise HookError(f"{name} did not finish within {hook['timeout']} s and was killed",
