@@ -319,3 +319,15 @@ def test_run_dt_and_exec_it(stages, typist):
     finally:
         stages("rm", "-f", "held")
     assert stages("ps", "-a", "-q").stdout.strip() == ""
+
+
+def test_an_interrupted_run_it_gives_the_terminal_back_and_leaves_nothing(stages, typist):
+    import signal
+
+    window = typist("run", "-it", "--rm", "--name", "cut", "--network", "none", "busybox", "sh")
+    window.expect("# ")
+    window.process.send_signal(signal.SIGINT)  # not a key (that would reach the container): a signal to us
+    assert window.finish() == 130
+    assert window.restored
+    assert "Traceback" not in window.seen.decode(errors="replace")
+    assert stages("ps", "-a", "-q").stdout.strip() == ""
