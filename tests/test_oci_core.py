@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -422,3 +424,61 @@ def test_joining_a_mount_namespace_is_refused_with_the_reason(tmp_path, root, bu
     with pytest.raises(oci.SpecError, match="change the root of every process already in it") as caught:
         oci.create("mnt", bundle, root=root)
     assert "exec" in caught.value.hint
+
+
+# -- bundles as runc and podman write them -------------------------------------------------------------------
+def test_an_unedited_runc_spec_bundle_runs(tmp_path, root, busybox_rootfs):
+    runc = shutil.which("runc")
+    if runc is None:
+        pytest.skip("runc is not installed (workshop.sh installs it)")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    subprocess.run([runc, "spec"], cwd=bundle, check=True)
+    (bundle / "rootfs").symlink_to(busybox_rootfs)
+    config = json.loads((bundle / "config.json").read_text())
+    # only what the task of the test needs: its own program, and no terminal (stdout is a file here)
+    config["process"].update(terminal=False, args=[
+        "sh", "-c", "hostname; grep CapAmb /proc/self/status; ls /sys/fs/cgroup | grep -c .; "
+                    "touch /x 2>/dev/null || echo read-only"])
+    (bundle / "config.json").write_text(json.dumps(config))
+    output = tmp_path / "output"
+    with open(output, "w") as out:
+        code = oci.run("runc-spec", str(bundle), root=root, stdio=(None, out, out))
+    lines = output.read_text().splitlines()
+    assert code == 0, lines
+    assert lines[0] == "runc"
+    # runc spec's ambient capabilities are not inheritable: not raised, and no error (as under runc)
+    assert lines[1].split() == ["CapAmb:", "0" * 16]
+    assert int(lines[2]) > 0  # the cgroup mount shows the container's cgroups
+    assert lines[3] == "read-only"
+
+
+def test_podmans_config_json_runs(tmp_path, root, busybox_rootfs):
+    """podman's own config.json (tests/data/podman-config.json, from `podman run --rm --network none
+    --ulimit ... echo hi`): its files to bind are made here, and its rootfs is ours."""
+    config = json.loads((Path(__file__).parent / "data" / "podman-config.json").read_text())
+    config["root"]["path"] = str(busybox_rootfs)
+    for item in config["mounts"]:
+        if item.get("type") == "bind":  # podman's files for the container, made at `podman create`
+            source = tmp_path / "userdata" / os.path.basename(item["source"])
+            source.parent.mkdir(exist_ok=True)
+            if item["destination"] == "/dev/shm":
+                source.mkdir()
+            else:
+                source.write_text({"/etc/hosts": "127.0.0.1 localhost\n", "/etc/hostname": "from-podman\n",
+                                   "/run/.containerenv": "engine=\"podman\"\n"}[item["destination"]])
+            item["source"] = str(source)
+    config["process"]["args"] = [
+        "sh", "-c", "hostname; cat /etc/hostname /etc/hosts /run/.containerenv; umask; "
+                    "grep ' /dev/pts ' /proc/self/mountinfo | grep -o 'gid=5'; "
+                    "grep Seccomp: /proc/self/status; cat /proc/sys/net/ipv4/ping_group_range; "
+                    "touch /dev/shm/x && echo shm-ok; echo hi"]
+    bundle = oci.write_bundle(tmp_path / "bundle", config)
+    output = tmp_path / "output"
+    with open(output, "w") as out:
+        code = oci.run("podman-config", bundle, root=root, stdio=(None, out, out))
+    lines = output.read_text().splitlines()
+    assert code == 0, lines
+    assert lines[:4] == ["be94b851e401", "from-podman", "127.0.0.1 localhost", 'engine="podman"'], lines
+    assert lines[4:] == ["0022", "gid=5", "Seccomp:\t2", "0\t0", "shm-ok", "hi"], lines
+    assert (tmp_path / "userdata" / "shm" / "x").exists()  # /dev/shm was podman's directory
