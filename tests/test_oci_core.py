@@ -256,34 +256,62 @@ def run_container(tmp_path, root, rootfs, args, change=None, name="c", **options
     return code, output.read_text()
 
 
-@pytest.mark.parametrize("cgroupns", [False, True], ids=["host-cgroupns", "cgroupns"])
-def test_a_container_reads_its_own_memory_limit_in_sys_fs_cgroup(tmp_path, root, busybox_rootfs, cgroupns):
+def cgroup_layout():
     from stages.isolate import cgroups
 
-    layout = cgroups.detect()
-    if "memory" not in layout.controllers:
-        pytest.skip("no memory controller here")
+    return cgroups.detect()
 
+
+def with_cgroup_mount(cgroupns: bool, user: bool = False):
     def change(config):
         config["mounts"].append(dict(CGROUP_MOUNT))
         config["linux"]["resources"] = {"memory": {"limit": 48 << 20}}
         if cgroupns:
             config["linux"]["namespaces"].append({"type": "cgroup"})
+        if user:
+            user_namespace(config)
+    return change
 
-    v2 = layout.kind == "v2"
-    if v2 and not cgroupns:
-        pytest.skip("without a cgroup namespace, cgroup v2 shows the host's tree (as under runc)")
-    limit_file = "/sys/fs/cgroup/memory.max" if v2 else "/sys/fs/cgroup/memory/memory.limit_in_bytes"
-    code, out = run_container(tmp_path, root, busybox_rootfs,
-                              ["sh", "-c", f"cat {limit_file}; ls /sys/fs/cgroup; touch /sys/fs/cgroup/x"],
-                              change)
+
+@pytest.mark.parametrize("cgroupns", [False, True], ids=["host-cgroupns", "cgroupns"])
+def test_v1_a_container_reads_its_own_memory_limit_in_sys_fs_cgroup(tmp_path, root, busybox_rootfs, cgroupns):
+    layout = cgroup_layout()
+    if layout.kind == "v2" or "memory" not in layout.controllers or layout.controllers["memory"].version != 1:
+        pytest.skip("needs the memory controller on cgroup v1 (this machine and CI)")
+    code, out = run_container(tmp_path, root, busybox_rootfs, [
+        "sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes; ls /sys/fs/cgroup; "
+                    "touch /sys/fs/cgroup/x"], with_cgroup_mount(cgroupns))
     lines = out.splitlines()
     assert code == 1, out  # read-only: touch fails
     assert lines[0] == str(48 << 20), out
     assert "Read-only file system" in lines[-1]
-    if not v2:  # one directory per hierarchy the host has, as runc makes them
-        assert {os.path.basename(m) for m, _, _ in oci_process.container_cgroups()
-                if os.path.dirname(m) == "/sys/fs/cgroup"} <= set(lines[1:-1])
+    # one directory per hierarchy the host has, as runc makes them
+    assert {os.path.basename(m) for m, _, _ in oci_process.container_cgroups()
+            if os.path.dirname(m) == "/sys/fs/cgroup"} <= set(lines[1:-1])
+
+
+@pytest.mark.cgroup_v2
+@pytest.mark.parametrize("cgroupns, user", [(True, False), (False, False), (False, True)],
+                         ids=["cgroupns", "host-cgroupns", "user-namespace"])
+def test_v2_a_container_reads_its_own_memory_limit_in_sys_fs_cgroup(tmp_path, root, reachable_rootfs,
+                                                                    cgroupns, user):
+    layout = cgroup_layout()
+    if layout.kind != "v2" or "memory" not in layout.controllers:
+        pytest.skip("needs the memory controller on cgroup v2 alone (runs in the cgroup v2 VM)")
+    # with a cgroup namespace (or a user namespace, which may not mount cgroup2 without one: the
+    # container's own cgroup is bound instead) /sys/fs/cgroup is the container's cgroup; without, a fresh
+    # cgroup2 mount shows the whole tree, where /proc/self/cgroup says the container's cgroup is
+    script = ("own=$(sed -n 's/^0:://p' /proc/self/cgroup); echo $own; "
+              + ("cat /sys/fs/cgroup/memory.max; " if cgroupns or user
+                 else "cat /sys/fs/cgroup$own/memory.max; ")
+              + "touch /sys/fs/cgroup/x")
+    code, out = run_container(tmp_path, root, reachable_rootfs, ["sh", "-c", script],
+                              with_cgroup_mount(cgroupns, user))
+    lines = out.splitlines()
+    assert code == 1, out
+    assert (lines[0] == "/") == cgroupns, out
+    assert lines[1] == str(48 << 20), out
+    assert "Read-only file system" in lines[-1]
 
 
 def test_linux_devices_are_made_with_their_mode_and_owner(tmp_path, root, busybox_rootfs):
