@@ -603,3 +603,22 @@ def test_the_freezer_and_devices_are_named_only_when_asked_for():
         assert not {"freezer", "devices"} & set(plain.directories)
     with pytest.raises(CgroupError, match="not a controller this module knows"):
         Cgroup.create(unique("bad"), controllers=["freezer", "blkio"])
+
+
+@root
+@pytest.mark.skipif(not HAS_FREEZER, reason="no freezer here (cgroup v1 freezer or cgroup v2 on Linux 5.2+)")
+def test_cleanup_with_kill_removes_a_frozen_leftover(python):
+    name = unique("frozen-left")
+    made = Cgroup.create(name, controllers=["pids", "freezer"])
+    sleeper = subprocess.Popen([python, "-c", "import time; time.sleep(60)"])
+    try:
+        made.add(sleeper.pid)
+        made.freeze()
+        # as after a crash: the cgroup stays, frozen, with its process
+        assert cgroups.cleanup([name]) == []
+        assert cgroups.cleanup([name], kill=True) == [made.name]
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        assert not any(os.path.exists(d) for d in made.directories.values())
+    finally:
+        reap(sleeper)
+        made.remove()

@@ -1027,7 +1027,26 @@ def _kill_tree(owner: Cgroup | None, directories: list[str], timeout: float = 5.
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        _thaw_named(owner, os.path.basename(min(directories, key=len)))
         time.sleep(0.02)
+
+
+def _thaw_named(owner: Cgroup | None, name: str) -> None:
+    """Thaw the stages cgroup ``name`` (and below) in the freezer, wherever that is: a frozen (paused)
+    process acts on the SIGKILL it was sent only once thawed (v1 freezer-subsystem.rst)."""
+    freezer = detect().extras.get("freezer")
+    if freezer is None:
+        return
+    directory = os.path.join(freezer.own_directory, PARENT, name)
+    for top, _, _ in os.walk(directory):
+        if is_frozen(top, freezer.version):
+            path, value = ((os.path.join(top, "freezer.state"), "THAWED") if freezer.version == 1
+                           else (os.path.join(top, "cgroup.freeze"), "0"))
+            shell = f"echo {value} > {shlex.quote(path)}"
+            with owner._step(shell, what="thaw, so that the killed processes die") if owner else \
+                    steps.record(shell):
+                with open(path, "w") as handle:
+                    handle.write(value)
 
 
 def _subdirectories(parent: str) -> list[os.DirEntry]:
