@@ -1,0 +1,373 @@
+"""podman drives stages-oci: conmon calls our runtime's command line as it calls runc (issue #6).
+
+Every podman here runs with state of its own in a temporary directory (``--root``, ``--runroot``,
+``--tmpdir``, CONTAINERS_CONF, CONTAINERS_STORAGE_CONF, CONTAINERS_REGISTRIES_CONF, the XDG directories)
+and the configuration in tests/data/podman/: vfs storage (no overlay mounts on the host), file locks and
+events, and ``cgroups = "disabled"`` so that podman makes no cgroup of its own (no /libpod_parent at the
+root of every hierarchy); our runtime still makes each container's cgroup below its caller's. Nothing
+is pulled: the image is a ``podman import`` of the session's busybox rootfs.
+
+``STAGES_PODMAN_RUNTIME=runc`` runs the same tests with runc instead (through a wrapper that drops the
+crun-only ``--cgroup-manager disabled``), to tell a podman problem from one of ours;
+``STAGES_PODMAN_RUNTIME=/absolute/path`` runs them with that runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import termios
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stages import observe
+
+pytestmark = [
+    pytest.mark.root, pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("podman") is None or shutil.which("conmon") is None,
+                       reason="podman and conmon are not installed (bash workshop.sh test installs them)"),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data" / "podman"
+STAGES_OCI = REPO / ".venv" / "bin" / "stages-oci"
+IMAGE = "localhost/stages-busybox"
+# podman's default RLIMIT_NOFILE (1048576) and RLIMIT_NPROC are above this machine's hard limits, and
+# raising a hard limit needs CAP_SYS_RESOURCE, which we lack (setrlimit(2)): ask for what we may set.
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=32768:32768"]
+RUN = ["run", "--network", "none", *LIMITS]
+
+RUNC_WRAPPER = """#!/bin/sh
+# runc has no --cgroup-manager (crun's global option, which podman passes with cgroups = "disabled")
+first=1
+for argument in "$@"; do
+    if [ "$first" = 1 ]; then set --; first=0; fi
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    case "$argument" in --cgroup-manager) skip=1; continue;; esac
+    set -- "$@" "$argument"
+done
+exec /usr/sbin/runc "$@"
+"""
+
+
+class Podman:
+    """One podman installation in a temporary directory, driving ``runtime``."""
+
+    def __init__(self, base: Path, runtime: str):
+        self.base = base
+        for name in ("root", "runroot", "tmp", "home", "config", "data", "xdg-run", "networks"):
+            (base / name).mkdir(mode=0o700)
+        conf = (DATA / "containers.conf").read_text().replace("/usr/local/bin/stages-oci", runtime)
+        conf = conf.replace("runtime_supports_nocgroup = [",
+                            f'runtime_supports_nocgroup = ["{Path(runtime).name}", ')
+        conf += f'\n[network]\nnetwork_config_dir = "{base / "networks"}"\n'
+        (base / "containers.conf").write_text(conf)
+        storage = (DATA / "storage.conf").read_text()  # its [storage] table is the last: add to it
+        storage += f'graphroot = "{base / "root"}"\nrunroot = "{base / "runroot"}"\n'
+        (base / "storage.conf").write_text(storage)
+        shutil.copy(DATA / "registries.conf", base / "registries.conf")
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "HOME": str(base / "home"), "TMPDIR": str(base / "tmp"),
+            "XDG_CONFIG_HOME": str(base / "config"), "XDG_DATA_HOME": str(base / "data"),
+            "XDG_RUNTIME_DIR": str(base / "xdg-run"),
+            "CONTAINERS_CONF": str(base / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf"),
+        }
+        self.command = ["podman", "--root", str(base / "root"), "--runroot", str(base / "runroot"),
+                        "--tmpdir", str(base / "tmp"), "--storage-driver", "vfs",
+                        "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", runtime]
+
+    def __call__(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.command, *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def ok(self, *args: str, timeout: float = 60) -> str:
+        result = self(*args, timeout=timeout)
+        assert result.returncode == 0, f"podman {' '.join(args)}: {result.returncode}\n{result.stderr}"
+        return result.stdout
+
+    def containers(self) -> dict[str, dict]:
+        """``podman ps -a`` as JSON: name -> its entry (State, ExitCode, Id ...)."""
+        listing = json.loads(self.ok("ps", "-a", "--format", "json") or "[]")
+        return {entry["Names"][0]: entry for entry in listing}
+
+    def ids(self) -> set[str]:
+        """The ID of every container this podman ever made, from its events file (--rm ones too)."""
+        events = self.ok("events", "--stream=false", "--filter", "type=container", "--format", "{{.ID}}")
+        return set(events.split())
+
+    def terminal(self, *args: str) -> Terminal:
+        return Terminal([*self.command, *args], self.env)
+
+
+class Terminal:
+    """A command on a pseudo-terminal of its own, as if a person typed at it (pty(7))."""
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        self.master, slave = os.openpty()
+        # 24x80, as a terminal window; podman passes its size on to the container's terminal
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, b"\x18\x00\x50\x00\x00\x00\x00\x00")
+
+        def controlling_terminal():
+            # a new session whose controlling terminal is the slave (TIOCSCTTY, tty_ioctl(4)), as a login
+            # shell has: podman -t checks that stdin is a terminal and makes it raw
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.process = subprocess.Popen(command, env=env, stdin=slave, stdout=slave, stderr=slave,
+                                        start_new_session=True, preexec_fn=controlling_terminal)
+        os.close(slave)
+        self.seen = ""
+
+    def expect(self, pattern: str, timeout: float = 20) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.seen)
+            if found:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {pattern!r} on the terminal within {timeout} s; it showed:\n"
+                                     f"{self.seen}")
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:  # EIO: every slave is closed, the command has ended
+                    chunk = b""
+                if not chunk:
+                    found = re.search(pattern, self.seen)
+                    if found:
+                        return found
+                    raise AssertionError(f"the terminal closed without {pattern!r}; it showed:\n{self.seen}")
+                self.seen += chunk.decode(errors="replace")
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            with contextlib.suppress(OSError):
+                while select.select([self.master], [], [], 0.2)[0] and os.read(self.master, 4096):
+                    pass
+        return code
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.master)
+
+
+def _cgroup_tree() -> set[str]:
+    found = set()
+    for top, _, _ in os.walk("/sys/fs/cgroup"):
+        found.add(top)
+    return found
+
+
+def _mounts_below(path: Path) -> list[str]:
+    return [m.target for m in observe.mounts() if m.target == str(path) or m.target.startswith(f"{path}/")]
+
+
+def _processes_naming(ids: set[str]) -> list[str]:
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if any(ident in line for ident in ids):
+            found.append(f"{process.info['pid']}: {line[:120]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory) -> str:
+    if os.environ.get("STAGES_PODMAN_RUNTIME") == "runc":
+        wrapper = tmp_path_factory.mktemp("runc") / "runc-wrapper"
+        wrapper.write_text(RUNC_WRAPPER)
+        wrapper.chmod(0o755)
+        return str(wrapper)
+    if os.environ.get("STAGES_PODMAN_RUNTIME", "").startswith("/"):
+        return os.environ["STAGES_PODMAN_RUNTIME"]
+    assert STAGES_OCI.exists(), f"{STAGES_OCI} is missing: pip install -e . (the stages-oci console script)"
+    return str(STAGES_OCI)
+
+
+@pytest.fixture(scope="module")
+def podman(runtime, busybox_rootfs):
+    """A podman of our own with the busybox image imported; afterwards nothing of it is left."""
+    # a short path: conmon's sockets live below --tmpdir and --runroot (sun_path holds 108 bytes, unix(7))
+    base = Path(tempfile.mkdtemp(prefix="stages-podman-", dir="/var/tmp"))
+    cgroups_before = _cgroup_tree()
+    engine = Podman(base, runtime)
+    ids: set[str] = set()
+    try:
+        archive = base / "busybox.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(busybox_rootfs, arcname=".")
+        engine.ok("import", str(archive), IMAGE)
+        yield engine
+        # whatever a failed test left: podman removes its containers, then we check the rest
+        ids = engine.ids()
+        engine("rm", "--all", "--force", "--time", "0")
+    finally:
+        mounted = _mounts_below(base)
+        for target in reversed(mounted):
+            subprocess.run(["umount", "-l", target], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+    # podman's cgroups would be named libpod*, conmon, or after the container ID, anywhere in the tree
+    new = [path for path in _cgroup_tree() - cgroups_before
+           if re.search(r"libpod|conmon", path) or any(ident in path for ident in ids)]
+    assert not new, f"cgroups made by podman or for its containers are still there: {new}"
+    assert not mounted, f"podman left these mounted: {mounted}"
+
+
+@pytest.fixture(autouse=True)
+def settled(podman):
+    """After each test, wait until podman has finished with its containers: `podman run --rm` returns with
+    the exit code while `podman container cleanup`, which conmon starts when the container ends, may still
+    be unmounting the container's /dev/shm below podman's directory."""
+    yield
+    deadline = time.monotonic() + 15
+    while _mounts_below(podman.base) or _processes_naming({str(podman.base)}):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not _processes_naming({str(podman.base)}), "podman or conmon still runs"
+    assert not _mounts_below(podman.base), "podman left mounts below its directory"
+
+
+def _state_of(runtime: str, ident: str) -> subprocess.CompletedProcess:
+    return subprocess.run([runtime, "state", ident], capture_output=True, text=True, timeout=30)
+
+
+def test_podman_run_returns_the_containers_exit_code(podman):
+    cgroups_before = _cgroup_tree()
+    assert podman(*RUN, "--rm", IMAGE, "true").returncode == 0
+    assert podman(*RUN, "--rm", IMAGE, "false").returncode == 1
+    seven = podman(*RUN, "--rm", IMAGE, "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (seven.returncode, seven.stdout, seven.stderr) == (7, "out\n", "err\n")
+    # a command that is not in the image: podman's 127 (runc's too), with the runtime's reason
+    missing = podman(*RUN, "--rm", IMAGE, "no-such-command")
+    assert missing.returncode == 127 and "no-such-command" in missing.stderr, missing.stderr
+    # --rm: podman removed every container, and none of them made a cgroup anywhere we did not
+    assert podman.containers() == {}
+    new = [path for path in _cgroup_tree() - cgroups_before if "libpod" in path or "conmon" in path]
+    assert not new, new
+
+
+def test_the_container_is_isolated_as_podman_asked(podman):
+    out = podman.ok(*RUN, "--rm", "--hostname", "boxed", IMAGE, "sh", "-c",
+                    "hostname; echo pid=$$; ls /sys/class/net; ulimit -n; cat /proc/self/cgroup")
+    lines = out.splitlines()
+    assert lines[:4] == ["boxed", "pid=1", "lo", "1024"], out
+    assert os.uname().nodename != "boxed"
+    # podman's bind mounts of /etc/hostname and /etc/hosts (files of its own) are in place
+    files = podman.ok(*RUN, "--rm", "--hostname", "boxed", IMAGE, "sh", "-c",
+                      "cat /etc/hostname; echo; grep -c boxed /etc/hosts")
+    assert files.split() == ["boxed", "1"], files
+
+
+def test_podman_run_it_through_a_terminal(podman):
+    terminal = podman.terminal(*RUN, "--rm", "-it", IMAGE, "sh")
+    try:
+        terminal.expect(r"/ # ")  # the shell's prompt
+        terminal.type("tty; stty size\r")
+        terminal.expect(r"/dev/pts/\d+\s+24 80")
+        terminal.type("echo $((6*7))\r")
+        terminal.expect(r"\r\n42\r\n")
+        terminal.type("exit 3\r")
+        assert terminal.wait() == 3, terminal.seen
+    finally:
+        terminal.close()
+
+
+def test_a_detached_container_exec_stop_and_rm(podman, runtime):
+    name = "stages-podman-sleeper"
+    podman.ok(*RUN, "-d", "--name", name, IMAGE, "sleep", "1000")
+    try:
+        entry = podman.containers()[name]
+        ident = entry["Id"]
+        assert entry["State"] == "running", entry
+        # the runtime knows it under podman's ID, running, with the host PID podman reports
+        pid = int(podman.ok("inspect", "--format", "{{.State.Pid}}", name))
+        state = _state_of(runtime, ident)
+        assert state.returncode == 0, state.stderr
+        assert json.loads(state.stdout)["status"] == "running"
+        assert json.loads(state.stdout)["pid"] == pid
+        # seen from the host: sleep is the process podman names, in namespaces of its own, and a child of
+        # conmon (the subreaper that collects its exit status), not of our runtime
+        assert psutil.Process(pid).cmdline() == ["sleep", "1000"]
+        assert psutil.Process(pid).parent().name() == "conmon"
+        theirs, ours = observe.namespace_inodes(pid), observe.namespace_inodes()
+        for kind in ("mount", "uts", "ipc", "pid", "net"):
+            assert theirs[kind] != ours[kind], f"the container shares the host's {kind} namespace"
+        # ... and from inside: sleep is PID 1
+        inside = podman(*["exec", name, "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; exit 4"])
+        assert (inside.returncode, inside.stdout) == (4, "sleep 1000 "), inside.stderr
+        assert podman.ok("exec", name, "hostname") == ident[:12] + "\n"
+
+        terminal = podman.terminal("exec", "-it", name, "sh")
+        try:
+            terminal.expect(r"/ # ")
+            terminal.type("echo $((6*7)) $$\r")
+            found = terminal.expect(r"\r\n42 (\d+)\r\n")
+            assert int(found.group(1)) > 1  # not PID 1: the exec'd shell joined the container's namespaces
+            terminal.type("exit 5\r")
+            assert terminal.wait() == 5, terminal.seen
+        finally:
+            terminal.close()
+
+        started = time.monotonic()
+        # sleep as PID 1 has no handler for SIGTERM, which the kernel then does not deliver
+        # (pid_namespaces(7)): podman waits 2 s and sends SIGKILL
+        podman.ok("stop", "-t", "2", name)
+        assert 1.5 < time.monotonic() - started < 30
+        entry = podman.containers()[name]
+        assert (entry["State"], entry["ExitCode"]) == ("exited", 137), entry
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        podman("rm", "--force", "--time", "0", name)
+    assert name not in podman.containers()
+    assert _state_of(runtime, ident).returncode != 0, "the runtime still has the container"
+
+
+def test_podman_init_creates_and_start_starts(podman, runtime):
+    """podman init calls only the runtime's create: the container waits, created, until podman start."""
+    name = "stages-podman-two-steps"
+    podman.ok("create", "--name", name, "--network", "none", *LIMITS, IMAGE, "sh", "-c", "exit 9")
+    try:
+        assert podman.containers()[name]["State"] == "created"
+        podman.ok("init", name)
+        ident = podman.containers()[name]["Id"]
+        assert podman.containers()[name]["State"] == "initialized"
+        assert json.loads(_state_of(runtime, ident).stdout)["status"] == "created"
+        podman.ok("start", name)
+        assert podman.ok("wait", name).strip() == "9"
+        assert podman.containers()[name]["State"] == "exited"
+    finally:
+        podman("rm", "--force", "--time", "0", name)
+
+
+def test_nothing_is_left_behind(podman, runtime):
+    """After all of the above: no container, conmon, runtime state or mount of podman's is left."""
+    ids = podman.ids()
+    assert len(ids) >= 8, f"the tests above ran only {len(ids)} containers"
+    assert podman.containers() == {}
+    assert not _processes_naming(ids)
+    for ident in ids:
+        assert _state_of(runtime, ident).returncode != 0, f"the runtime still has {ident}"
+    assert not _mounts_below(podman.base)
