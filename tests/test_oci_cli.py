@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import select
+import shlex
 import signal
 import socket
 import sys
@@ -108,8 +109,11 @@ class Runtime:
         self.reaper = reaper
         self.count = 0
 
+    def command(self, *args, options=()) -> list[str]:
+        return [*COMMAND, "--root", str(self.root), *map(str, options), *map(str, args)]
+
     def spawn(self, *args, options=(), out: Path | None = None, err: Path | None = None) -> int:
-        argv = [*COMMAND, "--root", str(self.root), *options, *map(str, args)]
+        argv = self.command(*args, options=options)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                    (os.POSIX_SPAWN_OPEN, 1, str(out), flags, 0o644),
@@ -252,6 +256,7 @@ def test_sigterm_during_create_undoes_it(tmp_path, runtime, busybox_rootfs):
         if codes[-1] != 0:
             break
         assert runtime("delete", "--force", container).code == 0  # it was done already: again
+        (tmp_path / "pid").unlink()
     assert codes[-1] == 128 + signal.SIGTERM, (codes, out.read_text())
     assert "interrupted by SIGTERM" in out.read_text() and "Traceback" not in out.read_text()
     # nothing is left: no state, no PID file, no cgroup, no process (the leak check)
@@ -355,6 +360,36 @@ def test_delete_force_of_a_running_container_leaves_nothing(tmp_path, runtime, b
     assert runtime("delete", "-f", container).code == 0
     missing = runtime("delete", container)
     assert missing.code == 1 and "does not exist" in missing.err
+
+
+def test_a_container_created_from_another_cgroup_is_found_and_removed(tmp_path, runtime, busybox_rootfs):
+    # podman runs `create` through conmon, which lives in a cgroup of its own, and `delete` itself: the
+    # container's cgroup must be found where create made it, not below the caller's cgroup
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sleep", "60"])
+    elsewhere = cgroups.Cgroup.create(f"cli-elsewhere-{os.getpid()}")
+    try:
+        enter = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in elsewhere.unique_directories())
+        command = shlex.join(runtime.command("create", "--bundle", path, container))
+        out = tmp_path / "create-output"
+        actions = [(os.POSIX_SPAWN_OPEN, 1, str(out), os.O_WRONLY | os.O_CREAT, 0o644),
+                   (os.POSIX_SPAWN_DUP2, 1, 2)]
+        pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", f"{enter}; exec {command}"], os.environ,
+                             file_actions=actions)
+        assert runtime.reaper.wait(pid, 60) == 0, out.read_text()
+        private = json.loads((runtime.root / container / statefile.STATE_FILE).read_text())["stages"]
+        directories = sorted(set(private["cgroup_directories"].values()))
+        below = {controller: directory.startswith(elsewhere.directories[controller] + "/")
+                 for controller, directory in private["cgroup_directories"].items()
+                 if controller in elsewhere.directories}
+        assert below and all(below.values()), private["cgroup_directories"]
+        assert runtime("start", container).code == 0
+        assert runtime("kill", "--all", container, "KILL").code == 0
+        assert runtime.wait_for(container, "stopped")["status"] == "stopped"
+        assert runtime("delete", container).code == 0
+        assert not any(os.path.exists(d) for d in directories)
+    finally:
+        elsewhere.remove()
 
 
 # -- exec ----------------------------------------------------------------------------------------------------

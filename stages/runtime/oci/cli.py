@@ -247,7 +247,16 @@ def do_create(args, log: Log) -> int:
         oci.create(args.id, args.bundle, root=args.root, pid_file=args.pid_file, record=record, **options)
     finally:
         log.steps(record)
+    _done()
     return 0
+
+
+def _done() -> None:
+    """The work is done: a late SIGTERM must not report (and exit as) an interruption."""
+    import signal
+
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _terminal_options(function, args) -> dict:
@@ -321,6 +330,7 @@ def do_run(args, log: Log) -> int:
         except BaseException:
             oci.delete(args.id, force=True, root=args.root)
             raise
+        _done()
         return 0
 
     def forward(number, _frame):

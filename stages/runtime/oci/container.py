@@ -190,6 +190,10 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
                                controllers=_controllers(plan))
         undo.callback(cgroup.remove)
         data["stages"]["cgroup"] = cgroup.name
+        # where it is, for the commands after this one: they may run in another cgroup than ours (conmon
+        # creates, podman deletes), so looking it up below their own cgroup would not find it
+        data["stages"].update(cgroup_directories=cgroup.directories, cgroup_versions=cgroup.versions,
+                              cgroup_parents=cgroup.managed_parents)
         if "freezer" in cgroup.directories:  # how statefile.status tells "paused" without detect()
             data["stages"]["freezer"] = [cgroup.directories["freezer"], cgroup.versions["freezer"]]
         oci_state.write(state_file, data)
@@ -250,9 +254,11 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             ended = _reap(setup_pid, 5.0)
             if ended is None or os.waitstatus_to_exitcode(ended) != 0:
                 raise _died(setup_pid, plan)
-            data["stages"]["detached"] = True
+            # reaped: its PID may be anyone's now, so nothing may signal or wait for it later
+            data["stages"].update(detached=True, setup_pid=0, setup_started=None)
         oci_state.write(state_file, data)
         if pid_file is not None:
+            undo.callback(_unlink, os.fspath(pid_file))  # a create cut short leaves no PID file either
             oci_state.write_text(os.fspath(pid_file), f"{pid}\n")
         channel.close()
         undo.pop_all()
@@ -369,6 +375,11 @@ def _end_setup(pid: int) -> None:
     _reap(pid, 5.0)
 
 
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _reap(pid: int, timeout: float) -> int | None:
     """Collect ``pid``'s exit status if it is our child; None if it is not, or did not end in time."""
     deadline = time.monotonic() + timeout
@@ -390,7 +401,8 @@ def start(container_id: str, *, root: str | os.PathLike | None = None,
     data = oci_state.read(container_id, root)
     status = oci_state.status(data, root)
     if status != "created":
-        ended = _reap(data.get("stages", {}).get("setup_pid") or -1, 0) if status == "stopped" else None
+        setup = data.get("stages", {}).get("setup_pid")
+        ended = _reap(setup, 0) if status == "stopped" and setup else None  # never waitpid(-1): any child
         how = f" ({_describe(ended)})" if ended is not None else ""
         raise StagesError(f"container {container_id!r} is {status}{how}; only a created container can be "
                           "started",
@@ -456,10 +468,9 @@ def kill(container_id: str, sig: int | str = signal.SIGTERM, *,
         raise StagesError(f"container {container_id!r} is {status}: there is no process to signal",
                           f"delete({container_id!r}) removes it")
     victims = [data["pid"]]
-    if all_processes and data.get("stages", {}).get("cgroup"):
-        from stages.isolate.cgroups import Cgroup
-
-        victims = Cgroup.open(data["stages"]["cgroup"]).pids() or victims
+    cgroup = _cgroup_of(data) if all_processes else None
+    if cgroup is not None:
+        victims = cgroup.pids() or victims
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, number)
@@ -468,15 +479,30 @@ def kill(container_id: str, sig: int | str = signal.SIGTERM, *,
         _thaw(data)
 
 
-def _freezer(data: dict, record: StepRecord | None = None):
+def _cgroup_of(data: dict, record: StepRecord | None = None):
+    """The container's cgroup where ``create`` made it (the directories its state keeps), or None if it is
+    gone. Not looked up below our own cgroup: the caller may live in another one than the creator."""
     from stages.errors import CgroupError
     from stages.isolate.cgroups import Cgroup
 
-    name = data.get("stages", {}).get("cgroup")
+    private = data.get("stages", {})
+    name = private.get("cgroup")
+    if not name:
+        return None
+    directories = {controller: directory for controller, directory
+                   in (private.get("cgroup_directories") or {}).items() if os.path.isdir(directory)}
+    if directories:
+        versions = private.get("cgroup_versions") or {}
+        return Cgroup(name, directories, {controller: versions[controller] for controller in directories},
+                      record=record, managed_parents=list(private.get("cgroup_parents") or []))
     try:
-        cgroup = Cgroup.open(name, record=record) if name else None
+        return Cgroup.open(name, record=record)  # a state file written before the directories were kept
     except CgroupError:
-        cgroup = None
+        return None
+
+
+def _freezer(data: dict, record: StepRecord | None = None):
+    cgroup = _cgroup_of(data, record)
     if cgroup is None or "freezer" not in cgroup.directories:
         raise StagesError(f"container {data['id']!r} has no freezer cgroup, so it cannot be paused",
                           "this machine offers no freezer (cgroup v1 freezer, or cgroup v2 on Linux 5.2+)")
@@ -517,7 +543,6 @@ def delete(container_id: str, force: bool = False, *, root: str | os.PathLike | 
            record: StepRecord | None = None) -> None:
     """Remove a stopped container: its cgroup and its state. ``force`` kills a live one first (SIGKILL)."""
     from stages.errors import CgroupError
-    from stages.isolate.cgroups import Cgroup
 
     data = oci_state.read(container_id, root)
     status = oci_state.status(data, root)
@@ -534,11 +559,10 @@ def delete(container_id: str, force: bool = False, *, root: str | os.PathLike | 
         _thaw(data, record)  # or the killed init stays frozen, and its setup process waits for it
     if private.get("setup_pid"):
         _reap(private["setup_pid"], 5.0)  # if it is our child, no zombie stays behind
-    if private.get("cgroup"):
-        try:
-            Cgroup.open(private["cgroup"], record=record).remove()
-        except CgroupError:
-            pass  # never made, or removed already
+    cgroup = _cgroup_of(data, record)  # None: never made, or removed already
+    if cgroup is not None:
+        with contextlib.suppress(CgroupError):
+            cgroup.remove()
     oci_state.remove(container_id, root)
     oci_hooks.run_poststop(data, record)  # after the container is gone (runtime.md); failures warn
 
@@ -591,10 +615,11 @@ def wait(container_id: str, *, root: str | os.PathLike | None = None) -> int | N
 
 
 def run(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike | None = None, stdio=None,
-        record: StepRecord | None = None, keep: bool = False) -> int | None:
+        record: StepRecord | None = None, keep: bool = False, console: Console | None = None) -> int | None:
     """create + start + wait, then delete (unless ``keep``): the container's exit code, negative for the
-    signal that killed it."""
-    create(container_id, bundle, root=root, stdio=stdio, record=record)
+    signal that killed it. ``console`` receives the terminal of a ``process.terminal`` container (see
+    :func:`create`)."""
+    create(container_id, bundle, root=root, stdio=stdio, record=record, console=console)
     try:
         start(container_id, root=root, record=record)
         return wait(container_id, root=root)
@@ -618,7 +643,6 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
     capabilities and execs. ``terminal`` true in ``process`` gives it a new pseudo-terminal, whose master
     goes to ``console_socket`` or ``console``, as in :func:`create` (``podman exec -it``).
     """
-    from stages.isolate.cgroups import Cgroup
     from stages.runtime.oci import process as oci_process
 
     data = oci_state.read(container_id, root)
@@ -629,8 +653,8 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
     wanted = oci_spec._process({"process": process}, [], [])
     _check_console(wanted.terminal, console_socket, console)
     cgroup_files = []
-    if data.get("stages", {}).get("cgroup"):
-        cgroup = Cgroup.open(data["stages"]["cgroup"])
+    cgroup = _cgroup_of(data)
+    if cgroup is not None:
         cgroup_files = [os.path.join(d, "cgroup.procs") for d in cgroup.unique_directories()]
     record = record if record is not None else StepRecord(f"exec {container_id}")
     seccomp = data.get("stages", {}).get("seccomp")  # the container's filter binds what is exec'd in it too
