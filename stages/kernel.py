@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import socket
 
 from stages import steps
@@ -203,7 +202,8 @@ def umount(target: str, flags: int = 0, what: str = "") -> None:
 
 def pivot_root(new_root: str, put_old: str, what: str = "") -> None:
     """pivot_root(2): make ``new_root`` the root of this mount namespace, the old root at ``put_old``."""
-    number = _SYSCALL_NUMBERS.get(platform.machine(), {}).get("pivot_root")
+    # os.uname().machine is what platform.machine() reads, without importing platform at every start
+    number = _SYSCALL_NUMBERS.get(os.uname().machine, {}).get("pivot_root")
     if number is None:
         raise syscall_error("pivot_root", f"{new_root!r}, {put_old!r}", errno.ENOSYS)
     with steps.record(f"pivot_root {new_root} {put_old}", what=what, where="inside"):

@@ -13,8 +13,6 @@ takes (capabilities(7), prctl(2) PR_SET_NO_NEW_PRIVS, seccomp(2)):
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import functools
 
@@ -43,11 +41,15 @@ _SCMP_ACT_ERRNO = 0x00050000
 
 def seccomp_available() -> bool:
     """Whether libseccomp can be loaded (Debian: the libseccomp2 package)."""
+    import ctypes.util  # here: it imports subprocess and tempfile, which a container run needs not
+
     return ctypes.util.find_library("seccomp") is not None
 
 
 @functools.cache
 def _library():
+    import ctypes.util
+
     name = ctypes.util.find_library("seccomp")
     if name is None:
         raise StagesError("seccomp filters are built with libseccomp, which is not installed",

@@ -20,11 +20,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from stages.errors import RootfsError, StagesError, UnsafeArchiveError
 from stages.runtime import store
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at every start
 if TYPE_CHECKING:
     import tarfile
 

@@ -21,7 +21,12 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+# typing.TYPE_CHECKING without importing typing: the names below only annotate, and typing
+# costs every `stages` command milliseconds at start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def state_dir() -> Path:
@@ -40,8 +45,9 @@ def state_dir() -> Path:
 def images_dir() -> Path:
     """The image store's top directory, ``<state>/images``, created (mode 0700) if missing."""
     top = state_dir() / "images"
-    for sub in ("", "blobs/sha256", "layers", "imagedb", "tmp"):
-        (top / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.path.isdir(top / "tmp"):  # made last: once it is there, so are the others (one stat per call)
+        for sub in ("", "blobs/sha256", "layers", "imagedb", "tmp"):
+            (top / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     return top
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import struct
 from dataclasses import dataclass
 
@@ -296,9 +295,9 @@ class _AttachAttributes(ctypes.Structure):
 
 
 def _bpf(command: int, attributes: ctypes.Structure, what: str) -> int:
-    number = _BPF_SYSCALL.get(platform.machine())
+    number = _BPF_SYSCALL.get(os.uname().machine)  # platform.machine(), without importing platform
     if number is None:
-        raise StagesError(f"this runtime does not know bpf(2)'s number on {platform.machine()}",
+        raise StagesError(f"this runtime does not know bpf(2)'s number on {os.uname().machine}",
                           "add it to stages.runtime.oci.devices._BPF_SYSCALL (the kernel's syscall table)")
     return kernel.syscall(number, ctypes.c_int(command), ctypes.byref(attributes),
                           ctypes.c_uint(ctypes.sizeof(attributes)), call="bpf", arguments=what)
