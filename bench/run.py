@@ -178,19 +178,25 @@ class Bench:
             [str(STAGES_OCI), "--root", str(self.cli_root)]
         name = self.next_id(tool)
         pid_file = self.tmp / f"{name}.pid"
+        said = self.tmp / f"{name}.err"
         times = []
         for step in (["create", "--bundle", str(self.bundle), "--pid-file", str(pid_file), name],
                      ["start", name], ["delete", name]):
             if step[0] == "delete":
                 reap(int(pid_file.read_text()))
-            start = time.perf_counter_ns()
-            result = subprocess.run([*command, *step], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-            times.append((time.perf_counter_ns() - start) / 1e6)
+            # With terminal false the container keeps the runtime's stdio: a file, never a pipe, which
+            # would stay open (and keep us waiting) for as long as the container lives.
+            with open(said, "w") as errors:
+                start = time.perf_counter_ns()
+                result = subprocess.run([*command, *step], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=errors)
+                times.append((time.perf_counter_ns() - start) / 1e6)
             if result.returncode != 0:
                 raise SystemExit(f"bench: {tool} {step[0]} exited with {result.returncode}: "
-                                 f"{result.stderr.strip()}")
+                                 f"{said.read_text().strip()}")
         pid_file.unlink()
+        said.unlink()
+        reap_orphans()
         return times[0], times[1], times[2]
 
     # -- podman run --rm, with stages-oci or runc as its runtime ---------------------------------------------
@@ -299,6 +305,14 @@ def reap(pid: int) -> None:
         deadline = time.monotonic() + 30
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.001)
+
+
+def reap_orphans() -> None:
+    """Collect the runtimes' helper processes that ended after their parent did: as a subreaper we
+    inherit them (runc's intermediate processes), and nobody else will wait for them."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] != 0:
+            pass
 
 
 def mounts_under(path: Path) -> list[str]:
