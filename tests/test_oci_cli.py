@@ -329,6 +329,11 @@ def test_kill_all_signals_every_process_of_the_container(tmp_path, runtime, busy
     private = json.loads((runtime.root / container / statefile.STATE_FILE).read_text())["stages"]
     cgroup = cgroups.Cgroup.open(private["cgroup"])
     assert len(cgroup.pids()) == 3
+    # ps: the same three, as PIDs and as ps(1)'s lines
+    assert runtime("ps", "--format", "json", container).json() == cgroup.pids()
+    table = runtime("ps", container).out.splitlines()
+    assert table[0].split()[:2] == ["UID", "PID"] and len(table) == 4
+    assert sum(line.split()[7:] == ["sleep", "1000"] for line in table) == 2  # and their sh
 
     assert runtime("kill", container, "TERM").code == 0  # the init alone: it ignores it
     time.sleep(0.3)

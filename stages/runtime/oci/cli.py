@@ -12,6 +12,7 @@ The command line is runc's (and crun's): global options, then a command::
     delete [--force] ID                                        remove what is left of it
     run [--detach] [--keep] --bundle DIR ID                    create, start, wait (the container's exit code)
     exec [--process FILE | ...] [--detach] [--tty] ID [ARGS]   one more process in a running container
+    ps [--format table|json] ID [PS-OPTIONS]                   the processes in it
     pause ID / resume ID                                       freeze and thaw its cgroup
     list [-q] [--format table|json]                            the containers under the root
     features                                                   what this runtime supports, as JSON
@@ -195,6 +196,11 @@ def build_parser() -> Parser:
     sub.add_argument("--preserve-fds", type=int, default=0, metavar="N", help="only 0 is supported")
     sub.add_argument("--ignore-paused", action="store_true", help=argparse.SUPPRESS)
     sub.add_argument("args", nargs=argparse.REMAINDER, help="the command and its arguments")
+    sub = command("ps", "the processes in the container (its cgroup), as ps(1) shows them", "id")
+    sub.add_argument("--format", "-f", choices=("table", "json"), default="table",
+                     help="table (ps's own lines) or json (a list of host PIDs)")
+    sub.add_argument("ps_options", nargs=argparse.REMAINDER, metavar="PS-OPTIONS",
+                     help="options for ps(1) (default: -ef)")
     command("pause", "freeze every process of the container (the freezer cgroup)", "id")
     command("resume", "thaw a paused container", "id")
     sub = command("list", "list the containers under the root")
@@ -456,6 +462,39 @@ def _container_process(args) -> dict:
     return process if isinstance(process, dict) else {}
 
 
+def do_ps(args, log: Log) -> int:
+    """``runc ps``: the PIDs in the container's cgroup; as a table, ps(1)'s lines for those PIDs."""
+    import subprocess
+
+    from stages.errors import StagesError
+    from stages.runtime.oci import container, statefile
+
+    cgroup = container._cgroup_of(statefile.read(args.id, args.root))
+    pids = cgroup.pids() if cgroup is not None else []
+    if args.format == "json":
+        print(json.dumps(pids))
+        return 0
+    options = args.ps_options or ["-ef"]
+    try:
+        output = subprocess.run(["ps", *options], capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise StagesError("ps(1) is not installed", "apt-get install procps, or use --format json") from None
+    except subprocess.CalledProcessError as error:
+        raise StagesError(f"ps {' '.join(options)} failed: {error.stderr.strip()}",
+                          "give options ps(1) understands, for instance -ef") from None
+    lines = output.splitlines()
+    header = lines[0].split() if lines else []
+    if "PID" not in header:
+        raise StagesError(f"ps {' '.join(options)} prints no PID column", "use options that show it: -ef")
+    column = header.index("PID")
+    print(lines[0])
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) > column and fields[column].isdigit() and int(fields[column]) in pids:
+            print(line)
+    return 0
+
+
 def do_pause(args, log: Log) -> int:
     _lifecycle("pause", args)
     return 0
@@ -592,8 +631,8 @@ def do_spec(args, log: Log) -> int:
 
 
 HANDLERS = {"create": do_create, "start": do_start, "run": do_run, "state": do_state, "kill": do_kill,
-            "delete": do_delete, "exec": do_exec, "pause": do_pause, "resume": do_resume, "list": do_list,
-            "features": do_features, "spec": do_spec}
+            "delete": do_delete, "exec": do_exec, "ps": do_ps, "pause": do_pause, "resume": do_resume,
+            "list": do_list, "features": do_features, "spec": do_spec}
 
 
 def version_text() -> str:
