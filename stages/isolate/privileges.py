@@ -48,13 +48,19 @@ def seccomp_available() -> bool:
 
 @functools.cache
 def _library():
-    import ctypes.util
+    import ctypes
 
-    name = ctypes.util.find_library("seccomp")
-    if name is None:
-        raise StagesError("seccomp filters are built with libseccomp, which is not installed",
-                          "install it (apt-get install libseccomp2) or skip the seccomp step")
-    library = ctypes.CDLL(name, use_errno=True)
+    try:
+        # by its soname first: find_library runs ldconfig (a process, ~15 ms) to learn the same name
+        library = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        import ctypes.util
+
+        name = ctypes.util.find_library("seccomp")
+        if name is None:
+            raise StagesError("seccomp filters are built with libseccomp, which is not installed",
+                              "install it (apt-get install libseccomp2) or skip the seccomp step") from None
+        library = ctypes.CDLL(name, use_errno=True)
     library.seccomp_init.restype = ctypes.c_void_p
     library.seccomp_init.argtypes = [ctypes.c_uint32]
     library.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
