@@ -199,7 +199,7 @@ def test_a_terminal_reaches_the_console_socket(tmp_path, root, busybox_rootfs, c
     try:
         assert name == "/dev/pts/0"
         oci.start("tty", root=root)
-        seen = read_until(master, b"30 100")
+        seen = read_until(master, b"30 100\r\n")  # all of it: what we type next is echoed
         os.write(master, b"hello\n")
         seen += read_until(master, b"got hello")
     finally:

@@ -564,7 +564,10 @@ def _process(config: dict, uid_mappings, gid_mappings) -> Process:
         if soft is None or hard is None or soft > hard:
             raise refuse(where, "needs soft and hard, with soft <= hard")
         _, current_hard = resource.getrlimit(number)
-        if current_hard != resource.RLIM_INFINITY and hard > current_hard:
+        # Raising a hard limit takes CAP_SYS_RESOURCE in the initial user namespace (setrlimit(2)): the
+        # host's root has it (the workshop VM), the init of a new user namespace never does.
+        if current_hard != resource.RLIM_INFINITY and hard > current_hard and (
+                uid_mappings or not _holds_sys_resource()):
             raise LimitError(
                 f"config.json: {where}: the hard limit {hard} of {kind} is above this machine's "
                 f"{current_hard}, and raising a hard limit needs CAP_SYS_RESOURCE, which we do not hold",
@@ -585,6 +588,10 @@ def _process(config: dict, uid_mappings, gid_mappings) -> Process:
                                                  "process.noNewPrivileges", False)),
                    oom_score_adj=oom, console_size=console_size,
                    terminal=bool(_typed(process.get("terminal"), bool, "process.terminal")))
+
+
+def _holds_sys_resource() -> bool:
+    return bool(kernel.capget()["effective"] >> kernel.capability_number("sys_resource") & 1)
 
 
 def _resources(linux: dict, result: Plan) -> None:
