@@ -7,6 +7,7 @@ STAGES_HOME and STAGES_RUN, and a network namespace standing in for the host for
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import sys
 import time
@@ -144,6 +145,13 @@ def test_start_runs_a_stopped_container_again_with_its_files_and_rm_leaves_nothi
         third = inspect(stages, "again")
         assert third["state"]["status"] == "running" and third["pid"] != second["pid"]
         assert stages("exec", "again", "cat", "/runs").stdout == "run\nrun\nrun\n"
+        # two `stages start` at once: one of them starts it, the other finds it started
+        stages("stop", "-t", "0", "again")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            both = list(pool.map(lambda _: stages("start", "again", check=False), range(2)))
+        assert [result.returncode for result in both] == [0, 0], [result.stderr for result in both]
+        wait_for(lambda: inspect(stages, "again")["state"]["status"] == "running")
+        assert stages("exec", "again", "cat", "/runs").stdout == "run\nrun\nrun\nrun\n"
     finally:
         stages("rm", "-f", "again")
     assert stages("ps", "-a", "-q").stdout.strip() == ""

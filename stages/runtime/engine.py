@@ -255,9 +255,11 @@ def _note(shell: str, what: str):
     return Step(shell=shell, what=what, where="host")
 
 
-def _finish(container_id: str, base: Path | None, record: StepRecord | None = None) -> None:
+def _finish(container_id: str, base: Path | None, record: StepRecord | None = None,
+            mark_stopped: bool = True) -> None:
     """Release what a container holds once it has stopped: the runtime's state (kills what is left) and
-    cgroup, the network, the overlay mount. Safe to call twice, and after a crash."""
+    cgroup, the network, the overlay mount. Safe to call twice, and after a crash. ``mark_stopped``:
+    the record then says so (not when ``stages start`` has claimed it already)."""
     from stages.runtime import oci
 
     root = oci_root(base)
@@ -273,7 +275,8 @@ def _finish(container_id: str, base: Path | None, record: StepRecord | None = No
         with contextlib.suppress(StagesError, OSError):
             network_manager(base, record if record is not None else StepRecord()).detach(container_id)
     overlay.unmount(containers.directory(container_id, base) / "bundle" / "rootfs")
-    if current is not None and not (current.get("status") == "stopped" and current.get("finished")):
+    if mark_stopped and current is not None and not (current.get("status") == "stopped"
+                                                     and current.get("finished")):
         with contextlib.suppress(StagesError):  # (the second call, from `stages rm`, has nothing to add)
             containers.update(container_id, base, status="stopped", finished=containers.now())
 
@@ -326,16 +329,21 @@ def start(name: str, *, attach: bool = False, base: Path | None = None, record: 
     if not kernel.is_root():
         raise NotRootError("starting a container")
     info = containers.find(name, base)
-    if containers.status(info) != "stopped":
-        return info, None
-    _finish(info["id"], base)  # whatever a monitor that died left behind (a no-op after a clean stop)
     with containers.locked(base):
-        _check_ports(Options(**info["options"]), base, info["id"])
+        # Claimed under the lock: of two `stages start` at once, the second finds it starting already.
         info = containers.read(info["id"], base)
-        for key in ("error", "started", "finished", "pid", "exit_code"):
-            info.pop(key, None)
-        info.update(status="creating", network=None, monitor_pid=os.getpid(),
-                    monitor_started=_start_time(os.getpid()), exit_code=None, steps=[])
+        if containers.status(info) != "stopped":
+            return info, None
+        _check_ports(Options(**info["options"]), base, info["id"])
+        info.update(status="creating", monitor_pid=os.getpid(), monitor_started=_start_time(os.getpid()))
+        containers.write(info, base)
+    # whatever a monitor that died left behind (a no-op after a clean stop)
+    _finish(info["id"], base, mark_stopped=False)
+    info = containers.read(info["id"], base)
+    for key in ("error", "started", "finished", "pid"):
+        info.pop(key, None)
+    info.update(network=None, exit_code=None, steps=[])
+    with containers.locked(base):
         containers.write(info, base)
     if not attach:
         try:
