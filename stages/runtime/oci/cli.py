@@ -21,7 +21,14 @@ The command line is runc's (and crun's): global options, then a command::
 Every operation is one call into :mod:`stages.runtime.oci`; this module only turns options into arguments
 and errors into one sentence. An error goes to stderr *and* to the ``--log`` file, where conmon looks for
 it (with ``--log-format json`` as runc's JSON lines, ``{"level": "error", "msg": ..., "time": ...}``).
-Exit codes are runc's: 0 done, 1 error; ``run`` exits with the container's code (128 + N for signal N).
+Exit codes are runc's: 0 done, 1 error (2: a wrong command line); ``run`` exits with the container's code
+(128 + N for signal N). SIGTERM or SIGHUP during a command undoes what it had done (exit 128 + N).
+
+Options runc takes that mean nothing different here are accepted, and the log says what they mean:
+``--no-pivot`` (we always pivot_root(2)), ``--no-new-keyring`` (we never make a session keyring),
+``--systemd-cgroup`` and ``--cgroup-manager`` (no systemd unit is asked for: the container's cgroup is
+made below the caller's own cgroup, named after cgroupsPath's last part, as cgroups(7) lets a process
+manage only its own subtree). What we cannot honour is refused in one sentence: ``--preserve-fds N``.
 
 The supervisor calls the runtime several times per container, so start-up counts: nothing heavier than
 :mod:`argparse` is imported until a command needs it.
