@@ -669,9 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    if args.systemd_cgroup:
-        log.debug("--systemd-cgroup: no systemd scope is asked for; the container's cgroup is made below our "
-                  "own cgroup, named by cgroupsPath's last part")
+    if args.systemd_cgroup or args.cgroup_manager != "cgroupfs":
+        given = "--systemd-cgroup" if args.systemd_cgroup else f"--cgroup-manager {args.cgroup_manager}"
+        log.debug(f"{given}: no systemd scope is asked for; the container's cgroup is made below our own "
+                  "cgroup, named by cgroupsPath's last part")
     log.debug(f"{PROGRAM} {' '.join(argv)}")
     return _dispatch(args, log)
 
