@@ -91,6 +91,6 @@ def test_user_names_are_looked_up_in_the_image(tmp_path):
 def test_the_container_commands_are_listed():
     from stages.cli import COMMANDS
 
-    for name in ("run", "ps", "logs", "exec", "stop", "kill", "rm", "inspect", "prune"):
+    for name in ("run", "ps", "logs", "exec", "stop", "start", "restart", "kill", "rm", "inspect", "prune"):
         module = __import__(COMMANDS[name][0], fromlist=["configure", "run"])
         assert callable(module.configure) and callable(module.run)
