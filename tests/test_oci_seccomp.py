@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -190,23 +191,36 @@ def test_unknown_names_are_skipped_and_architectures_resolved():
     assert "ERRNO" not in compiled["default"]
 
 
-def test_exec_gets_the_containers_filter(tmp_path, root, busybox_rootfs):
+@pytest.mark.parametrize("threaded", [False, True], ids=["forked", "spawned"])
+def test_create_and_exec_load_the_containers_filter(tmp_path, root, busybox_rootfs, threaded):
+    # a caller with threads starts fresh interpreters (python -m stages.runtime.oci.process): the compiled
+    # filter travels to them in the message, as to a forked helper in its memory
     config = oci.default_spec(["sleep", "30"], rootfs=str(busybox_rootfs))
     config["linux"]["seccomp"] = allow_list(without=("swapoff",))
     bundle = oci.write_bundle(tmp_path / "bundle", config)
     output = tmp_path / "output"
-    with open(os.devnull) as stdin, open(output, "w") as out:
-        oci.create("execd-seccomp", bundle, root=root, stdio=(stdin, out, out))
-        oci.start("execd-seccomp", root=root)
-        for no_new_privileges in (True, False):
-            code = oci.exec_process("execd-seccomp", {
-                "args": ["sh", "-c", "grep ^Seccomp: /proc/self/status; swapoff /nothing"], "cwd": "/",
-                "env": ["PATH=/bin:/sbin:/usr/bin"], "noNewPrivileges": no_new_privileges}, root=root,
-                stdio=(stdin, out, out))
-            assert code != 0
-    oci.delete("execd-seccomp", force=True, root=root)
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    if threaded:
+        helper.start()
+    try:
+        with open(os.devnull) as stdin, open(output, "w") as out:
+            oci.create("execd-seccomp", bundle, root=root, stdio=(stdin, out, out))
+            oci.start("execd-seccomp", root=root)
+            for no_new_privileges in (True, False):
+                code = oci.exec_process("execd-seccomp", {
+                    "args": ["sh", "-c", "grep ^Seccomp: /proc/self/status; grep ^Seccomp: /proc/1/status; "
+                                         "swapoff /nothing"], "cwd": "/",
+                    "env": ["PATH=/bin:/sbin:/usr/bin"], "noNewPrivileges": no_new_privileges}, root=root,
+                    stdio=(stdin, out, out))
+                assert code != 0
+    finally:
+        stop.set()
+        if threaded:
+            helper.join()
+        oci.delete("execd-seccomp", force=True, root=root)
     text = output.read_text()
-    assert text.count("Seccomp:\t2") == 2 and text.count(ENOSYS) == 2, text
+    assert text.count("Seccomp:\t2") == 4 and text.count(ENOSYS) == 2, text  # the init's and exec's
 
 
 # -- refused by name ----------------------------------------------------------------------------------------
