@@ -78,8 +78,10 @@ def test_network_none_has_its_own_hosts_hostname_and_resolv_conf(stages):
         assert inside == [s for s in host_servers if not s.startswith("127.")]
         for path in ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf"):
             assert f" {path} " in mounts  # each bound over the image's file
-        directory = Path(inspect(stages, "named")["paths"]["directory"])
-        assert (directory / "hosts").read_text() == hosts  # from the container's own directory
+        paths = inspect(stages, "named")["paths"]
+        assert Path(paths["hosts"]).read_text() == hosts  # from the container's own directory
+        assert Path(paths["resolv.conf"]).read_text() == resolv
+        assert Path(paths["hosts"]).parent == Path(paths["directory"])
         image = Path(inspect(stages, "named")["layers"][0])
         assert not any("box" in path.read_text() for path in (image / "etc").glob("host*"))  # unchanged
     finally:

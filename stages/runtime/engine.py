@@ -719,5 +719,10 @@ def inspect(name: str, base: Path | None = None) -> dict:
                      "pid": info.get("pid") if containers.status(info) == "running" else 0,
                      "description": containers.exit_description(info)}
     info["paths"] = {"directory": str(containers.directory(info["id"], base)),
-                     "rootfs": str(containers.directory(info["id"], base) / "bundle" / "rootfs")}
+                     "rootfs": str(containers.directory(info["id"], base) / "bundle" / "rootfs"),
+                     "log": str(containers.directory(info["id"], base) / containers.LOG_FILE)}
+    from stages.runtime.hostfiles import FILES  # docker inspect's HostsPath, HostnamePath, ResolvConfPath
+
+    directory = containers.directory(info["id"], base)
+    info["paths"].update({name: str(directory / name) for name in FILES.values()})
     return info
