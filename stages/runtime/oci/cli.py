@@ -136,7 +136,34 @@ class Log:
 
 
 # -- the command line -------------------------------------------------------------------------------------
-def build_parser() -> Parser:
+class _Skipped:
+    """A command's parser not built this time (see :func:`build_parser`): its options go nowhere."""
+
+    def add_argument(self, *args, **options) -> None:
+        pass
+
+
+#: Global options that take a value (to find the command's name in a command line).
+_GLOBAL_VALUES = ("--root", "--log", "--log-format", "--rootless", "--criu", "--cgroup-manager")
+
+
+def command_name(argv: list[str]) -> str | None:
+    """The command a command line asks for: its first word that is neither an option nor an option's value."""
+    following_value = False
+    for word in argv:
+        if following_value:
+            following_value = False
+        elif word in _GLOBAL_VALUES:
+            following_value = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(only: str | None = None) -> Parser:
+    """The whole command line, or with ``only`` the global options and that one command: argparse's
+    messages go through gettext, which looks for catalogues on disk for each of them, and building all
+    thirteen commands costs more than a ``state`` does."""
     parser = Parser(prog=PROGRAM, description="An OCI runtime with runc's command line (stages, stage 3).",
                     epilog="Run `stages-oci COMMAND --help` for the options of one command.")
     parser.add_argument("--root", help="the directory of the containers' state "
@@ -156,14 +183,16 @@ def build_parser() -> Parser:
     parser.add_argument("--version", "-v", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    def command(name: str, text: str, *ids: str) -> Parser:
+    def command(name: str, text: str, *ids: str) -> Parser | _Skipped:
+        if only is not None and name != only:
+            return _Skipped()
         sub = commands.add_parser(name, help=text, description=text)
         for item in ids:
             sub.add_argument(item, metavar="ID" if item == "id" else item.upper(),
                              help="the container's ID" if item == "id" else None)
         return sub
 
-    def launch_options(sub: Parser) -> None:
+    def launch_options(sub: Parser | _Skipped) -> None:
         sub.add_argument("--bundle", "-b", default=".", help="the bundle directory (default: here)")
         sub.add_argument("--pid-file", help="write the container's PID (on the host) to this file")
         sub.add_argument("--console-socket", help="a unix socket to send the terminal's master end to")
@@ -653,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     """``stages-oci``'s entry point: the exit code (0 done, 1 error, 2 a wrong command line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     log = Log()
-    parser = build_parser()
+    name = command_name(argv)
+    parser = build_parser(name if name in HANDLERS and "--help" not in argv and "-h" not in argv else None)
     try:
         args = parser.parse_args(argv)
     except UsageError as error:
