@@ -42,6 +42,10 @@ import os
 import sys
 import time
 
+__all__ = ["PROGRAM", "Log", "UsageError", "build_parser", "command_name", "exec_process_object", "features",
+           "main"]
+
+#: The command's name, in its messages and its log.
 PROGRAM = "stages-oci"
 #: The runtime spec versions this runtime reads (features.md's ociVersionMin; the maximum is the library's).
 OCI_VERSION_MIN = "1.0.0"
