@@ -579,7 +579,8 @@ class Builder:
         info = containers.reserve(record, None)
         try:
             try:
-                code = engine.execute(info["id"])
+                # no /etc/hosts of its own either: its bind-mount target would land in the layer too
+                code = engine.execute(info["id"], host_files=False)
             except OSError as error:
                 raise _error(step, f"the container could not be run: {error.strerror or error}",
                              "try the command with `stages run --explain` to see the step that failed"

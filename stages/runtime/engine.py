@@ -158,14 +158,15 @@ def _start_time(pid: int) -> int | None:
 
 
 def execute(container_id: str, *, base: Path | None = None, stdio=None, record: StepRecord | None = None,
-            on_running=None, keep_output: bool = False) -> int | None:
+            on_running=None, keep_output: bool = False, host_files: bool = True) -> int | None:
     """Create, start and wait for a prepared container, then release what it held (not its upper
     directory). Returns its exit code (128 + N when signal N ended it). This is the monitor's work.
 
     Whatever happens — an error halfway, Ctrl-C — everything made so far is undone, and the record says
     ``stopped``. ``on_running(record)`` is called once the container's program runs. ``keep_output``:
     its stdout and stderr go where ``stdio`` says *and* into its log (:class:`stages.runtime.attach.Output`),
-    for ``stages logs`` later.
+    for ``stages logs`` later. ``host_files``: its own /etc/hosts, /etc/hostname and /etc/resolv.conf
+    (:mod:`stages.runtime.hostfiles`); a build step goes without, as its upper directory becomes a layer.
     """
     from stages.runtime import flags, hostfiles, oci
 
@@ -192,8 +193,9 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
                                     info["limits"])
         config["linux"]["cgroupsPath"] = f"stages-{container_id}"
         # /etc/hosts, /etc/hostname, /etc/resolv.conf: the container's own, bound over the image's
-        config["mounts"] += hostfiles.mounts(hostfiles.write(where, config["hostname"], options.network),
-                                             config["mounts"])
+        if host_files:
+            config["mounts"] += hostfiles.mounts(hostfiles.write(where, config["hostname"], options.network),
+                                                 config["mounts"])
         output = terminal = None
         if options.tty:
             # -t: a pseudo-terminal of its own (process.terminal); its master comes to us (console=)
@@ -224,7 +226,8 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
             containers.update(container_id, base, init=init, network={"mode": "bridge"})
             network = network_manager(base, record)
             attachment = network.attach(container_id, state["pid"])
-            hostfiles.add_address(where, config["hostname"], attachment.address)
+            if host_files:
+                hostfiles.add_address(where, config["hostname"], attachment.address)
             for item in options.publish:
                 host_port, container_port = flags.parse_publish(item)
                 network.publish(container_id, host_port, container_port)
