@@ -26,7 +26,6 @@ import struct
 import termios
 import threading
 import tty
-from pathlib import Path
 
 CHUNK = 65536
 #: Ctrl-D: what the container's terminal takes as end of input when our input ends (termios(3), VEOF).
@@ -230,6 +229,8 @@ class Terminal:
             self._previous_handler = signal.signal(signal.SIGWINCH, self._resize)
 
     def _raw(self) -> None:
+        # Raw (termios(3), cfmakeraw): no echo, no line editing, no Ctrl-C -> SIGINT here; the container's
+        # terminal does all of that itself, or each key would be echoed twice and Ctrl-C would end us.
         if self.stdin is not None and os.isatty(self.stdin) and self._saved is None:
             self._saved = termios.tcgetattr(self.stdin)
             tty.setraw(self.stdin, termios.TCSANOW)
@@ -284,8 +285,3 @@ class Terminal:
                     os.close(fd)
         self.master, self.log = -1, None
 
-
-def log_path(directory: str | os.PathLike) -> Path:
-    from stages.runtime.containers import LOG_FILE
-
-    return Path(directory) / LOG_FILE
