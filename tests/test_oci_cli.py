@@ -112,12 +112,13 @@ class Runtime:
     def command(self, *args, options=()) -> list[str]:
         return [*COMMAND, "--root", str(self.root), *map(str, options), *map(str, args)]
 
-    def spawn(self, *args, options=(), out: Path | None = None, err: Path | None = None) -> int:
+    def spawn(self, *args, options=(), out: Path | None = None, err: Path | None = None, extra=()) -> int:
         argv = self.command(*args, options=options)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                    (os.POSIX_SPAWN_OPEN, 1, str(out), flags, 0o644),
-                   (os.POSIX_SPAWN_OPEN, 2, str(err), flags, 0o644) if err else (os.POSIX_SPAWN_DUP2, 1, 2)]
+                   (os.POSIX_SPAWN_OPEN, 2, str(err), flags, 0o644) if err else (os.POSIX_SPAWN_DUP2, 1, 2),
+                   *extra]
         return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
 
     def __call__(self, *args, options=(), timeout: float = 60) -> Result:
@@ -395,6 +396,26 @@ def test_a_container_created_from_another_cgroup_is_found_and_removed(tmp_path, 
         assert not any(os.path.exists(d) for d in directories)
     finally:
         elsewhere.remove()
+
+
+def test_no_descriptor_of_the_caller_reaches_the_container(tmp_path, runtime, busybox_rootfs):
+    # conmon leaves pipes open for the runtime; a descriptor of a host directory in the container would be
+    # a way out of its rootfs (runc's CVE-2024-21626): the program gets stdio and nothing else
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", "ls /proc/self/fd; exec sleep 60"])
+    host = [(os.POSIX_SPAWN_OPEN, 5, "/", os.O_RDONLY | os.O_DIRECTORY, 0),
+            (os.POSIX_SPAWN_OPEN, 7, "/etc/hostname", os.O_RDONLY, 0)]
+    out = tmp_path / "container-output"
+    assert runtime.reaper.wait(runtime.spawn("create", "-b", path, container, out=out, extra=host), 60) == 0
+    assert runtime("start", container).code == 0
+    listed = wait_for_text(out, "2\n").split()
+    assert listed[:3] == ["0", "1", "2"] and "5" not in listed and "7" not in listed, listed
+    exec_out = tmp_path / "exec-output"
+    pid = runtime.spawn("exec", container, "ls", "/proc/self/fd", out=exec_out, extra=host)
+    assert runtime.reaper.wait(pid, 60) == 0, exec_out.read_text()
+    listed = exec_out.read_text().split()
+    assert listed[:3] == ["0", "1", "2"] and "5" not in listed and "7" not in listed, listed
+    assert runtime("delete", "--force", container).code == 0
 
 
 # -- exec ----------------------------------------------------------------------------------------------------

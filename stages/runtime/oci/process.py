@@ -299,6 +299,7 @@ def init_process(sock: socket.socket, plan: Plan, fifo: int, release: int | None
         os.close(fifo)
         if hooks is not None:
             hooks.start_container()  # on failure the init reports to `start` and ends here
+        close_inherited()
         for number in _RESET_SIGNALS:
             signal.signal(number, signal.SIG_DFL)  # ignored signals would stay ignored across execve(2)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -688,6 +689,22 @@ def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], proc
     _end_like(status)
 
 
+def close_inherited(keep: int = 0) -> None:
+    """Mark every descriptor above stdio (and the ``keep`` after it) close-on-exec, so that the program
+    inherits nothing its runtime's caller left open: conmon's pipes, a host file, or a host directory,
+    which would be a way out of the rootfs (runc's CVE-2024-21626). runc does the same before execve(2)."""
+    try:
+        numbers = [int(name) for name in os.listdir("/proc/self/fd")]  # the container's /proc, if mounted
+    except OSError:
+        numbers = list(range(3, min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 65536)))
+    for number in numbers:
+        if number >= 3 + keep:
+            try:
+                os.set_inheritable(number, False)
+            except OSError:  # the directory listdir had open, closed by now
+                pass
+
+
 def _exec_child(sock: socket.socket, process: Process, detach: bool = False,
                 seccomp: dict | None = None) -> None:
     record = steps.StepRecord()
@@ -714,6 +731,7 @@ def _exec_child(sock: socket.socket, process: Process, detach: bool = False,
             # detached, it outlives its helper by design (reparented to the caller's subreaper)
             kernel.set_parent_death_signal(0 if detach else signal.SIGKILL)
         send(sock, {"steps": record.to_dicts()})
+        close_inherited()
         for number in _RESET_SIGNALS:
             signal.signal(number, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
