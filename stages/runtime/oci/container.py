@@ -253,7 +253,9 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             # it ends once the init no longer needs it; 0 says the init cleared its death signal first
             ended = _reap(setup_pid, 5.0)
             if ended is None or os.waitstatus_to_exitcode(ended) != 0:
-                raise _died(setup_pid, plan)
+                raise StagesError("the container's init ended right after it was created" if ended else
+                                  "the container's setup process did not end once the init was created",
+                                  "run it again with a step record to see the last step it took")
             # reaped: its PID may be anyone's now, so nothing may signal or wait for it later
             data["stages"].update(detached=True, setup_pid=0, setup_started=None)
         oci_state.write(state_file, data)
