@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from stages.errors import StagesError
 
@@ -124,6 +123,8 @@ def spec_state(data: dict, root: str | os.PathLike | None = None) -> dict:
 
 
 def remove(container_id: str, root: str | os.PathLike | None = None) -> None:
+    import shutil  # here: `state` and `list` need no archive modules at start-up (shutil imports them)
+
     shutil.rmtree(directory(container_id, root), ignore_errors=True)
 
 
