@@ -540,6 +540,15 @@ def test_run_exits_with_the_containers_code_and_removes_it(tmp_path, runtime, bu
     result = runtime("run", "-b", path, container)
     assert result.code == 7
 
+    # run --detach: back once it runs, and the container stays until deleted
+    sleeper = bundle(tmp_path, busybox_rootfs, ["sleep", "60"], name="sleeper")
+    result = runtime("run", "--detach", "--bundle", sleeper, "--pid-file", tmp_path / "run.pid", container)
+    assert result.code == 0, result.err
+    state = runtime.state(container)
+    assert state["status"] == "running" and int((tmp_path / "run.pid").read_text()) == state["pid"]
+    assert pid_1_inside(state["pid"])
+    assert runtime("delete", "--force", container).code == 0
+
 
 # -- errors --------------------------------------------------------------------------------------------------
 def test_an_error_goes_to_stderr_and_to_the_log_as_a_json_line(tmp_path, runtime):
