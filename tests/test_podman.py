@@ -315,6 +315,14 @@ def test_a_detached_container_exec_stop_and_rm(podman, runtime):
         theirs, ours = observe.namespace_inodes(pid), observe.namespace_inodes()
         for kind in ("mount", "uts", "ipc", "pid", "net"):
             assert theirs[kind] != ours[kind], f"the container shares the host's {kind} namespace"
+        # podman made no cgroup (cgroups = "disabled"); our runtime made the container's, below the cgroup
+        # of its caller (conmon, in ours) in every hierarchy, and in none outside it
+        own, its = observe.cgroups_of(), observe.cgroups_of(pid)
+        moved = [hierarchy for hierarchy, path in its.items() if path != own[hierarchy]]
+        assert "pids" in moved, its
+        for hierarchy in moved:
+            assert its[hierarchy].startswith(own[hierarchy].rstrip("/") + "/"), (hierarchy, its, own)
+            assert ident[:32] in its[hierarchy] and "libpod" not in its[hierarchy], its  # named after it
         # ... and from inside: sleep is PID 1
         inside = podman(*["exec", name, "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; exit 4"])
         assert (inside.returncode, inside.stdout) == (4, "sleep 1000 "), inside.stderr
