@@ -8,8 +8,14 @@ STAGES_HOME and STAGES_RUN, and a network namespace standing in for the host for
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import os
+import select
+import signal
+import struct
+import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -194,11 +200,6 @@ class Typist:
     controlling terminal, so that the window size and the keys reach it as they would from a person."""
 
     def __init__(self, stages, *argv: str, rows: int = 24, columns: int = 80):
-        import fcntl
-        import struct
-        import subprocess
-        import termios
-
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
         self.modes = termios.tcgetattr(slave)
@@ -216,8 +217,6 @@ class Typist:
         os.write(self.master, text.encode())
 
     def expect(self, wanted: str, timeout: float = 20.0) -> str:
-        import select
-
         deadline = time.monotonic() + timeout
         while wanted.encode() not in self.seen:
             left = deadline - time.monotonic()
@@ -233,16 +232,9 @@ class Typist:
         return self.seen.decode(errors="replace")
 
     def resize(self, rows: int, columns: int) -> None:
-        import fcntl
-        import struct
-        import termios
-
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
     def finish(self, timeout: float = 20.0) -> int:
-        import select
-        import termios
-
         code = self.process.wait(timeout)
         while select.select([self.master], [], [], 0.1)[0]:
             try:
@@ -332,8 +324,6 @@ def test_run_dt_and_exec_it(stages, typist):
 
 
 def test_an_interrupted_run_it_gives_the_terminal_back_and_leaves_nothing(stages, typist):
-    import signal
-
     window = typist("run", "-it", "--rm", "--name", "cut", "--network", "none", "busybox", "sh")
     window.expect("# ")
     window.process.send_signal(signal.SIGINT)  # not a key (that would reach the container): a signal to us
