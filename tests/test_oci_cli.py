@@ -402,14 +402,15 @@ def test_no_descriptor_of_the_caller_reaches_the_container(tmp_path, runtime, bu
     # conmon leaves pipes open for the runtime; a descriptor of a host directory in the container would be
     # a way out of its rootfs (runc's CVE-2024-21626): the program gets stdio and nothing else
     container = name(tmp_path)
-    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", "ls /proc/self/fd; exec sleep 60"])
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", "ls /proc/self/fd; echo end; exec sleep 60"])
     host = [(os.POSIX_SPAWN_OPEN, 5, "/", os.O_RDONLY | os.O_DIRECTORY, 0),
             (os.POSIX_SPAWN_OPEN, 7, "/etc/hostname", os.O_RDONLY, 0)]
     out = tmp_path / "container-output"
     assert runtime.reaper.wait(runtime.spawn("create", "-b", path, container, out=out, extra=host), 60) == 0
     assert runtime("start", container).code == 0
-    listed = wait_for_text(out, "2\n").split()
-    assert listed[:3] == ["0", "1", "2"] and "5" not in listed and "7" not in listed, listed
+    listed = wait_for_text(out, "end").split()
+    assert listed[:3] == ["0", "1", "2"] and listed[-1] == "end", listed
+    assert "5" not in listed and "7" not in listed, listed
     exec_out = tmp_path / "exec-output"
     pid = runtime.spawn("exec", container, "ls", "/proc/self/fd", out=exec_out, extra=host)
     assert runtime.reaper.wait(pid, 60) == 0, exec_out.read_text()
