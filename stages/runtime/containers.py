@@ -4,6 +4,8 @@ Layout below the state directory (``$STAGES_HOME``, default /var/lib/stages)::
 
     containers/.lock               flock(2): naming and listing are serialised across commands
     containers/ID/container.json   the record: name, image, command, options, status, exit code ...
+    containers/ID/steps.json       the steps of its run (what ``--explain`` prints), apart: every
+                                   ``stages ps`` and ``stages run`` reads each record, never these
     containers/ID/bundle/          the OCI bundle: config.json, and rootfs/ (the overlayfs mount point)
     containers/ID/upper, work      overlayfs' upper and work directories: what the container changed
     containers/ID/container.log    the output of a detached container
@@ -27,6 +29,7 @@ from pathlib import Path
 from stages.errors import StagesError
 
 STATE_FILE = "container.json"
+STEPS_FILE = "steps.json"
 LOG_FILE = "container.log"
 
 # Docker's names are "adjective_surname"; ours are adjective_scientist-of-the-kernel, short and harmless.
@@ -96,6 +99,28 @@ def read(container_id: str, base: Path | None = None) -> dict:
     except (FileNotFoundError, json.JSONDecodeError):
         raise NoSuchContainerError(f"there is no container {container_id!r}",
                                    "`stages ps -a` lists the containers") from None
+
+
+def write_steps(container_id: str, steps: list[dict], base: Path | None = None) -> None:
+    """Keep the steps of a container's run (a step record's ``to_dicts()``), atomically as :func:`write`.
+
+    They live beside the record, not in it: seventy steps would make each record ten times the size,
+    and every ``stages run`` (for the names in use) and ``stages ps`` reads every record.
+    """
+    where = directory(container_id, base)
+    temporary = where / f".{STEPS_FILE}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        handle.write(json.dumps(steps))
+    os.replace(temporary, where / STEPS_FILE)
+
+
+def read_steps(container_id: str, base: Path | None = None) -> list[dict]:
+    """The steps of the container's last run (empty before it ran)."""
+    try:
+        with open(directory(container_id, base) / STEPS_FILE) as handle:
+            return json.load(handle)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
 
 
 def update(container_id: str, base: Path | None = None, **changes) -> dict:

@@ -236,9 +236,11 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         else:
             attached = {"mode": options.network}  # nothing to release later: written with the rest
         oci.start(container_id, root=root, record=record)
-        # One write for all that is known now (each write is a record rewritten under the lock)
+        # The steps first (`run -d` reads them once the record says running), then one write for all
+        # that is known now (each write is a record rewritten under the lock)
+        containers.write_steps(container_id, record.to_dicts(), base)
         info = containers.update(container_id, base, status="running", pid=state["pid"], init=init,
-                                 network=attached, started=containers.now(), steps=record.to_dicts())
+                                 network=attached, started=containers.now())
         if on_running is not None:
             on_running(info)
         if terminal is not None:
@@ -535,7 +537,7 @@ def _wait_running(info: dict, base: Path | None, record: StepRecord | None, keep
         elif ready < 0:
             time.sleep(0.01)
     if record is not None:
-        record.extend(current.get("steps") or [])
+        record.extend(containers.read_steps(info["id"], base) or current.get("steps") or [])
     # The monitor is not our child any more once we exit; reaping it is init's work (or a subreaper's).
     return current
 
@@ -717,7 +719,8 @@ def logs(name: str, follow: bool = False, out=None, base: Path | None = None) ->
 def inspect(name: str, base: Path | None = None) -> dict:
     """``stages inspect``: the record, with the state as it is now."""
     info = containers.find(name, base)
-    info = dict(info)
+    # (a record written before the steps had a file of their own holds them itself)
+    info = dict(info, steps=containers.read_steps(info["id"], base) or info.get("steps") or [])
     info["state"] = {"status": containers.status(info), "exit_code": info.get("exit_code"),
                      "pid": info.get("pid") if containers.status(info) == "running" else 0,
                      "description": containers.exit_description(info)}
