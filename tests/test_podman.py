@@ -312,7 +312,7 @@ def test_podman_run_it_through_a_terminal(podman):
 
 def test_a_detached_container_exec_stop_and_rm(podman, runtime):
     name = "stages-podman-sleeper"
-    podman.ok(*RUN, "-d", "--name", name, IMAGE, "sleep", "1000")
+    podman.ok(*RUN, "-d", "--name", name, IMAGE, "sh", "-c", "echo started; exec sleep 1000")
     try:
         entry = podman.containers()[name]
         ident = entry["Id"]
@@ -326,6 +326,11 @@ def test_a_detached_container_exec_stop_and_rm(podman, runtime):
         # seen from the host: sleep is the process podman names, in namespaces of its own, and a child of
         # conmon (the subreaper that collects its exit status), not of our runtime
         assert psutil.Process(pid).cmdline() == ["sleep", "1000"]
+        # what it wrote went through conmon (the pipes it gave our create) into podman's log
+        deadline = time.monotonic() + 10
+        while podman.ok("logs", name) != "started\n" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert podman.ok("logs", name) == "started\n"
         assert psutil.Process(pid).parent().name() == "conmon"
         theirs, ours = observe.namespace_inodes(pid), observe.namespace_inodes()
         for kind in ("mount", "uts", "ipc", "pid", "net"):
