@@ -295,6 +295,13 @@ def test_podmans_limits_are_the_containers(podman):
     forks = podman(*RUN, "--rm", *limits, IMAGE, "sh", "-c",
                    "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait")
     assert forks.returncode != 0 and "can't fork" in forks.stderr, forks.stderr
+    # what our runtime refuses reaches podman's user as its one sentence and hint (podman: 126, the
+    # runtime failed), and --rm still removes the container
+    refused = podman(*RUN, "--rm", "--memory", "64m", IMAGE, "true")
+    assert refused.returncode == 126, refused
+    assert "linux.resources.memory.swap" in refused.stderr and "hint:" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert podman.containers() == {}
 
 
 def test_podman_run_it_through_a_terminal(podman):
