@@ -32,14 +32,11 @@ import datetime
 import errno
 import fcntl
 import json
-import logging
 import os
 import shlex
 import shutil
 import stat
 import struct
-import subprocess
-import tarfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -48,7 +45,17 @@ from pathlib import Path
 from stages import observe, steps
 from stages.errors import RootfsError, UnsafeArchiveError
 
-log = logging.getLogger(__name__)
+# logging, subprocess and tarfile are imported by the functions that use them: a container's run needs
+# only resolve() from this module, and would pay milliseconds for them at every start.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    import tarfile
+
+
+def _log():
+    import logging
+
+    return logging.getLogger(__name__)
 
 MARKER = ".stages-rootfs"
 """The file, at the top of every rootfs built here, that says how it was built (JSON)."""
@@ -345,7 +352,7 @@ def build(directory: str | os.PathLike, source: str | os.PathLike = "busybox", *
             )
         same = marker.get("complete") and all(marker.get(key) == value for key, value in wanted.items())
         if same and not force:
-            log.info("%s is already a %s rootfs; nothing to do", root, kind)
+            _log().info("%s is already a %s rootfs; nothing to do", root, kind)
             return root
         _empty(root)
     elif not root.exists():
@@ -379,7 +386,7 @@ def build(directory: str | os.PathLike, source: str | os.PathLike = "busybox", *
                     if directory_made == created:
                         break
         raise
-    log.info("built a %s rootfs in %s (%.3f s)", kind, root, marker["seconds"])
+    _log().info("built a %s rootfs in %s (%.3f s)", kind, root, marker["seconds"])
     return root
 
 
@@ -434,6 +441,8 @@ def find_busybox() -> str:
 def busybox_applets(busybox: str) -> list[str]:
     """Where each applet goes, relative to the rootfs (``bin/sh``, ``usr/bin/env`` ...), as
     ``busybox --list-full`` says; older builds only know ``--list``, and then all go to ``bin/``."""
+    import subprocess
+
     result = subprocess.run([busybox, "--list-full"], capture_output=True, text=True)
     if result.returncode == 0 and result.stdout.strip():
         names = result.stdout.split()
@@ -479,6 +488,8 @@ def shared_libraries(program: str) -> list[str]:
     This is ``ldd``'s answer (ldd(1) asks the loader itself, so it follows ld.so.cache, RUNPATH and
     ``$ORIGIN`` exactly as a real start would); a static program needs none.
     """
+    import subprocess
+
     paths: list[str] = []
     interpreter = elf_interpreter(program)
     if interpreter is None:
@@ -583,6 +594,9 @@ def _build_host(root: Path, commands: Iterable[str] | None) -> list[str]:
 @contextlib.contextmanager
 def _open_archive(archive: str) -> Iterator[tarfile.TarFile]:
     """The open archive: Python's tarfile decompresses gzip, bzip2 and xz itself; zstd(1) does zstd."""
+    import subprocess
+    import tarfile
+
     if archive.endswith((".zst", ".tzst")):
         zstd = shutil.which("zstd")
         if not zstd:
@@ -722,6 +736,8 @@ def extract(archive: str | os.PathLike, directory: str | os.PathLike) -> list[st
     a rootfs gets its ``/dev`` at run time. Dropped with a warning: setuid and setgid bits, which would
     let anyone on the host run those programs as their owner. Owners are kept only when run as root.
     """
+    import tarfile
+
     archive = os.fspath(archive)
     root = os.path.realpath(directory)
     warnings: list[str] = []
@@ -757,7 +773,7 @@ def extract(archive: str | os.PathLike, directory: str | os.PathLike) -> list[st
         warnings.append(f"dropped the setuid/setgid bit from {len(setuid)} file(s), e.g. {setuid[0]!r}: "
                         "on the host anyone could run them as their owner")
     for line in warnings:
-        log.warning("%s", line)
+        _log().warning("%s", line)
     return warnings
 
 

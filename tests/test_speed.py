@@ -30,6 +30,8 @@ NOT_ON_THE_HOT_PATH = (
     "stages.runtime.monitor",  # only for -d
     "hashlib",  # OpenSSL: the init's cache name is a CRC-32
     "psutil",
+    # each costs milliseconds at every start, and a run needs none of them (import them where used)
+    "typing", "logging", "tarfile", "subprocess", "platform", "tempfile",
 )
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import shlex
@@ -51,8 +50,6 @@ _OUTPUT_SHOWN = 400  # characters of a failed hook's output an error message quo
 # them at their defaults and nothing blocked, as from a shell (ignored signals stay so across execve(2)).
 _DEFAULT_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGPIPE, signal.SIGXFSZ,
                     signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP, signal.SIGTERM}
-
-log = logging.getLogger(__name__)
 
 
 class HookError(StagesError):
@@ -222,7 +219,11 @@ def run_hooks(kind: str, hooks: dict[str, list[dict]], state: dict, *, record: s
                 item.ok = False
                 item.error = f"warning: {error.message}"
                 warnings.append(error.message)
-                log.warning("%s (runtime.md: the lifecycle goes on)", error.message)
+                # Only poststart and poststop warn, and they run in the runtime, never after pivot_root:
+                # logging is imported here, not by every command that loads this module.
+                import logging
+
+                logging.getLogger(__name__).warning("%s (runtime.md: the lifecycle goes on)", error.message)
     return warnings
 
 
