@@ -331,3 +331,16 @@ def test_an_interrupted_run_it_gives_the_terminal_back_and_leaves_nothing(stages
     assert window.restored
     assert "Traceback" not in window.seen.decode(errors="replace")
     assert stages("ps", "-a", "-q").stdout.strip() == ""
+
+
+def test_without_t_on_a_terminal_one_pipe_keeps_stdout_and_stderr_in_order(stages, typist):
+    # our stdout and stderr are one terminal: the container's two streams share one pipe, so the log
+    # has them in the order they were written
+    script = "for i in 1 2 3; do echo out$i; echo err$i >&2; done; exit 5"
+    window = typist("run", "--name", "ordered", "--network", "none", "busybox", "sh", "-c", script)
+    assert window.finish() == 5
+    try:
+        assert stages("logs", "ordered").stdout.split() == ["out1", "err1", "out2", "err2", "out3", "err3"]
+        assert "out1\r\nerr1\r\n" in window.seen.decode()  # and the terminal showed them so
+    finally:
+        stages("rm", "ordered")
