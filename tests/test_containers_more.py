@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.root]
 
 
 # -- the logs of a foreground run -------------------------------------------------------------------------
-def test_a_foreground_run_keeps_its_output_for_logs_and_rm_does_not(stages):
+def test_a_foreground_run_keeps_its_output_for_logs_and_rm_does_not(stages, python, tmp_path):
     result = stages("run", "--name", "said", "--network", "none", "busybox", "sh", "-c",
                     "echo out; echo err >&2; exit 3", check=False)
     assert result.returncode == 3
@@ -47,8 +47,18 @@ def test_a_foreground_run_keeps_its_output_for_logs_and_rm_does_not(stages):
     finally:
         stages("rm", "typed")
     # --rm keeps nothing, so nothing is copied: the container writes to our stdout itself
-    gone = stages("run", "--rm", "--network", "none", "busybox", "sh", "-c", "ls -l /proc/self/fd/1")
-    assert "pipe:" in gone.stdout
+    where = tmp_path / "out"
+    for flags in (["--rm"], ["--name", "copied"]):
+        with open(where, "w") as out:
+            subprocess.run([python, "-m", "stages.cli", "run", *flags, "--network", "none", "busybox",
+                            "readlink", "/proc/self/fd/1"], env=stages.env, stdout=out, check=True,
+                           stdin=subprocess.DEVNULL, timeout=60)
+        seen = where.read_text()
+        if flags == ["--rm"]:
+            assert "pipe:" not in seen and seen.strip().endswith("/out")  # our own file
+        else:
+            assert seen.startswith("pipe:")  # the tee's pipe
+            stages("rm", "copied")
     assert stages("ps", "-a", "-q").stdout.strip() == ""
 
 
