@@ -135,6 +135,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stages-phases-", dir="/var/tmp"))
     os.environ.update(STAGES_HOME=str(tmp / "home"), STAGES_RUN=str(tmp / "run"))
     env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode written as a learner's first run does (bench/run.py)
     try:
         # the bytecode a learner's first run writes (see bench/run.py), the image and the init
         subprocess.run([PYTHON, "-m", "compileall", "-q", str(HERE / "stages")], check=True,

@@ -98,6 +98,9 @@ class Bench:
         self.podman_env: dict[str, str] = {}
         self.counter = 0
         self.env = dict(os.environ, STAGES_HOME=str(self.home), STAGES_RUN=str(self.run_dir))
+        # Our commands write their bytecode as a learner's do: a module changed during the bench is compiled
+        # once, not at every run (see prepare)
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         # the library path runs in this process: it reads the same variables
         os.environ["STAGES_HOME"] = str(self.home)
         os.environ["STAGES_RUN"] = str(self.run_dir)

@@ -79,8 +79,8 @@ def write(record: dict, base: Path | None = None) -> None:
     reader sees the old record or the new one, never half of one.
 
     No fsync(2): a record describes processes and mounts that do not outlive a reboot, and losing its
-    last write in a crash changes nothing :func:`status` says (the monitor is gone either way); each
-    fsync would cost a ``stages run`` a disk flush, eight times over. One line of JSON, as the C encoder
+    last write in a crash changes nothing :func:`status` says (the monitor is gone either way), while
+    an fsync would cost every write of a ``stages run`` a disk flush. One line of JSON, as the C encoder
     writes it (``indent`` would take the slow pure-Python one); ``stages inspect`` prints it indented.
     """
     where = directory(record["id"], base)
