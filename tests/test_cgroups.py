@@ -249,6 +249,28 @@ def test_v1_memory_limit_closes_the_swap_loophole_in_either_direction(cgroup):
 
 @root
 @needs("memory")
+def test_swap_beyond_the_limit_is_ram_plus_swap_as_the_oci_spec_counts_it(cgroup):
+    """set_memory(limit, swap=...): swap is RAM plus swap (config-linux.md); -1 leaves swap unlimited."""
+    directory = cgroup.directory("memory")
+    v2 = cgroup.versions["memory"] == 2
+    swap_file = os.path.join(directory, "memory.swap.max" if v2 else "memory.memsw.limit_in_bytes")
+
+    def expect(total: int, ram: int) -> str:
+        return str(total - ram) if v2 else str(total)  # v2 counts the swap alone
+    if not os.path.exists(swap_file):
+        pytest.skip(f"this kernel does not account swap (no {os.path.basename(swap_file)})")
+    # every order v1 could trip over: more swap, less RAM, then RAM above the old RAM-plus-swap
+    for ram, total in [(64 << 20, 128 << 20), (32 << 20, 48 << 20), (256 << 20, 512 << 20)]:
+        assert cgroup.set_memory(ram, swap=total) == ram
+        assert open(swap_file).read().strip() == expect(total, ram)
+    cgroup.set_memory(64 << 20, swap=-1)
+    assert open(swap_file).read().strip() in ("max", str(2**63 - 4096), "9223372036854771712")
+    with pytest.raises(LimitError, match="cannot be less than the memory limit"):
+        cgroup.set_memory(64 << 20, swap=32 << 20)
+
+
+@root
+@needs("memory")
 @pytest.mark.parametrize("junk", ["sixty", "1M"])
 def test_a_bad_memory_limit_changes_nothing(cgroup, junk):
     cgroup.set_memory("64M")

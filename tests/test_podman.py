@@ -285,21 +285,25 @@ def test_the_container_is_isolated_as_podman_asked(podman):
 def test_podmans_limits_are_the_containers(podman):
     """--pids-limit and --memory reach the container's cgroup, which it sees at /sys/fs/cgroup (a cgroup
     mount in podman's config.json), and the kernel enforces them."""
-    # podman's --memory alone also allows as much swap again (Docker's default); our runtime sets no swap
-    # allowance beyond the limit and refuses that, so --memory-swap is the same
     limits = ["--pids-limit", "8", "--memory", "64m", "--memory-swap", "64m"]
     out = podman.ok(*RUN, "--rm", *limits, IMAGE, "sh", "-c",
                     "cd /sys/fs/cgroup; cat pids/pids.max 2>/dev/null || cat pids.max; "
                     "cat memory/memory.limit_in_bytes 2>/dev/null || cat memory.max")
     assert out.split() == ["8", str(64 << 20)], out
+    # podman's --memory alone also allows as much swap again (Docker's default): linux.resources.memory.swap
+    # is RAM plus swap, 128M, which the container reads in its cgroup (where the kernel accounts swap)
+    out = podman.ok(*RUN, "--rm", "--memory", "64m", IMAGE, "sh", "-c",
+                    "cd /sys/fs/cgroup; cat memory/memory.memsw.limit_in_bytes 2>/dev/null "
+                    "|| cat memory.swap.max 2>/dev/null || echo unaccounted")
+    assert out.strip() in (str(128 << 20), str(64 << 20), "unaccounted"), out
     forks = podman(*RUN, "--rm", *limits, IMAGE, "sh", "-c",
                    "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait")
     assert forks.returncode != 0 and "can't fork" in forks.stderr, forks.stderr
     # what our runtime refuses reaches podman's user as its one sentence and hint (podman: 126, the
     # runtime failed), and --rm still removes the container
-    refused = podman(*RUN, "--rm", "--memory", "64m", IMAGE, "true")
+    refused = podman(*RUN, "--rm", "--memory", "64m", "--memory-swappiness", "10", IMAGE, "true")
     assert refused.returncode == 126, refused
-    assert "linux.resources.memory.swap" in refused.stderr and "hint:" in refused.stderr, refused.stderr
+    assert "linux.resources.memory.swappiness" in refused.stderr and "hint:" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
     assert podman.containers() == {}
 

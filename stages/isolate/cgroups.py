@@ -646,35 +646,47 @@ class Cgroup:
         return list(dict.fromkeys(self.directories.values()))
 
     # -- limits -------------------------------------------------------------------------------------
-    def set_memory(self, limit: int | str) -> int:
-        """Limit memory (RAM, and swap: none beyond the limit) to ``limit`` bytes or a size like ``"64M"``.
+    def set_memory(self, limit: int | str, swap: int | None = None) -> int:
+        """Limit memory to ``limit`` bytes or a size like ``"64M"``; returns the limit in bytes.
 
-        v2 writes ``memory.max`` and ``memory.swap.max`` = 0; v1 ``memory.limit_in_bytes`` and, where the
-        kernel accounts swap, ``memory.memsw.limit_in_bytes`` (RAM plus swap) to the same number, so the
-        cgroup cannot dodge its limit by swapping. Returns the limit in bytes.
+        ``swap`` is what the OCI runtime spec calls it: RAM *plus* swap, in bytes, -1 for no limit on swap,
+        None (the default) for no swap beyond the limit. v2 writes ``memory.max`` and ``memory.swap.max``
+        (the swap alone: ``swap - limit``); v1 ``memory.limit_in_bytes`` and, where the kernel accounts
+        swap, ``memory.memsw.limit_in_bytes`` (RAM plus swap), so the cgroup cannot dodge its limit by
+        swapping. Where the kernel does not account swap there is nothing to write (runc does the same).
         """
         number = parse_memory(limit) if isinstance(limit, str) else int(limit)
         if number <= 0:
             raise LimitError(f"a memory limit must be more than 0 bytes, not {limit}", "for instance 64M")
+        total = number if swap is None else int(swap)
+        if total != -1 and total < number:
+            raise LimitError(f"RAM plus swap ({total} bytes) cannot be less than the memory limit ({number})",
+                             "give a swap limit at least as big as the memory limit, or -1 for no limit")
         directory = self.directory("memory")
         if self.versions["memory"] == 2:
             self._write(f"{directory}/memory.max", str(number), what=f"at most {format_bytes(number)} of RAM")
             if os.path.exists(f"{directory}/memory.swap.max"):
-                self._write(f"{directory}/memory.swap.max", "0", what="and no swap, or the limit leaks")
+                extra = "max" if total == -1 else str(total - number)
+                what = ("and no swap, or the limit leaks" if extra == "0"
+                        else "swap allowed beyond the RAM limit")
+                self._write(f"{directory}/memory.swap.max", extra, what=what)
             return number
         memsw = f"{directory}/memory.memsw.limit_in_bytes"
         limit_file = f"{directory}/memory.limit_in_bytes"
         if not os.path.exists(memsw):
             self._write(limit_file, str(number), what=f"at most {format_bytes(number)} of RAM")
             return number
-        # v1 insists memsw >= limit at every moment: lower the RAM limit first, raise the swap one first.
-        current = _number(limit_file)
-        pair = [(limit_file, f"at most {format_bytes(number)} of RAM"),
-                (memsw, "RAM plus swap: the same number, so no swap")]
-        if current is not None and number > current:
+        # v1 insists memsw >= limit at every moment: the RAM limit goes first when the RAM-plus-swap limit
+        # we have now still covers it, else RAM plus swap goes first (one of the two orders always works).
+        current_total = _number(memsw)
+        both = "-1" if total == -1 else str(total)
+        pair = [(limit_file, str(number), f"at most {format_bytes(number)} of RAM"),
+                (memsw, both, "RAM plus swap: the same number, so no swap" if total == number
+                 else "RAM plus swap")]
+        if current_total is not None and current_total < number:
             pair.reverse()
-        for path, what in pair:
-            self._write(path, str(number), what=what)
+        for path, value, what in pair:
+            self._write(path, value, what=what)
         return number
 
     def set_pids(self, limit: int | str) -> int:

@@ -198,7 +198,7 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             data["stages"]["freezer"] = [cgroup.directories["freezer"], cgroup.versions["freezer"]]
         oci_state.write(state_file, data)
         if plan.memory is not None:
-            cgroup.set_memory(plan.memory)
+            cgroup.set_memory(plan.memory, swap=plan.memory_swap)
         if plan.cpus is not None:
             cgroup.set_cpus(plan.cpus)
         if plan.pids is not None:

@@ -601,9 +601,14 @@ def _resources(linux: dict, result: Plan) -> None:
     if limit is not None and limit > 0:
         result.memory = limit
     swap = _typed(memory.get("swap"), int, "linux.resources.memory.swap")
-    if swap is not None and swap > 0 and swap != limit:
-        raise refuse("linux.resources.memory.swap", "this runtime allows no swap beyond the memory limit",
-                     "set swap equal to limit, or leave it out")
+    if swap is not None and swap != 0:  # RAM plus swap (config-linux.md), -1: swap without limit
+        if result.memory is None:
+            raise refuse("linux.resources.memory.swap", "needs linux.resources.memory.limit beside it",
+                         "give a memory limit, or leave swap out")
+        if swap != -1 and swap < result.memory:
+            raise refuse("linux.resources.memory.swap", f"{swap} is RAM plus swap, and cannot be less than "
+                         f"the memory limit {result.memory}", "set swap to at least the limit, or to -1")
+        result.memory_swap = swap
     cpu = _typed(resources.get("cpu"), dict, "linux.resources.cpu", {})
     quota = _typed(cpu.get("quota"), int, "linux.resources.cpu.quota")
     period = _typed(cpu.get("period"), int, "linux.resources.cpu.period") or 100_000
