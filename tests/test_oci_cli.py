@@ -675,3 +675,29 @@ def test_spec_writes_a_default_config_once(tmp_path, runtime):
     assert {"type": "mount"} in config["linux"]["namespaces"]
     again = runtime("spec", "-b", target)
     assert again.code == 1 and "exists already" in again.err
+
+
+def test_a_failing_poststart_or_poststop_hook_is_a_warning_in_the_log(tmp_path, runtime, busybox_rootfs):
+    """runtime.md: a poststart or poststop hook that fails is a warning, and the lifecycle goes on; the
+    warning reaches the supervisor's log (conmon reads it), and the command succeeds."""
+    fail = {"path": "/bin/sh", "args": ["sh", "-c", "echo hook said no >&2; exit 4"]}
+
+    def with_hooks(config):
+        config["hooks"] = {"poststart": [fail], "poststop": [fail]}
+
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sleep", "60"], change=with_hooks)
+    log = tmp_path / "oci-log"
+    options = ("--log-format=json", "--log", log)
+    assert runtime("create", "-b", path, container, options=options).code == 0
+    started = runtime("start", container, options=options)
+    assert started.code == 0, started.err
+    assert runtime.state(container)["status"] == "running"
+    deleted = runtime("delete", "--force", container, options=options)
+    assert deleted.code == 0, deleted.err
+    assert not (runtime.root / container).exists()
+    warnings = [json.loads(line) for line in log.read_text().splitlines()]
+    warnings = [line["msg"] for line in warnings if line["level"] == "warning"]
+    assert len(warnings) == 2, warnings
+    assert "poststart" in warnings[0] and "poststop" in warnings[1], warnings
+    assert all("status 4" in line or "exit" in line for line in warnings), warnings

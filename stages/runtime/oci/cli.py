@@ -322,8 +322,21 @@ def _detach_option(function) -> dict:
     return {"detach": True} if _accepts(function, "detach") else {}
 
 
+def _hook_warnings(record, log: Log) -> None:
+    """A failing poststart or poststop hook is a warning, not an error (runtime.md): into the log."""
+    from stages.runtime.oci import hooks
+
+    for message in hooks.warnings_of(record):
+        log.warning(message)
+
+
 def do_start(args, log: Log) -> int:
-    _oci().start(args.id, root=args.root)
+    record = _record(f"start {args.id}")
+    try:
+        _oci().start(args.id, root=args.root, record=record)
+    finally:
+        log.steps(record)
+        _hook_warnings(record, log)
     return 0
 
 
@@ -345,7 +358,12 @@ def do_kill(args, log: Log) -> int:
 def do_delete(args, log: Log) -> int:
     oci = _oci()
     try:
-        oci.delete(args.id, force=args.force, root=args.root)
+        record = _record(f"delete {args.id}")
+        try:
+            oci.delete(args.id, force=args.force, root=args.root, record=record)
+        finally:
+            log.steps(record)
+            _hook_warnings(record, log)
     except oci.ContainerNotFoundError:
         if not args.force:
             raise

@@ -219,11 +219,14 @@ def run_hooks(kind: str, hooks: dict[str, list[dict]], state: dict, *, record: s
                 item.ok = False
                 item.error = f"warning: {error.message}"
                 warnings.append(error.message)
-                # Only poststart and poststop warn, and they run in the runtime, never after pivot_root:
-                # logging is imported here, not by every command that loads this module.
-                import logging
+                if record is None and steps.current() is None:
+                    # Nobody keeps a record to read the warning from (warnings_of): log it. Only poststart
+                    # and poststop warn, and they run in the runtime, never after pivot_root: logging is
+                    # imported here, not by every command that loads this module.
+                    import logging
 
-                logging.getLogger(__name__).warning("%s (runtime.md: the lifecycle goes on)", error.message)
+                    logging.getLogger(__name__).warning("%s (runtime.md: the lifecycle goes on)",
+                                                        error.message)
     return warnings
 
 
