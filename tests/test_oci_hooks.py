@@ -222,6 +222,10 @@ def test_failing_poststart_and_poststop_hooks_are_warnings(tmp_path, root, out, 
     warnings = oci_hooks.warnings_of(record)
     assert warnings == ["the poststart hook #0 (/bin/sh) exited with status 6",
                         "the poststop hook #0 (/bin/sh) exited with status 6"]
+    assert "hook #0" not in caplog.text  # a caller keeping a record reads its warnings from there...
+    # ... and one without a record (nor an active one) hears of them through logging
+    parsed = oci_hooks.parse({"poststop": [failing]})
+    assert oci_hooks.run_hooks("poststop", parsed, {"status": "stopped"}) == [warnings[1]]
     assert "poststop hook #0" in caplog.text
 
 
