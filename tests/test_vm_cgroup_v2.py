@@ -38,7 +38,12 @@ VM = REPO / "tests" / "vm"
 # host; `vm` is this test itself.
 INNER_TESTS = ["tests/test_cgroups.py", "tests/test_isolate.py", "tests/test_oci_pause.py",
                "tests/test_oci_devices.py", "tests/vm/test_guest_smoke.py",
-               "tests/test_oci_core.py::test_v2_a_container_reads_its_own_memory_limit_in_sys_fs_cgroup"]
+               "tests/test_oci_core.py::test_v2_a_container_reads_its_own_memory_limit_in_sys_fs_cgroup",
+               # podman's own config.json and an unedited `runc spec` bundle on v2: a cgroup2 mount, the
+               # devices allowlist as a BPF program, pids.max; and a terminal through a console socket
+               "tests/test_oci_core.py::test_podmans_config_json_runs",
+               "tests/test_oci_core.py::test_an_unedited_runc_spec_bundle_runs",
+               "tests/test_oci_core.py::test_a_terminal_reaches_the_console_socket"]
 INNER_MARKERS = "not vm and not net"
 BUILD_TIMEOUT = 180  # a cold build: apt-get download, debootstrap, mkfs.ext4; 80 s, 140 s on a busy host
 BOOT_TIMEOUT = 420   # boot ~10 s, the inner tests ~3-5 min (a busy 2-CPU machine: the most)
