@@ -232,3 +232,121 @@ def test_arg_label_expose_user_entrypoint_and_an_opaque_directory(stages, contex
     # the opaque /etc holds only who (and what every container gets bound in: hostname, hosts, resolv.conf)
     listed = stages("run", "--rm", "extra", "ls /etc; cat /tmp/uid").stdout
     assert listed == "hostname\nhosts\nresolv.conf\nwho\n65534\n"
+
+
+# -- multi-stage builds (issue #4) ---------------------------------------------------------------------
+MULTI_STAGE = """\
+ARG BASE=busybox
+FROM ${BASE} AS builder
+RUN mkdir /out && echo built in the builder > /out/greeting && echo junk > /junk.txt
+FROM builder AS tested
+RUN test -f /out/greeting && touch /tested
+FROM busybox AS broken
+RUN echo this stage must be skipped; exit 3
+FROM scratch
+COPY --from=builder /out/greeting /greeting
+COPY --from=1 /tested /
+COPY --from=busybox /etc/group /from-the-image/
+"""
+
+
+def _tree(root: Path) -> set[str]:
+    return {os.path.relpath(os.path.join(top, name), root) for top, dirs, files in os.walk(root)
+            for name in dirs + files}
+
+
+def test_a_multi_stage_build_keeps_only_what_the_last_stage_copied(stages, context, tmp_path):
+    (context / "Containerfile").write_text(MULTI_STAGE)
+    out = stages("build", "-t", "multi", str(context)).stdout
+    assert "[1/4] STEP 1/3: ARG BASE=busybox" in out and "[1/4] STEP 2/3: FROM ${BASE} AS builder" in out
+    assert "[3/4] skipped: stage broken is not needed" in out and "must be skipped" not in out
+    assert out.index("[1/4] STEP 3/3") < out.index("[2/4] STEP 1/2") < out.index("[4/4] STEP 1/4")
+    image = images.resolve("multi")
+    assert len(image["layers"]) == 3  # FROM scratch: the three COPYs, nothing of busybox or the builder
+    flat = _flat(tmp_path, "multi")
+    assert _tree(flat) == {"greeting", "tested", "from-the-image", "from-the-image/group"}
+    assert (flat / "greeting").read_text() == "built in the builder\n"
+    assert (flat / "from-the-image" / "group").read_text().startswith("root:x:0:")
+    # built again: every step of the needed stages from the cache, the same image
+    again = stages("build", "-t", "multi", str(context)).stdout
+    assert again.count("--> cache hit") == 5 and images.resolve("multi")["id"] == image["id"]
+
+    # --target: the image is that stage's (FROM builder carried the builder's files and config on)
+    out = stages("build", "-t", "multi:tested", "--target", "tested", str(context)).stdout
+    assert "[3/4] skipped" in out and "[4/4] skipped" in out and "--> cache hit" in out
+    assert stages("run", "--rm", "multi:tested", "sh", "-c", "cat /out/greeting /junk.txt; ls /tested"
+                  ).stdout == "built in the builder\njunk\n/tested\n"
+
+
+def test_a_stage_that_starts_from_another_and_copies_a_directory_through_a_link(stages, context):
+    (context / "Containerfile").write_text(
+        "FROM busybox AS base\nENV WHERE=stage\nRUN mkdir -p /srv/app/sub && echo a > /srv/app/a && "
+        "echo b > /srv/app/sub/b && ln -s /srv/app /app\n"
+        "FROM base\nARG BASE\nCOPY --from=base /app /copied\nCOPY --from=base /bin/sh /usr/local/bin/\n")
+    stages("build", "-t", "derived", str(context))
+    shown = stages("run", "--rm", "derived", "sh", "-c",
+                   "echo $WHERE; cat /copied/a /copied/sub/b; ls -l /usr/local/bin/sh | cut -c1").stdout
+    # ENV from the stage it starts from; the link /app followed (inside the stage), its directory copied
+    # as a directory, and /bin/sh (a link to busybox) copied as the file it leads to, named sh
+    assert shown == "stage\na\nb\n-\n"
+
+
+def test_chown_and_chmod_set_the_owner_and_mode_seen_inside(stages, context):
+    (context / "Containerfile").write_text(
+        "FROM busybox\n"
+        "RUN echo 'alice:x:1234:1235::/home/alice:/bin/sh' >> /etc/passwd && "
+        "echo 'staff2:x:1240:' >> /etc/group\n"
+        "COPY --chown=alice hello.txt /home/alice/\n"
+        "COPY --chown=alice:staff2 --chmod=0600 hello.txt /named.txt\n"
+        "COPY --chown=7:8 --chmod=640 hello.txt /numbers/\n"
+        "ADD --chown=1 hello.txt /added.txt\n")
+    stages("build", "-t", "owned", str(context))
+    seen = stages("run", "--rm", "owned", "stat", "-c", "%n %u:%g %a", "/home/alice", "/home/alice/hello.txt",
+                  "/named.txt", "/numbers", "/numbers/hello.txt", "/added.txt").stdout
+    assert seen.splitlines() == [
+        "/home/alice 1234:1235 755",  # a directory COPY made takes the owner; --chmod is for what it copied
+        "/home/alice/hello.txt 1234:1235 644",  # a name alone: its group from /etc/passwd
+        "/named.txt 1234:1240 600",
+        "/numbers 7:8 755",
+        "/numbers/hello.txt 7:8 640",
+        "/added.txt 1:1 644",  # a number alone: the same number for the group, as Docker does
+    ]
+
+
+@pytest.mark.parametrize("text, line, problem, before_any_step", [
+    ("FROM busybox\nCOPY --from=nosuchstage /etc/passwd /\n", 2,
+     "--from=nosuchstage names no stage, and there is no image 'nosuchstage'", False),
+    ("FROM busybox AS a\nCOPY --from=b /x /x\nFROM busybox AS b\nCOPY --from=a /y /y\n", 4,
+     "stage b needs stage a, which needs it back: a cycle (a -> b -> a)", True),
+    ("FROM busybox AS a\nCOPY --from=a /x /x\n", 2, "a cycle (a -> a)", True),
+    ("FROM busybox AS a\nFROM busybox AS A\n", 2, "a stage named a exists already (line 1)", True),
+    ("FROM busybox\nCOPY --from=3 /x /x\n", 2, "there is no stage 3", True),
+    ("FROM busybox\nADD --from=0 /x /x\n", 2, "the flag --from is not supported by stages build for ADD",
+     True),
+    ("FROM busybox\nCOPY --chmod=rw hello.txt /\n", 2, "--chmod=rw is not an octal mode", True),
+    ("FROM busybox\nCOPY --link hello.txt /\n", 2, "the flag --link is not supported", True),
+    ("FROM busybox\nCOPY --chown=alice hello.txt /\n", 2, "there is no user alice in the image's /etc/passwd",
+     False),
+    ("FROM busybox\nCOPY --chown=0:wheel hello.txt /\n", 2,
+     "there is no group wheel in the image's /etc/group", False),
+    ("FROM busybox AS b\nFROM busybox\nCOPY --from=b /nothing/here /\n", 3,
+     "/nothing/here is not in stage b", False),
+    ("FROM scratch\nRUN true\n", 2, "FROM scratch has no files", False),
+])
+def test_a_multi_stage_mistake_names_its_line(stages, context, text, line, problem, before_any_step):
+    (context / "Containerfile").write_text(text)
+    result = stages("build", "-t", "mistake", str(context), check=False)
+    assert result.returncode == 1
+    assert f"Containerfile line {line}: `" in result.stderr and problem in result.stderr, result.stderr
+    assert "hint:" in result.stderr and "Traceback" not in result.stderr
+    assert "mistake:latest" not in images.repositories()
+    assert ("STEP" not in result.stdout) == before_any_step
+
+
+def test_a_target_that_is_no_stage_and_a_network_that_is_none_are_refused(stages, context):
+    (context / "Containerfile").write_text("FROM busybox AS one\nFROM one AS two\n")
+    result = stages("build", "-t", "x", "--target", "three", str(context), check=False)
+    assert result.returncode == 1 and "the Containerfile has no stage named three" in result.stderr
+    assert "one, two" in result.stderr and "STEP" not in result.stdout
+    result = stages("build", "-t", "x", "--network", "wifi", str(context), check=False)
+    assert result.returncode == 1 and "--network 'wifi' is not a network" in result.stderr

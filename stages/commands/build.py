@@ -1,4 +1,5 @@
-"""``stages build -t NAME [-f Containerfile] CONTEXT``: a Containerfile made into an image, with a cache."""
+"""``stages build -t NAME [-f Containerfile] [--target STAGE] [--network MODE] CONTEXT``: a Containerfile
+made into an image, with a cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ def configure(parser) -> None:
                         help="the Containerfile (default: CONTEXT/Containerfile, else CONTEXT/Dockerfile)")
     parser.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE",
                         help="a value for an ARG of the Containerfile (repeatable)")
+    parser.add_argument("--target", metavar="STAGE",
+                        help="build up to the stage named STAGE (FROM IMAGE AS STAGE); default: the last")
+    parser.add_argument("--network", default="bridge", metavar="MODE",
+                        help="the network of RUN steps: bridge (default: outbound through NAT), host, none")
     parser.add_argument("context", metavar="CONTEXT", help="the directory whose files COPY and ADD see")
 
 
@@ -22,5 +27,6 @@ def run(args) -> int:
         if not equals or not name:
             raise StagesError(f"--build-arg {item!r} is not NAME=VALUE", "write --build-arg VERSION=1.2")
         values[name] = value
-    build.build(args.context, args.tag, args.file, values, out=lambda line: print(line, flush=True))
+    build.build(args.context, args.tag, args.file, values, out=lambda line: print(line, flush=True),
+                target=args.target, network=args.network)
     return 0

@@ -6,20 +6,30 @@ splits the file into instructions (continuation lines, comments, the escape dire
 - ``FROM`` picks the base image; ``ENV``, ``ARG``, ``WORKDIR``, ``USER``, ``CMD``, ``ENTRYPOINT``,
   ``EXPOSE`` and ``LABEL`` change only the config (an ``empty_layer`` in the history);
 - ``RUN`` runs in a stage-3 container on overlayfs (the engine) whose upper directory becomes the new
-  layer; a deleted file is a 0/0 character device there and becomes a ``.wh.NAME`` entry in the tar, a
+  layer, on the network ``--network`` names (a bridge with outbound NAT by default, as Docker's; ``host``;
+  ``none``); a deleted file is a 0/0 character device there and becomes a ``.wh.NAME`` entry in the tar, a
   directory made opaque carries ``trusted.overlay.opaque`` and gets ``.wh..wh..opq`` (overlay(5));
 - ``COPY`` and ``ADD`` put files from the context into a layer; ``ADD`` extracts a local tar archive with
   stage 1's extractor (:func:`stages.rootfs.extract`);
-- ``WORKDIR`` makes a layer only when it creates the directory.
+- ``WORKDIR`` makes a layer only when it creates the directory;
+- several ``FROM`` lines make a multi-stage build: ``FROM image AS name`` names a stage, ``FROM name``
+  starts from an earlier one, ``COPY --from=name|index|image`` copies out of a stage or an image in the
+  store; the image is the last stage's (or ``--target``'s), and stages it does not need are skipped.
+  ARGs before the first FROM are usable in FROM lines, and in a stage that says ``ARG NAME`` again;
+- ``COPY``/``ADD`` ``--chown=USER[:GROUP]`` (numbers, or names looked up in the stage's /etc/passwd and
+  /etc/group) and ``--chmod=OCTAL`` set the owner and mode of what they copy.
 
 The cache: each step's key is the digest of the key before it (the base image's id first), the step's
 text after ARG/ENV substitution, and the digest of the files it copies; a step whose key is known and
-whose layer is still in the store is skipped ("--> cache hit"), as buildah does.
+whose layer is still in the store is skipped ("--> cache hit"), as buildah does. A stage's first key is
+its base image's id, or the last key of the stage it starts from; ``COPY --from`` keys on the last key of
+the stage it copies from (or the image's id) instead of the files' digest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import glob
 import hashlib
@@ -44,6 +54,12 @@ CONFIG_ONLY = {"ENV", "ARG", "USER", "CMD", "ENTRYPOINT", "EXPOSE", "LABEL"}
 KNOWN = CONFIG_ONLY | {"FROM", "RUN", "COPY", "ADD", "WORKDIR"}
 #: Mount points the runtime may make in the rootfs; never part of a layer when they are left empty.
 MOUNT_POINTS = ("proc", "sys", "dev")
+#: The flags COPY and ADD take (Dockerfile reference); ADD has no --from.
+COPY_FLAGS = {"COPY": ("from", "chown", "chmod"), "ADD": ("chown", "chmod")}
+#: What ``--network`` may say for the RUN steps: Docker's default is a bridge.
+NETWORKS = ("bridge", "host", "none")
+#: A stage's name (Docker's rule; compared in lower case).
+STAGE_NAME = re.compile(r"[a-z][a-z0-9_.-]*")
 
 
 class BuildError(StagesError):
@@ -56,6 +72,22 @@ class Step:
     instruction: str
     value: str
     text: str  # as written, continuation lines joined
+
+
+@dataclass
+class Stage:
+    """One FROM and the steps up to the next FROM: a stage of a (multi-stage) build."""
+    index: int
+    name: str | None  # FROM image AS name
+    steps: list[Step]  # the FROM first
+    base: str  # what FROM names, the ARGs before the first FROM substituted
+    parent: int | None = None  # the earlier stage FROM names, if it names one
+    needs: list[tuple[int, Step]] = field(default_factory=list)  # the stages it uses, and the step that does
+    copies_from: dict[int, int | str] = field(default_factory=dict)  # COPY --from by line: stage or image
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.index)
 
 
 @dataclass
@@ -107,14 +139,125 @@ def parse(path: str | os.PathLike) -> list[Step]:
 def _check(step: Step) -> None:
     """What can be refused before anything runs: the shape of each instruction's arguments."""
     if step.instruction in ("COPY", "ADD"):
-        words = _exec_form(step.value) or step.value.split()
-        if len([word for word in words if not word.startswith("--")]) < 2:
+        _, rest = copy_flags(step, step.value)
+        words = _exec_form(rest) or rest.split()
+        if len(words) < 2:
             raise _error(step, f"{step.instruction} needs a source and a destination",
                          f"write {step.instruction} FILE /destination")
     elif step.instruction in ("ENV", "LABEL"):
         _pairs(step, step.value)
-    elif step.instruction == "FROM" and len(step.value.split()) not in (1, 3):
-        raise _error(step, "FROM takes one image", "write FROM busybox")
+    elif step.instruction == "FROM":
+        words = step.value.split()
+        if words[0].startswith("--"):
+            raise _error(step, f"the flag {words[0].split('=')[0]} is not supported by stages build",
+                         "leave it out: stages builds for this machine")
+        if len(words) == 3 and words[1].lower() == "as":
+            if not STAGE_NAME.fullmatch(words[2].lower()):
+                raise _error(step, f"{words[2]!r} cannot name a stage",
+                             "start it with a letter, then letters, digits, '-', '_' or '.'")
+        elif len(words) != 1:
+            raise _error(step, "FROM takes one image, and maybe AS and a name for the stage",
+                         "write FROM busybox, or FROM busybox AS builder")
+
+
+def copy_flags(step: Step, value: str) -> tuple[dict[str, str], str]:
+    """The ``--name=value`` flags at the start of a COPY or ADD, and the rest of its line. A flag it does
+    not take, one without a value, a --chmod that is not octal, or a --chown that is not USER[:GROUP]
+    is refused naming the line."""
+    flags: dict[str, str] = {}
+    rest = value.strip()
+    while rest.startswith("--"):
+        word, _, rest = rest.partition(" ")
+        rest = rest.strip()
+        name, equals, item = word[2:].partition("=")
+        if name not in COPY_FLAGS[step.instruction]:
+            hint = ("ADD cannot copy from a stage; use COPY --from" if name == "from"
+                    else f"leave --{name} out")
+            raise _error(step, f"the flag --{name} is not supported by stages build for {step.instruction}",
+                         hint)
+        if not equals or not item:
+            raise _error(step, f"--{name} needs a value", {"from": "write --from=STAGE (a name or a number)",
+                                                           "chown": "write --chown=1000:1000",
+                                                           "chmod": "write --chmod=644"}[name])
+        if name in flags:
+            raise _error(step, f"--{name} is given twice", f"keep one --{name}")
+        if name == "chmod" and not re.fullmatch(r"[0-7]{3,4}", item):
+            raise _error(step, f"--chmod={item} is not an octal mode", "write --chmod=644 or --chmod=0755")
+        if name == "chown" and not re.fullmatch(r"[^:\s]+(:[^:\s]+)?", item):
+            raise _error(step, f"--chown={item} is not USER[:GROUP]",
+                         "write --chown=1000:1000 or --chown=nobody")
+        flags[name] = item
+    return flags, rest
+
+
+def plan(steps: list[Step], build_args: dict[str, str] | None = None) -> tuple[list[Step], dict[str, str],
+                                                                            list[Stage]]:
+    """The stages of a Containerfile: ``(the ARGs before the first FROM, their values, the stages)``.
+
+    Each stage knows the stages it needs (``FROM name``, ``COPY --from``); a name given twice, or a
+    ``--from`` number past the last stage, is refused here, before anything runs. A ``--from`` that names
+    no stage names an image in the store (checked when the step runs).
+    """
+    build_args = build_args or {}
+    prelude: list[Step] = []
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    names: dict[str, int] = {}
+    for step in steps:
+        if step.instruction == "FROM":
+            words = step.value.split()
+            name = words[2].lower() if len(words) == 3 else None
+            if name in names:
+                raise _error(step, f"a stage named {name} exists already (line "
+                             f"{stages[names[name]].steps[0].line})", "give each stage its own name")
+            if name is not None:
+                names[name] = len(stages)
+            stages.append(Stage(len(stages), name, [step], substitute(words[0], global_args)))
+        elif not stages:
+            if step.instruction != "ARG":
+                raise _error(step, "only ARG can come before the first FROM", "move it after FROM")
+            name, value = _arg(step, build_args, {})
+            global_args[name] = value
+            prelude.append(step)
+        else:
+            stages[-1].steps.append(step)
+    if not stages:
+        raise BuildError("the Containerfile has no FROM", "start it with FROM busybox")
+    for stage in stages:
+        parent = names.get(stage.base.lower())
+        if parent is not None and parent < stage.index:  # Docker: FROM names an earlier stage, or an image
+            stage.parent = parent
+            stage.needs.append((parent, stage.steps[0]))
+        for step in stage.steps[1:]:
+            if step.instruction != "COPY":
+                continue
+            source = copy_flags(step, step.value)[0].get("from")
+            if source is None:
+                continue
+            source = substitute(source, global_args)
+            if source.isdigit():
+                if int(source) >= len(stages):
+                    raise _error(step, f"there is no stage {source}: the file has {len(stages)} "
+                                 f"(0 to {len(stages) - 1})",
+                                 "count the FROM lines from 0, or name the stage")
+                index: int | None = int(source)
+            else:
+                index = names.get(source.lower())
+            if index is None:
+                stage.copies_from[step.line] = source  # an image
+            else:
+                stage.copies_from[step.line] = index
+                stage.needs.append((index, step))
+    return prelude, global_args, stages
+
+
+def _arg(step: Step, build_args: dict[str, str], global_args: dict[str, str]) -> tuple[str, str]:
+    """An ARG's name and value: the --build-arg, else its default, else (``ARG NAME`` in a stage) the
+    value an ARG before the first FROM gave it (Docker's rule)."""
+    name, equals, default = step.value.partition("=")
+    if not re.fullmatch(r"\w+", name):
+        raise _error(step, f"{name!r} is not an argument name", "write ARG NAME or ARG NAME=default")
+    return name, build_args.get(name, default.strip('"') if equals else global_args.get(name, ""))
 
 
 _VARIABLE = re.compile(r"\\\$|\$(?:\{(\w+)(?::([-+])([^}]*))?\}|(\w+))")
@@ -243,16 +386,61 @@ def _tree_digest(paths: list[tuple[Path, str]]) -> str:
 
 
 # -- layers --------------------------------------------------------------------------------------------
-def _lookup(layer_dirs: list[str], path: str) -> os.stat_result | None:
-    """``path`` as the merged image shows it (topmost layer first), None if absent or whited out."""
+def _locate(layer_dirs: list[str], path: str) -> tuple[str, os.stat_result] | None:
+    """Where ``path`` of the merged image is (topmost layer first), and its stat; None if absent or
+    whited out."""
     for layer in reversed(layer_dirs):
         where = os.path.join(layer, path.strip("/"))
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             info = os.lstat(where)
             if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
                 return None
-            return info
+            return where, info
     return None
+
+
+def _lookup(layer_dirs: list[str], path: str) -> os.stat_result | None:
+    """``path`` as the merged image shows it (topmost layer first), None if absent or whited out."""
+    found = _locate(layer_dirs, path)
+    return found[1] if found else None
+
+
+def _in_root(root: Path, path: str) -> Path | None:
+    """``path`` inside ``root`` as a process chrooted there would find it: symbolic links followed, an
+    absolute one from ``root``, ``..`` never above it (what ``COPY --from`` copies; BuildKit follows the
+    source path's links too). None when a link loops."""
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:  # ELOOP's limit, path_resolution(7)
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [item for item in target.split("/") if item not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return root.joinpath(*resolved)
+
+
+def _names(text: str) -> dict[str, tuple[int, int]]:
+    """/etc/passwd or /etc/group as ``{name: (third field, fourth field)}`` (uid, gid; or gid, 0)."""
+    found = {}
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[2].isdigit():
+            fourth = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else 0
+            found[fields[0]] = (int(fields[2]), fourth)
+    return found
 
 
 def _root_owned(member: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -309,6 +497,11 @@ class Builder:
         self.created: list[Path] = []
         self.state: State | None = None
         self.pre_args: dict[str, str] = {}
+        self.network = "bridge"
+        self.stages: list[Stage] = []
+        self.stage: Stage | None = None  # the one being built
+        self.done: dict[int, State] = {}  # the stages built so far
+        self.roots: dict[int | str, Path] = {}  # COPY --from's sources, flattened once per build
 
     # the layer of a step, stored (and taken back if the build fails)
     def _store_layer(self, blob: Path) -> dict:
@@ -324,15 +517,66 @@ class Builder:
     def _absolute(self, path: str) -> str:
         return os.path.normpath(os.path.join(self.state.config.get("WorkingDir") or "/", path))
 
-    def build(self) -> dict:
-        total = len(self.steps)
-        for number, step in enumerate(self.steps, 1):
-            self.out(f"STEP {number}/{total}: {step.text}")
-            handler = getattr(self, f"do_{step.instruction.lower()}")
-            handler(step)
-        if self.state is None:
-            raise BuildError("the Containerfile has no FROM", "start it with FROM busybox")
-        return self.state
+    def build(self, target: str | None = None) -> State:
+        """Build the stages the target (default: the last stage) needs, in an order that builds each
+        stage after those it uses; return the target's state."""
+        prelude, self.pre_args, self.stages = plan(self.steps, self.build_args)
+        final = len(self.stages) - 1
+        if target is not None:
+            by_name = {stage.name: stage.index for stage in self.stages if stage.name}
+            if target.lower() not in by_name:
+                raise BuildError(f"--target {target}: the Containerfile has no stage named {target}",
+                                 "name it there with FROM IMAGE AS " + target.lower() + (
+                                     f", or use one of {', '.join(sorted(by_name))}" if by_name else ""))
+            final = by_name[target.lower()]
+        order = self._order(final)
+        multi = len(self.stages) > 1
+        for stage in self.stages:
+            if stage.index not in order:
+                self.out(f"[{stage.index + 1}/{len(self.stages)}] skipped: stage {stage.label} is not needed")
+        for index in order:
+            self.stage, self.state = self.stages[index], None
+            shown = (prelude if index == 0 else []) + self.stage.steps
+            prefix = f"[{index + 1}/{len(self.stages)}] " if multi else ""
+            for number, step in enumerate(shown, 1):
+                self.out(f"{prefix}STEP {number}/{len(shown)}: {step.text}")
+                handler = getattr(self, f"do_{step.instruction.lower()}")
+                handler(step)
+            self.done[index] = self.state
+        return self.done[final]
+
+    def _order(self, final: int) -> list[int]:
+        """The stages ``final`` needs (itself last), each after the ones it uses; a cycle anywhere in the
+        file is refused, naming the step that closes it."""
+        order: list[int] = []
+        visiting: list[int] = []
+
+        def visit(index: int) -> None:
+            if index in order:
+                return
+            visiting.append(index)
+            for needed, step in self.stages[index].needs:
+                if needed in visiting:
+                    loop = [self.stages[i].label for i in visiting[visiting.index(needed):]]
+                    loop.append(self.stages[needed].label)
+                    raise _error(step, f"stage {self.stages[index].label} needs stage "
+                                 f"{self.stages[needed].label}, which needs it back: "
+                                 f"a cycle ({' -> '.join(loop)})",
+                                 "a stage can use only stages that do not use it; move what both need into a "
+                                 "stage of its own")
+                visit(needed)
+            visiting.pop()
+            order.append(index)
+
+        for stage in self.stages:
+            visit(stage.index)
+        needed, todo = set(), [final]
+        while todo:
+            index = todo.pop()
+            if index not in needed:
+                needed.add(index)
+                todo += [item for item, _ in self.stages[index].needs]
+        return [index for index in order if index in needed]
 
     def _record(self, text: str, layer: dict | None, created: str) -> None:
         self.state.history.append({"created": created, "created_by": text,
@@ -355,10 +599,18 @@ class Builder:
 
     # -- instructions
     def do_from(self, step: Step) -> None:
-        if self.state is not None:
-            raise _error(step, "a second FROM (multi-stage builds) is not supported",
-                         "build each stage as its own image")
-        reference = substitute(step.value.split()[0], {**self.pre_args})
+        if self.stage.parent is not None:
+            # FROM an earlier stage: its layers, config and history, and its last key go on
+            done = self.done[self.stage.parent]
+            self.state = State(base=done.base, layers=list(done.layers), config=copy.deepcopy(done.config),
+                               history=list(done.history), key=done.key)
+            return
+        reference = self.stage.base
+        if reference.lower() == "scratch":
+            # Docker's empty image: no layers, no config; what the stage COPYs is all there is
+            self.state = State(base={"id": "scratch", "layers": []}, layers=[], config={},
+                               key=_digest("scratch"))
+            return
         try:
             base = images.get(reference)
         except StagesError as error:
@@ -369,13 +621,9 @@ class Builder:
                            history=list(raw.get("history") or []), key=base["id"])
 
     def do_arg(self, step: Step) -> None:
-        name, equals, default = step.value.partition("=")
-        if not re.fullmatch(r"\w+", name):
-            raise _error(step, f"{name!r} is not an argument name", "write ARG NAME or ARG NAME=default")
-        value = self.build_args.get(name, default.strip('"') if equals else "")
         if self.state is None:
-            self.pre_args[name] = value
-            return
+            return  # an ARG before the first FROM: plan() took its value
+        name, value = _arg(step, self.build_args, self.pre_args)
         self.state.args[name] = value
         self._cached_step(step, f"ARG {name}={value}", "", lambda: None)
 
@@ -447,6 +695,73 @@ class Builder:
                 os.chown(target, 0, 0)
                 os.chmod(target, 0o755)
 
+    def _from_sources(self, step: Step, source: int | str, words: list[str]) -> list[tuple[Path, str]]:
+        """Each source of a ``COPY --from``, found in the stage's or image's files (flattened once):
+        ``(path, the path as the stage knows it, relative to its /)``."""
+        if source not in self.roots:
+            if isinstance(source, int):
+                layer_dirs = [str(images.layer_dir(layer["diff_id"])) for layer in self.done[source].layers]
+            else:
+                layer_dirs = images.layer_dirs(self._image(step, source))
+            self.roots[source] = layerlib.flatten_layers(layer_dirs, Path(tempfile.mkdtemp(dir=self.work,
+                                                                                             prefix="from.")))
+        root = self.roots[source]
+        what = f"stage {self.stages[source].label}" if isinstance(source, int) else f"the image {source}"
+        found = []
+        for word in words:
+            if glob.has_magic(word):
+                matches = sorted(os.path.relpath(match, root)
+                                 for match in glob.glob(str(root / word.lstrip("/"))))
+            else:
+                matches = [os.path.normpath(word.lstrip("/") or ".")]
+            here = [(path, relative) for relative in matches
+                    if (path := _in_root(root, relative)) is not None and os.path.lexists(path)]
+            if not here:
+                hint = ("check the path: list it with a RUN ls in that stage" if isinstance(source, int)
+                        else f"check the path: stages run --rm {source} ls {word}")
+                raise _error(step, f"{word} is not in {what}", hint)
+            found += here
+        return found
+
+    def _image(self, step: Step, reference: str) -> dict:
+        try:
+            return images.get(reference)
+        except StagesError as error:
+            raise _error(step, f"--from={reference} names no stage, and {error.message}",
+                         "name a stage of this file (FROM IMAGE AS NAME), or an image: "
+                         f"{error.hint}") from None
+
+    def _owner(self, step: Step, spec: str) -> tuple[int, int]:
+        """--chown's ``USER[:GROUP]`` as numbers. Names are looked up in the stage's /etc/passwd and
+        /etc/group (passwd(5), group(5)); a user alone takes its own group: a number's same number, a
+        name's group from /etc/passwd."""
+        user, _, group = spec.partition(":")
+
+        def table(path: str) -> dict[str, tuple[int, int]]:
+            found = _locate(self._lower(), path)
+            if found is None or not stat.S_ISREG(found[1].st_mode):
+                raise _error(step, f"--chown={spec}: the image has no {path} to look the name up in",
+                             "use numbers, e.g. --chown=1000:1000")
+            return _names(Path(found[0]).read_text(errors="replace"))
+
+        if user.isdigit():
+            uid, primary = int(user), int(user)
+        else:
+            users = table("/etc/passwd")
+            if user not in users:
+                raise _error(step, f"--chown={spec}: there is no user {user} in the image's /etc/passwd",
+                             f"use a number, or add the user in a RUN before it (adduser -D {user})")
+            uid, primary = users[user]
+        if not group:
+            return uid, primary
+        if group.isdigit():
+            return uid, int(group)
+        groups = table("/etc/group")
+        if group not in groups:
+            raise _error(step, f"--chown={spec}: there is no group {group} in the image's /etc/group",
+                         f"use a number, or add the group in a RUN before it (addgroup {group})")
+        return uid, groups[group][0]
+
     def _sources(self, step: Step, words: list[str]) -> list[tuple[Path, str]]:
         """Each source of a COPY/ADD that exists and is not ignored: ``(path, name relative to context)``."""
         context = self.context.resolve()
@@ -472,8 +787,9 @@ class Builder:
                              "excludes it)", "check the name, the context directory and .containerignore")
         return found
 
-    def _files(self, sources: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    def _files(self, sources: list[tuple[Path, str]], patterns: list | None = None) -> list[tuple[Path, str]]:
         """Every file and directory under the sources, ignored ones left out (for the content digest)."""
+        patterns = self.patterns if patterns is None else patterns
         every = []
         for source, relative in sources:
             every.append((source, relative))
@@ -483,7 +799,7 @@ class Builder:
                     for name in sorted(dirnames) + sorted(filenames):
                         path = Path(directory) / name
                         inner = os.path.normpath(os.path.join(relative, os.path.relpath(path, source)))
-                        if not ignored(inner, self.patterns):
+                        if not ignored(inner, patterns):
                             every.append((path, inner))
         return every
 
@@ -494,34 +810,45 @@ class Builder:
         self._copy(step, extract=True)
 
     def _copy(self, step: Step, extract: bool) -> None:
-        value = substitute(step.value, self.variables())
-        words = _exec_form(value) or shlex.split(value)
-        flags = [word for word in words if word.startswith("--")]
-        if flags:
-            raise _error(step, f"the flag {flags[0]} is not supported by stages build",
-                         f"leave {flags[0]} out")
+        flags, value = copy_flags(step, substitute(step.value, self.variables()))
+        try:
+            words = _exec_form(value) or shlex.split(value)
+        except ValueError as error:
+            raise _error(step, f"the quoting is broken ({error})", "close every quote") from None
         if len(words) < 2:
             raise _error(step, f"{step.instruction} needs a source and a destination",
                          f"write {step.instruction} FILE /destination")
-        sources = self._sources(step, words[:-1])
-        destination = words[-1]
-        into_directory = destination.endswith("/") or len(sources) > 1 or any(
-            source.is_dir() and not source.is_symlink() for source, _ in sources)
-        destination = self._absolute(destination)
+        owner = self._owner(step, flags["chown"]) if "chown" in flags else (0, 0)
+        mode = int(flags["chmod"], 8) if "chmod" in flags else None
+        source = self.stage.copies_from.get(step.line) if "from" in flags else None
+        destination = self._absolute(words[-1])
         existing = _lookup(self._lower(), destination)
-        # a destination that is a directory in the image already takes the file inside, as in Docker
-        into_directory = into_directory or (existing is not None and stat.S_ISDIR(existing.st_mode))
-        files = self._files(sources)
-        content = _tree_digest(files)
-        text = f"{step.instruction} {' '.join(rel for _, rel in sources)} {destination}"
+        options = "".join(f" --{name}={value}" for name, value in (
+            ("chown", f"{owner[0]}:{owner[1]}" if "chown" in flags else None),
+            ("chmod", f"{mode:04o}" if mode is not None else None)) if value)
+        if source is None:
+            sources = self._sources(step, words[:-1])
+            content = _tree_digest(self._files(sources))
+            text = f"{step.instruction}{options} {' '.join(rel for _, rel in sources)} {destination}"
+        else:
+            # the stage's last key (or the image's id) says what its files are: no digest of them needed
+            of = self.done[source].key if isinstance(source, int) else self._image(step, source)["id"]
+            sources, content = [], ""
+            text = f"{step.instruction} --from={of}{options} {' '.join(words[:-1])} {destination}"
 
         def make() -> dict:
             from stages import rootfs
 
+            found = sources or self._from_sources(step, source, words[:-1])
+            files = self._files(found, self.patterns if source is None else [])
+            into_directory = words[-1].endswith("/") or len(found) > 1 or any(
+                path.is_dir() and not path.is_symlink() for path, _ in found)
+            # a destination that is a directory in the image already takes the file inside, as in Docker
+            into_directory = into_directory or (existing is not None and stat.S_ISDIR(existing.st_mode))
             root = Path(tempfile.mkdtemp(dir=self.work, prefix="copy."))
             target = root / destination.strip("/")
-            for source, relative in sources:
-                if source.is_dir() and not source.is_symlink():
+            for path_, relative in found:
+                if path_.is_dir() and not path_.is_symlink():
                     target.mkdir(parents=True, exist_ok=True)
                     for path, inner in files:
                         if inner == relative or not inner.startswith(relative.rstrip("/") + "/" if
@@ -535,18 +862,25 @@ class Builder:
                             where.parent.mkdir(parents=True, exist_ok=True)
                             shutil.copy2(path, where, follow_symlinks=False)
                     continue
-                place = target / source.name if into_directory else target
+                # the name as written (COPY --from=x /bin/sh /usr/bin/ makes sh, wherever the link led)
+                place = target / os.path.basename(relative) if into_directory else target
                 place.parent.mkdir(parents=True, exist_ok=True)
-                if extract and not source.is_symlink() and tarfile.is_tarfile(source):
+                if extract and not path_.is_symlink() and tarfile.is_tarfile(path_):
                     # ADD: a local tar archive (plain, gzip, bzip2, xz) is unpacked, by stage 1's extractor
                     target.mkdir(parents=True, exist_ok=True)
-                    rootfs.extract(source, target)
+                    rootfs.extract(path_, target)
                 else:
-                    shutil.copy2(source, place, follow_symlinks=False)
-            for directory, _, filenames in os.walk(root):
-                for name in [*filenames, "."]:
+                    shutil.copy2(path_, place, follow_symlinks=False)
+            # root's, unless --chown says whose (Docker: "All new files and directories are created with a
+            # UID and GID of 0"); --chmod for what was copied, not the directory it went into
+            for directory, dirnames, filenames in os.walk(root):
+                for name in [*dirnames, *filenames, "."]:
+                    where = os.path.join(directory, name)
                     with contextlib.suppress(OSError):
-                        os.lchown(os.path.join(directory, name), 0, 0)
+                        os.lchown(where, *owner)
+                    if mode is not None and not os.path.islink(where) and os.path.normpath(where).startswith(
+                            str(target) + ("/" if into_directory else "")):
+                        os.chmod(where, mode)
             self._keep_parents(root, destination)
             blob = root.with_suffix(".tar")
             tar_tree(root, blob)
@@ -568,8 +902,11 @@ class Builder:
         lower = self._lower()
         config = dict(self.state.config)
         config["Env"] = flags.merge_env(config.get("Env") or images.DEFAULT_ENV, extra_env)
-        # no network (the build is offline) and no init (a bind-mount target would land in the layer)
-        options = Options(image=self.state.base["id"], command=args, network="none", init=False)
+        if not lower:
+            raise _error(step, "FROM scratch has no files, so no shell and no program to RUN",
+                         "RUN in a stage FROM busybox, and COPY --from that stage what the image needs")
+        # the network --network chose, and no init (a bind-mount target would land in the layer)
+        options = Options(image=self.state.base["id"], command=args, network=self.network, init=False)
         record = {"id": containers.new_id(), "image": f"build step {step.line}",
                   "image_id": self.state.base["id"],
                   "layers": lower, "image_config": config, "args": args, "options": options.to_dict(),
@@ -600,12 +937,20 @@ class Builder:
 
 
 def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike | None = None,
-          build_args: dict[str, str] | None = None, out=print) -> dict:
+          build_args: dict[str, str] | None = None, out=print, *, target: str | None = None,
+          network: str = "bridge") -> dict:
     """Build the Containerfile (default ``CONTEXT/Containerfile``, else ``CONTEXT/Dockerfile``) and tag the
     image ``tag``. Returns the image (as :func:`stages.runtime.images.resolve` does). A failure raises a
-    :class:`BuildError` naming the line, and leaves no container, mount or partial image behind."""
+    :class:`BuildError` naming the line, and leaves no container, mount or partial image behind.
+
+    ``target``: the stage (``FROM image AS name``) whose result is the image, default the last; stages
+    it does not need are skipped. ``network``: what RUN steps get, ``bridge`` (Docker's default: the
+    stage-3 bridge, outbound through NAT), ``host`` (the host's own network namespace) or ``none``."""
     context = Path(context)
     name = images.parse_reference(tag)
+    if network not in NETWORKS:
+        raise BuildError(f"--network {network!r} is not a network a build can use",
+                         "use --network bridge (the default), host or none")
     if not context.is_dir():
         raise BuildError(f"the build context {context} is not a directory",
                          "give the directory that holds the files to COPY, e.g. `stages build -t x .`")
@@ -614,8 +959,9 @@ def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike
         containerfile = found[0] if found else context / "Containerfile"
     steps = parse(containerfile)
     builder = Builder(context, steps, dict(build_args or {}), out)
+    builder.network = network
     try:
-        state = builder.build()
+        state = builder.build(target)
         created = state.history[-1]["created"] if state.history else images._now()
         config = {"architecture": "amd64", "os": "linux", "created": created,
                   "config": {key: value for key, value in state.config.items() if value not in (None, "")},
