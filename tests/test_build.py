@@ -350,3 +350,81 @@ def test_a_target_that_is_no_stage_and_a_network_that_is_none_are_refused(stages
     assert "one, two" in result.stderr and "STEP" not in result.stdout
     result = stages("build", "-t", "x", "--network", "wifi", str(context), check=False)
     assert result.returncode == 1 and "--network 'wifi' is not a network" in result.stderr
+
+
+# -- RUN's network: tests make the namespaces, nothing leaves the machine -------------------------------
+_netns_counter = iter(range(1_000_000))
+
+
+def _netns_name() -> str:
+    return f"stgbld{os.getpid() % 100000}x{next(_netns_counter)}"
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=20)
+
+
+def _nc_containerfile(context: Path, address: str, port: int, into: str = "/seen") -> None:
+    # the server answers with the address it sees the RUN's connection come from
+    (context / "Containerfile").write_text(f"FROM busybox\nRUN nc {address} {port} </dev/null > {into}\n")
+
+
+def _build_in(env: dict, context: Path, *argv: str, prefix: tuple[str, ...] = ()
+              ) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "stages.cli", "build", *argv, str(context)],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
+
+
+@pytest.fixture
+def build_env(home, tmp_path) -> dict:
+    env = dict(os.environ, STAGES_HOME=str(home), STAGES_RUN=str(tmp_path / "run"))
+    env.pop("STAGES_HOST_NETNS", None)
+    return env
+
+
+@pytest.mark.net
+def test_run_on_the_bridge_reaches_a_server_outside_through_nat(build_env, context):
+    """The default network: a stand-in host (STAGES_HOST_NETNS) joined by a veth to an "outside" namespace
+    with a server; the RUN's connection arrives from the host's address, as NAT makes it."""
+    from net_peers import Server
+
+    from stages.isolate.network import test_host as make_test_host
+
+    host, outside = _netns_name(), _netns_name()
+    with make_test_host(host), make_test_host(outside):
+        _ip("-n", host, "link", "add", "bth", "type", "veth", "peer", "name", "bto", "netns", outside)
+        _ip("-n", host, "addr", "add", "10.203.0.1/24", "dev", "bth")
+        _ip("-n", host, "link", "set", "bth", "up")
+        _ip("-n", outside, "addr", "add", "10.203.0.2/24", "dev", "bto")
+        _ip("-n", outside, "link", "set", "bto", "up")
+        _nc_containerfile(context, "10.203.0.2", 7300)
+        with Server(["ip", "netns", "exec", outside], 7300):
+            result = _build_in({**build_env, "STAGES_HOST_NETNS": host}, context, "-t", "bridged")
+        assert result.returncode == 0, result.stdout + result.stderr
+        links = subprocess.run(["ip", "-n", host, "-o", "link"], capture_output=True, text=True).stdout
+        assert "stages0" not in links  # the RUN's veth and the bridge went with its container
+    top = images.resolve("bridged")["layers"][-1]
+    assert (images.layer_dir(top["diff_id"]) / "seen").read_text().strip() == "10.203.0.1"
+
+
+@pytest.mark.net
+def test_run_with_network_host_and_none_in_a_namespace_the_test_makes(build_env, context):
+    """--network host: the RUN shares the network namespace the build runs in (here one the test made,
+    with a server on its loopback); --network none: the RUN has only its own lo, and cannot reach it."""
+    from net_peers import Server
+
+    from stages.isolate.network import test_host as make_test_host
+
+    with make_test_host(_netns_name()) as name:
+        _nc_containerfile(context, "127.0.0.1", 7301)
+        inside = ("nsenter", f"--net=/run/netns/{name}")  # (ip netns exec would remount /sys: no cgroups)
+        with Server(list(inside), 7301):
+            host = _build_in(build_env, context, "-t", "hosted", "--network", "host", prefix=inside)
+            # another step (the network is not part of a step's cache key, as in Docker)
+            _nc_containerfile(context, "127.0.0.1", 7301, into="/seen-without-a-network")
+            none = _build_in(build_env, context, "-t", "unnetworked", "--network", "none", prefix=inside)
+    assert host.returncode == 0, host.stdout + host.stderr
+    top = images.resolve("hosted")["layers"][-1]
+    assert (images.layer_dir(top["diff_id"]) / "seen").read_text().strip() == "127.0.0.1"
+    assert none.returncode == 1 and "Containerfile line 2: `RUN nc 127.0.0.1 7301" in none.stderr
+    assert "the command exited with 1" in none.stderr
