@@ -701,3 +701,114 @@ def test_a_failing_poststart_or_poststop_hook_is_a_warning_in_the_log(tmp_path, 
     assert len(warnings) == 2, warnings
     assert "poststart" in warnings[0] and "poststop" in warnings[1], warnings
     assert all("status 4" in line or "exit" in line for line in warnings), warnings
+
+
+# -- --preserve-fds, and signals in the foreground ---------------------------------------------------------
+def read_all(fd: int, timeout: float = 20) -> bytes:
+    """What a pipe gives until every write end is closed (or time is up)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def with_pipes(runtime, tmp_path, *args, pipes: int = 1) -> tuple[int, list[bytes], Path]:
+    """The command with the write ends of ``pipes`` new pipes as its descriptors 3, 4 ... (as conmon
+    leaves a socket for socket activation); its exit code and what came through each pipe."""
+    ends = [os.pipe() for _ in range(pipes)]
+    out = tmp_path / f"piped-{runtime.count}"
+    runtime.count += 1
+    try:
+        pid = runtime.spawn(*args, out=out,
+                            extra=[(os.POSIX_SPAWN_DUP2, write, 3 + n) for n, (_, write) in enumerate(ends)])
+    finally:
+        for _, write in ends:
+            os.close(write)
+    try:
+        code = runtime.reaper.wait(pid, 60)
+        return code, [read_all(read) for read, _ in ends], out
+    finally:
+        for read, _ in ends:
+            os.close(read)
+
+
+def test_preserve_fds_passes_the_callers_descriptors_on(tmp_path, runtime, busybox_rootfs):
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", "echo through-3 > /proc/self/fd/3"])
+    code, (seen,), out = with_pipes(runtime, tmp_path, "run", "--preserve-fds", "1", "-b", path, container)
+    assert (code, seen) == (0, b"through-3\n"), out.read_text()
+    # without it the descriptor does not reach the container: the write fails, nothing comes through
+    code, (seen,), out = with_pipes(runtime, tmp_path, "run", "-b", path, container)
+    assert code != 0 and seen == b"" and "/proc/self/fd/3" in out.read_text()
+
+    # create: the waiting init holds it until the program runs (conmon's create, then start)
+    read, write = os.pipe()
+    try:
+        pid = runtime.spawn("create", "--preserve-fds", "1", "-b", path, container, out=tmp_path / "created",
+                            extra=[(os.POSIX_SPAWN_DUP2, write, 3)])
+        os.close(write)
+        assert runtime.reaper.wait(pid, 60) == 0, (tmp_path / "created").read_text()
+        assert runtime("start", container).code == 0
+        assert read_all(read) == b"through-3\n"
+    finally:
+        os.close(read)
+    assert runtime.wait_for(container, "stopped")["status"] == "stopped"
+    assert runtime("delete", container).code == 0
+
+    sleeper = bundle(tmp_path, busybox_rootfs, ["sleep", "60"], name="sleeper")
+    assert runtime("run", "--detach", "-b", sleeper, container).code == 0
+    code, seen, out = with_pipes(runtime, tmp_path, "exec", "--preserve-fds", "2", container,
+                                 "sh", "-c", "echo three > /proc/self/fd/3; echo four > /proc/self/fd/4",
+                                 pipes=2)
+    assert (code, seen) == (0, [b"three\n", b"four\n"]), out.read_text()
+    code, seen, out = with_pipes(runtime, tmp_path, "exec", container, "ls", "/proc/self/fd", pipes=2)
+    listed = out.read_text().split()  # ls's own directory is 3
+    assert code == 0 and seen == [b"", b""] and listed[:3] == ["0", "1", "2"] and "4" not in listed, listed
+    code, _, out = with_pipes(runtime, tmp_path, "exec", "--preserve-fds", "3", container, "true", pipes=2)
+    assert code == 1 and "descriptor 5 is not open" in out.read_text()
+    assert runtime("delete", "--force", container).code == 0
+
+
+def container_pids(container: str, root: Path) -> list[int]:
+    return oci.container._cgroup_of(statefile.read(container, str(root))).pids()
+
+
+def test_signals_to_a_foreground_exec_or_run_reach_the_container(tmp_path, runtime, busybox_rootfs):
+    # as runc: a supervisor that stops the command stops what it runs, and the command exits as that did
+    container = name(tmp_path)
+    trapping = "trap 'exit 3' INT; trap 'exit 4' TERM; echo ready; while :; do usleep 10000; done"
+    path = bundle(tmp_path, busybox_rootfs, ["sh", "-c", trapping])
+    out = tmp_path / "run-out"
+    pid = runtime.spawn("run", "-b", path, container, out=out)
+    assert "ready" in wait_for_text(out, "ready")
+    os.kill(pid, signal.SIGINT)  # the init (PID 1 inside) gets only what it has a handler for
+    assert runtime.reaper.wait(pid, 30) == 3, out.read_text()
+    assert not (runtime.root / container).exists()
+
+    assert runtime("run", "--detach", "-b", path, container).code == 0
+    for number, args, code in ((signal.SIGTERM, ["sleep", "60"], 128 + signal.SIGTERM),
+                               (signal.SIGHUP, ["sleep", "60"], 128 + signal.SIGHUP),
+                               (signal.SIGINT, ["sh", "-c", trapping], 3)):
+        before = set(container_pids(container, runtime.root))
+        out = tmp_path / f"exec-out-{number}"
+        pid = runtime.spawn("exec", container, *args, out=out)
+        deadline = time.monotonic() + 10
+        while len(container_pids(container, runtime.root)) <= len(before) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        new = set(container_pids(container, runtime.root)) - before
+        assert new, out.read_text()
+        if args[0] == "sh":
+            wait_for_text(out, "ready")
+        os.kill(pid, number)
+        assert runtime.reaper.wait(pid, 30) == code, (number, out.read_text())
+        deadline = time.monotonic() + 5
+        while set(container_pids(container, runtime.root)) & new and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not set(container_pids(container, runtime.root)) & new  # the exec'd process has ended
+    assert runtime("delete", "--force", container).code == 0

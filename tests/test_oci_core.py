@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.errors import StagesError
 from stages.runtime import oci
 from stages.runtime.oci import process as oci_process
 from stages.runtime.oci import statefile as oci_state
@@ -510,3 +511,51 @@ def test_podmans_config_json_runs(tmp_path, root, busybox_rootfs):
     assert lines[:4] == ["be94b851e401", "from-podman", "127.0.0.1 localhost", 'engine="podman"'], lines
     assert lines[4:] == ["0022", "gid=5", "Seccomp:\t2", "0\t0", "shm-ok", "hi"], lines
     assert (tmp_path / "userdata" / "shm" / "x").exists()  # /dev/shm was podman's directory
+
+
+# -- preserve_fds ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threaded", [False, True], ids=["forked", "spawned"])
+def test_preserved_descriptors_reach_the_program_and_no_others(tmp_path, root, busybox_rootfs, python,
+                                                               threaded):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs,
+                         ["sh", "-c", "echo run > /proc/self/fd/3; ls /proc/self/fd > /proc/self/fd/3"])
+    sleeper = make_bundle(tmp_path / "sleeper", busybox_rootfs, ["sleep", "60"])
+    report = run_script(python, """
+        if THREADED:  # a thread makes the runtime spawn its helpers: the descriptors go as file actions
+            stop = threading.Event()
+            threading.Thread(target=stop.wait, daemon=True).start()
+        def through(call):
+            os.open(os.devnull, os.O_RDONLY)  # holds 3, so that the pipe comes above it
+            read, write = os.pipe()  # close-on-exec, as Python opens everything (PEP 446)
+            os.dup2(write, 3, inheritable=False)
+            extra = os.open("/", os.O_RDONLY)  # 5: open here, never passed on
+            os.close(write)
+            try:
+                code = call()
+            finally:
+                os.close(3)
+                os.close(extra)
+            with os.fdopen(read) as handle:
+                return code, handle.read().split()
+        ran = through(lambda: oci.run("pf", BUNDLE, root=ROOT, preserve_fds=1))
+        oci.create("pfx", SLEEPER, root=ROOT)
+        oci.start("pfx", root=ROOT)
+        try:
+            execed = through(lambda: oci.exec_process(
+                "pfx", {"args": ["sh", "-c", "echo exec > /proc/self/fd/3"], "cwd": "/"}, root=ROOT,
+                preserve_fds=1))
+        finally:
+            oci.delete("pfx", force=True, root=ROOT)
+        print(json.dumps({"ran": ran, "execed": execed}))
+        """, THREADED=threaded, BUNDLE=bundle, SLEEPER=sleeper, ROOT=root)
+    code, words = report["ran"]
+    # stdio, the pipe at 3, and ls's own directory at 4: not the caller's 5 (the root directory)
+    assert code == 0 and words == ["run", "0", "1", "2", "3", "4"], words
+    assert report["execed"] == [0, ["exec"]]
+
+
+def test_preserve_fds_of_a_closed_descriptor_is_refused(tmp_path, root, busybox_rootfs):
+    bundle = make_bundle(tmp_path / "bundle", busybox_rootfs, ["true"])
+    with pytest.raises(StagesError, match=r"--preserve-fds 998: descriptor \d+ is not open"):
+        oci.create("pf", bundle, root=root, preserve_fds=998)
+    assert oci.list_containers(root) == []

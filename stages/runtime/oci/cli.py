@@ -28,7 +28,11 @@ Options runc takes that mean nothing different here are accepted, and the log sa
 ``--no-pivot`` (we always pivot_root(2)), ``--no-new-keyring`` (we never make a session keyring),
 ``--systemd-cgroup`` and ``--cgroup-manager`` (no systemd unit is asked for: the container's cgroup is
 made below the caller's own cgroup, named after cgroupsPath's last part, as cgroups(7) lets a process
-manage only its own subtree). What we cannot honour is refused in one sentence: ``--preserve-fds N``.
+manage only its own subtree). ``--preserve-fds N`` passes our descriptors 3 .. 3+N-1 on to the container's
+program (conmon's socket activation); each must be open.
+
+In the foreground, ``run`` and ``exec`` pass SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH on to
+the container's process (``run``: its init; ``exec``: the exec'd process) and exit as it ended, as runc does.
 
 The supervisor calls the runtime several times per container, so start-up counts: nothing heavier than
 :mod:`argparse` is imported until a command needs it.
@@ -205,7 +209,7 @@ def build_parser(only: str | None = None) -> Parser:
         sub.add_argument("--no-new-keyring", action="store_true",
                          help="accepted; this runtime never makes a session keyring of its own")
         sub.add_argument("--preserve-fds", type=int, default=0, metavar="N",
-                         help="pass N more file descriptors (3 ...) on (only 0 is supported)")
+                         help="pass N more file descriptors (3 .. 3+N-1) on to the program")
 
     sub = command("create", "create a container: its init sets itself up and waits for start", "id")
     launch_options(sub)
@@ -233,7 +237,8 @@ def build_parser(only: str | None = None) -> Parser:
     sub.add_argument("--additional-gids", "-g", action="append", default=[], type=int, metavar="GID")
     sub.add_argument("--cap", "-c", action="append", default=[], metavar="CAP", help="add a capability")
     sub.add_argument("--no-new-privs", action="store_true", help="set no_new_privs")
-    sub.add_argument("--preserve-fds", type=int, default=0, metavar="N", help="only 0 is supported")
+    sub.add_argument("--preserve-fds", type=int, default=0, metavar="N",
+                     help="pass N more file descriptors (3 .. 3+N-1) on to the process")
     sub.add_argument("--ignore-paused", action="store_true", help=argparse.SUPPRESS)
     sub.add_argument("args", nargs=argparse.REMAINDER, help="the command and its arguments")
     sub = command("ps", "the processes in the container (its cgroup), as ps(1) shows them", "id")
@@ -266,15 +271,11 @@ def _record(title: str):
     return StepRecord(title)
 
 
-def _check_launch(args, log: Log) -> None:
-    from stages.errors import StagesError
-
+def _check_launch(args, log: Log) -> dict:
+    """The options of create and run that go to the library as they are."""
     if args.no_pivot:
         log.info("--no-pivot: this runtime always pivots into the rootfs (pivot_root(2)); it never chroots")
-    if args.preserve_fds:
-        raise StagesError(f"--preserve-fds {args.preserve_fds}: passing extra file descriptors into the "
-                          "container is not supported by this runtime",
-                          "leave --preserve-fds out (podman: do not use --preserve-fds)")
+    return {"preserve_fds": args.preserve_fds} if args.preserve_fds else {}
 
 
 def _accepts(function, name: str) -> bool:
@@ -285,9 +286,9 @@ def _accepts(function, name: str) -> bool:
 
 def do_create(args, log: Log) -> int:
     oci = _oci()
-    _check_launch(args, log)
+    options = _check_launch(args, log)
     record = _record(f"create {args.id}")
-    options = _terminal_options(oci.create, args)
+    options.update(_terminal_options(oci.create, args))
     options.update(_detach_option(oci.create))
     try:
         oci.create(args.id, args.bundle, root=args.root, pid_file=args.pid_file, record=record, **options)
@@ -375,13 +376,18 @@ def do_delete(args, log: Log) -> int:
     return 0
 
 
+#: The signals ``run`` and ``exec`` in the foreground pass on to the container's process (runc's, less
+#: SIGCHLD and the job-control ones, which are the terminal's business).
+FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+
+
 def do_run(args, log: Log) -> int:
     import signal
 
     oci = _oci()
-    _check_launch(args, log)
+    options = _check_launch(args, log)
     record = _record(f"run {args.id}")
-    options = _terminal_options(oci.create, args)
+    options.update(_terminal_options(oci.create, args))
     if args.detach:
         options.update(_detach_option(oci.create))
     try:
@@ -404,8 +410,8 @@ def do_run(args, log: Log) -> int:
         except Exception as error:  # it may be ending already
             log.debug(f"could not forward signal {number}: {error}")
 
-    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
-        signal.signal(number, forward)
+    for name in FORWARDED:
+        signal.signal(getattr(signal, name), forward)
     try:
         oci.start(args.id, root=args.root)
         code = oci.wait(args.id, root=args.root)
@@ -421,9 +427,6 @@ def do_exec(args, log: Log) -> int:
     from stages.errors import StagesError
 
     oci = _oci()
-    if args.preserve_fds:
-        raise StagesError(f"--preserve-fds {args.preserve_fds}: not supported by this runtime",
-                          "leave --preserve-fds out")
     process = exec_process_object(args)
     if args.tty and not args.console_socket:
         raise StagesError("exec --tty needs --console-socket: the terminal's master end is sent there",
@@ -436,6 +439,10 @@ def do_exec(args, log: Log) -> int:
             raise StagesError("exec --pid-file without --detach is not supported by this runtime yet",
                               "add --detach, or leave out --pid-file")
         options["pid_file"] = args.pid_file
+    if args.preserve_fds:
+        options["preserve_fds"] = args.preserve_fds
+    if not args.detach:
+        options["started"] = _forward_signals_to_process(log)
     record = _record(f"exec {args.id}")
     try:
         result = oci.exec_process(args.id, process, root=args.root, record=record, detach=args.detach,
@@ -451,6 +458,38 @@ def do_exec(args, log: Log) -> int:
     if result is None:
         return 0
     return 128 - result if result < 0 else result
+
+
+def _forward_signals_to_process(log: Log):
+    """From now on the signals in :data:`FORWARDED` are meant for the exec'd process, as under ``runc exec``
+    (a supervisor stopping the command stops the process): those that arrive before it runs wait, and go to
+    it once it does. Returns the callback that learns its PID (the library's ``started``)."""
+    import signal
+
+    pending: list[int] = []
+    target: list[int] = []
+
+    def send(number: int) -> None:
+        try:
+            os.kill(target[0], number)
+        except ProcessLookupError:  # it has ended: its end is what we exit with
+            pass
+
+    def forward(number: int, _frame) -> None:
+        if target:
+            send(number)
+        else:
+            pending.append(number)
+
+    def started(pid: int) -> None:
+        target.append(pid)
+        log.debug(f"exec: the process runs as PID {pid}; signals to {PROGRAM} go to it")
+        while pending:
+            send(pending.pop(0))
+
+    for name in FORWARDED:
+        signal.signal(getattr(signal, name), forward)
+    return started
 
 
 def exec_process_object(args) -> dict:

@@ -56,7 +56,8 @@ def _posix_spawn(args: list[str], targets: dict[int, int | None]) -> int:
     the next (ours may be 3 and a target 3: the file actions run in order, posix_spawn(3))."""
     import fcntl
 
-    copies = {target: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for target, fd in targets.items()
+    above = max(10, max(targets) + 1)
+    copies = {target: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for target, fd in targets.items()
               if fd is not None}
     try:
         actions = [(os.POSIX_SPAWN_DUP2, copy, target) for target, copy in copies.items()]
@@ -88,13 +89,37 @@ def _spawn(plan: oci_spec.Plan, fifo: int, stdio, detach: bool = False) -> tuple
                     os._exit(1)
         else:
             python = sys.executable  # the virtualenv's own, so that its packages are found
-            # dup2 clears close-on-exec: the fresh interpreter finds the socket at 3 and the FIFO at 4
-            pid = _posix_spawn([python, "-m", "stages.runtime.oci.process", "3", "4"],
-                               {**dict(enumerate(fds)), 3: theirs.fileno(), 4: fifo})
+            # dup2 clears close-on-exec: the fresh interpreter finds the socket and the FIFO just above
+            # stdio and the descriptors preserved for the program (which keep their numbers)
+            kept = _preserved(plan.preserve_fds)
+            sock_fd, fifo_at = 3 + plan.preserve_fds, 4 + plan.preserve_fds
+            pid = _posix_spawn([python, "-m", "stages.runtime.oci.process", str(sock_fd), str(fifo_at)],
+                               {**dict(enumerate(fds)), **kept, sock_fd: theirs.fileno(), fifo_at: fifo})
             process.send(ours, {"plan": plan.to_dict(), "detach": detach})
     finally:
         theirs.close()
     return pid, ours
+
+
+def _preserved(count: int) -> dict[int, int]:
+    """Descriptors 3 .. 3+count-1, each passed on at its own number (runc's --preserve-fds)."""
+    return {number: number for number in range(3, 3 + count)}
+
+
+def _check_preserved(count: int) -> None:
+    """``preserve_fds``: a number, and each of those descriptors open here (or the program would get one
+    of the runtime's own under that number)."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise StagesError(f"--preserve-fds {count!r}: give a number of descriptors (0 or more)",
+                          "for instance --preserve-fds 1 passes descriptor 3 on")
+    for number in range(3, 3 + count):
+        try:
+            os.fstat(number)
+        except OSError:
+            raise StagesError(f"--preserve-fds {count}: descriptor {number} is not open, so there is nothing "
+                              "to pass on",
+                              f"open descriptors 3 to {2 + count} before calling the runtime, or pass "
+                              f"--preserve-fds {number - 3}") from None
 
 
 def _child_environment() -> dict[str, str]:
@@ -131,7 +156,7 @@ def _cgroup_name(container_id: str, cgroups_path: str) -> str:
 def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike | None = None,
            pid_file: str | os.PathLike | None = None, stdio=None, record: StepRecord | None = None,
            detach: bool = False, console_socket: str | os.PathLike | None = None,
-           console: Console | None = None) -> dict:
+           console: Console | None = None, preserve_fds: int = 0) -> dict:
     """Create the container ``container_id`` from the OCI bundle ``bundle``; returns its state.
 
     The init is left waiting: ``start`` makes it exec ``process.args``. ``root`` is the state root
@@ -152,6 +177,10 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     SCM_RIGHTS carry the master (runc's protocol, ``--console-socket``); or, in-process, to
     ``console(master_fd, name)``, which then owns the descriptor (closes it when done). The master
     arrives during ``create``, before the program runs.
+
+    ``preserve_fds`` N (``runc create --preserve-fds``): the program inherits this process's descriptors
+    3 .. 3+N-1 at the same numbers (a socket for socket activation, a pipe), after stdio; each must be
+    open. Every other descriptor of ours is closed at its execve(2).
     """
     from stages.isolate.cgroups import Cgroup
     from stages.runtime.oci import process
@@ -159,7 +188,9 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     oci_spec.check_id(container_id)
     if not kernel.is_root():
         raise NotRootError("creating a container")
+    _check_preserved(preserve_fds)
     config, plan = oci_spec.load(bundle)
+    plan.preserve_fds = preserve_fds
     _check_console(plan.process.terminal, console_socket, console)
     record = record if record is not None else StepRecord(f"create {container_id}")
     base = oci_state.root_directory(root)
@@ -617,11 +648,13 @@ def wait(container_id: str, *, root: str | os.PathLike | None = None) -> int | N
 
 
 def run(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike | None = None, stdio=None,
-        record: StepRecord | None = None, keep: bool = False, console: Console | None = None) -> int | None:
+        record: StepRecord | None = None, keep: bool = False, console: Console | None = None,
+        preserve_fds: int = 0) -> int | None:
     """create + start + wait, then delete (unless ``keep``): the container's exit code, negative for the
-    signal that killed it. ``console`` receives the terminal of a ``process.terminal`` container (see
-    :func:`create`)."""
-    create(container_id, bundle, root=root, stdio=stdio, record=record, console=console)
+    signal that killed it. ``console`` receives the terminal of a ``process.terminal`` container, and
+    ``preserve_fds`` descriptors pass on to it (see :func:`create`)."""
+    create(container_id, bundle, root=root, stdio=stdio, record=record, console=console,
+           preserve_fds=preserve_fds)
     try:
         start(container_id, root=root, record=record)
         return wait(container_id, root=root)
@@ -633,7 +666,9 @@ def run(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathLike
 def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | None = None, stdio=None,
                  record: StepRecord | None = None, detach: bool = False,
                  console_socket: str | os.PathLike | None = None,
-                 console: Console | None = None) -> int | None:
+                 console: Console | None = None, preserve_fds: int = 0,
+                 pid_file: str | os.PathLike | None = None,
+                 started: Callable[[int], None] | None = None) -> int | None:
     """Run one more process in a running container (``runc exec``); its exit code, or with ``detach``
     its PID (on the host) as soon as it runs. Detached, no process of ours stays behind: the helper
     ends once the process has exec'd (and is reaped here), so the process is reparented to the nearest
@@ -644,6 +679,10 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
     /proc/PID/ns/* (setns(2)), which also puts it in the container's root, then takes its user and
     capabilities and execs. ``terminal`` true in ``process`` gives it a new pseudo-terminal, whose master
     goes to ``console_socket`` or ``console``, as in :func:`create` (``podman exec -it``).
+
+    ``preserve_fds`` N passes our descriptors 3 .. 3+N-1 on, as in :func:`create`. ``pid_file`` receives
+    the new process's host PID once it runs; ``started(pid)`` is called then too, before the wait: a
+    command-line runtime forwards the signals it gets to that PID (``runc exec`` in the foreground).
     """
     from stages.runtime.oci import process as oci_process
 
@@ -660,8 +699,9 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
         cgroup_files = [os.path.join(d, "cgroup.procs") for d in cgroup.unique_directories()]
     record = record if record is not None else StepRecord(f"exec {container_id}")
     seccomp = data.get("stages", {}).get("seccomp")  # the container's filter binds what is exec'd in it too
+    _check_preserved(preserve_fds)
     message = {"exec": {"target": data["pid"], "cgroup_files": cgroup_files, "process": wanted.__dict__,
-                        "seccomp": seccomp}, "detach": detach}
+                        "seccomp": seccomp, "preserve_fds": preserve_fds}, "detach": detach}
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds = [_fd(item) for item in (stdio or (None, None, None))]
     try:
@@ -672,12 +712,14 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
                     gc.disable()
                     ours.close()
                     oci_process.exec_process(theirs, data["pid"], cgroup_files, wanted, fds, detach,
-                                             seccomp=seccomp)
+                                             seccomp=seccomp, preserve_fds=preserve_fds)
                 finally:
                     os._exit(1)
         else:
-            helper = _posix_spawn([sys.executable, "-m", "stages.runtime.oci.process", "3"],
-                                  {**dict(enumerate(fds)), 3: theirs.fileno()})
+            sock_fd = 3 + preserve_fds  # above the preserved descriptors, which keep their numbers
+            helper = _posix_spawn([sys.executable, "-m", "stages.runtime.oci.process", str(sock_fd)],
+                                  {**dict(enumerate(fds)), **_preserved(preserve_fds),
+                                   sock_fd: theirs.fileno()})
             oci_process.send(ours, message)
     finally:
         theirs.close()
@@ -699,7 +741,11 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
             pid = reply.get("pid", pid)
         if pid is None:
             raise _died(helper, None)
+        if pid_file is not None:
+            oci_state.write_text(os.fspath(pid_file), f"{pid}\n")
         undo.pop_all()
+    if started is not None:
+        started(pid)
     if detach:
         _reap(helper, 5.0)  # it ended as the process exec'd
         return pid

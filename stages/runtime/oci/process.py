@@ -299,7 +299,7 @@ def init_process(sock: socket.socket, plan: Plan, fifo: int, release: int | None
         os.close(fifo)
         if hooks is not None:
             hooks.start_container()  # on failure the init reports to `start` and ends here
-        close_inherited()
+        close_inherited(plan.preserve_fds)
         for number in _RESET_SIGNALS:
             signal.signal(number, signal.SIG_DFL)  # ignored signals would stay ignored across execve(2)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -639,13 +639,14 @@ JOIN_ORDER = ("cgroup", "ipc", "uts", "net", "pid", "time", "mount", "user")
 
 def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], process: Process,
                  stdio: list[int | None] | None = None, detach: bool = False,
-                 seccomp: dict | None = None) -> None:
+                 seccomp: dict | None = None, preserve_fds: int = 0) -> None:
     """The exec helper's life (never returns): join the cgroup and the namespaces of process ``target``
     (the container's init), fork the new process into its PID namespace, and pass on how it ended.
 
     With ``detach`` the helper ends as soon as the new process has exec'd, so that it is reparented to
     the caller's subreaper (``runc exec --detach`` under conmon). ``seccomp``: the container's compiled
-    filter, which binds every process in it (runc applies it on exec too)."""
+    filter, which binds every process in it (runc applies it on exec too). ``preserve_fds``: the
+    process inherits our descriptors 3 .. 3+N-1 (runc exec --preserve-fds)."""
     status = 1
     try:
         _take_stdio_ignore_keyboard(stdio)
@@ -670,7 +671,7 @@ def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], proc
             with steps.record("# fork: the child lives in the container's PID namespace", where="inside"):
                 pid = os.fork()
             if pid == 0:
-                _exec_child(sock, process, detach, seccomp)  # never returns
+                _exec_child(sock, process, detach, seccomp, preserve_fds)  # never returns
         send(sock, {"pid": pid, "steps": record.to_dicts()})
         sock.close()
         if detach:
@@ -692,7 +693,12 @@ def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], proc
 def close_inherited(keep: int = 0) -> None:
     """Mark every descriptor above stdio (and the ``keep`` after it) close-on-exec, so that the program
     inherits nothing its runtime's caller left open: conmon's pipes, a host file, or a host directory,
-    which would be a way out of the rootfs (runc's CVE-2024-21626). runc does the same before execve(2)."""
+    which would be a way out of the rootfs (runc's CVE-2024-21626). runc does the same before execve(2).
+
+    The ``keep`` after stdio (runc's --preserve-fds) are made inheritable: a caller in Python opens its
+    descriptors close-on-exec (PEP 446), and passing them on is the point."""
+    for number in range(3, 3 + keep):
+        os.set_inheritable(number, True)
     try:
         numbers = [int(name) for name in os.listdir("/proc/self/fd")]  # the container's /proc, if mounted
     except OSError:
@@ -706,7 +712,7 @@ def close_inherited(keep: int = 0) -> None:
 
 
 def _exec_child(sock: socket.socket, process: Process, detach: bool = False,
-                seccomp: dict | None = None) -> None:
+                seccomp: dict | None = None, preserve_fds: int = 0) -> None:
     record = steps.StepRecord()
     try:
         kernel.set_parent_death_signal(signal.SIGKILL)
@@ -731,7 +737,7 @@ def _exec_child(sock: socket.socket, process: Process, detach: bool = False,
             # detached, it outlives its helper by design (reparented to the caller's subreaper)
             kernel.set_parent_death_signal(0 if detach else signal.SIGKILL)
         send(sock, {"steps": record.to_dicts()})
-        close_inherited()
+        close_inherited(preserve_fds)
         for number in _RESET_SIGNALS:
             signal.signal(number, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -748,7 +754,8 @@ def _exec_child(sock: socket.socket, process: Process, detach: bool = False,
 
 def main(argv: list[str]) -> int:
     """``python -m stages.runtime.oci.process SOCKET [FIFO]``: the setup process (or an exec helper),
-    started fresh by a threaded caller; both are file descriptors."""
+    started fresh by a threaded caller; both are file descriptors (3 and 4, or above the descriptors
+    the caller preserves for the program)."""
     sock = socket.socket(fileno=int(argv[0]))
     sock.set_inheritable(False)  # dup2 made it inheritable: the container's program must not hold it
     message = receive(sock)
@@ -758,7 +765,8 @@ def main(argv: list[str]) -> int:
     if "exec" in message:
         exec_process(sock, message["exec"]["target"], message["exec"]["cgroup_files"],
                      Process(**message["exec"]["process"]), detach=message.get("detach", False),
-                     seccomp=message["exec"].get("seccomp"))
+                     seccomp=message["exec"].get("seccomp"),
+                     preserve_fds=message["exec"].get("preserve_fds", 0))
     else:
         setup_process(sock, Plan.from_dict(message["plan"]), int(argv[1]),
                       detach=message.get("detach", False))

@@ -162,6 +162,9 @@ class Plan:
     hooks: dict[str, list[dict]] = field(default_factory=dict)  # kind -> hooks (stages.runtime.oci.hooks)
     #: linux.devices, checked: path, target (below the rootfs), type (c, b or p), major, minor, mode, uid, gid
     device_nodes: list[dict] = field(default_factory=list)
+    #: not from config.json but from the caller (runc's --preserve-fds N): the program inherits the
+    #: runtime's descriptors 3 .. 3+N-1 as they are (conmon's socket activation, podman run --preserve-fds)
+    preserve_fds: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
