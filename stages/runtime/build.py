@@ -976,4 +976,5 @@ def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike
     return image
 
 
-__all__ = ["BuildError", "build", "parse", "substitute", "ignored", "ignore_patterns", "tar_upper"]
+__all__ = ["BuildError", "Stage", "build", "copy_flags", "parse", "plan", "substitute", "ignored",
+           "ignore_patterns", "tar_upper"]
