@@ -270,12 +270,18 @@ def test_a_multi_stage_build_keeps_only_what_the_last_stage_copied(stages, conte
     # built again: every step of the needed stages from the cache, the same image
     again = stages("build", "-t", "multi", str(context)).stdout
     assert again.count("--> cache hit") == 5 and images.resolve("multi")["id"] == image["id"]
+    # the builder changed: its RUN, the stage FROM it, and the COPYs --from it run again (and the one after
+    # them: a step's key includes the key before it)
+    (context / "Containerfile").write_text(MULTI_STAGE.replace("built in the builder", "built again"))
+    assert "--> cache hit" not in stages("build", "-t", "multi", str(context)).stdout
+    assert _tree(_flat(tmp_path, "multi")) == _tree(flat)
+    assert (tmp_path / "flat-multi" / "greeting").read_text() == "built again\n"
 
     # --target: the image is that stage's (FROM builder carried the builder's files and config on)
     out = stages("build", "-t", "multi:tested", "--target", "tested", str(context)).stdout
     assert "[3/4] skipped" in out and "[4/4] skipped" in out and "--> cache hit" in out
     assert stages("run", "--rm", "multi:tested", "sh", "-c", "cat /out/greeting /junk.txt; ls /tested"
-                  ).stdout == "built in the builder\njunk\n/tested\n"
+                  ).stdout == "built again\njunk\n/tested\n"
 
 
 def test_a_stage_that_starts_from_another_and_copies_a_directory_through_a_link(stages, context):
