@@ -339,7 +339,7 @@ def test_chown_and_chmod_set_the_owner_and_mode_seen_inside(stages, context):
      "/nothing/here is not in stage b", False),
     ("FROM scratch\nRUN true\n", 2, "FROM scratch has no files", False),
 ])
-def test_a_multi_stage_mistake_names_its_line(stages, context, text, line, problem, before_any_step):
+def test_a_multi_stage_mistake_names_its_line(stages, context, home, text, line, problem, before_any_step):
     (context / "Containerfile").write_text(text)
     result = stages("build", "-t", "mistake", str(context), check=False)
     assert result.returncode == 1
@@ -347,6 +347,7 @@ def test_a_multi_stage_mistake_names_its_line(stages, context, text, line, probl
     assert "hint:" in result.stderr and "Traceback" not in result.stderr
     assert "mistake:latest" not in images.repositories()
     assert ("STEP" not in result.stdout) == before_any_step
+    assert _left_behind(home) == []  # no container, mount, or flattened stage left in the scratch space
 
 
 def test_a_target_that_is_no_stage_and_a_network_that_is_none_are_refused(stages, context):
