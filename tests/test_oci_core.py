@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -559,3 +560,50 @@ def test_preserve_fds_of_a_closed_descriptor_is_refused(tmp_path, root, busybox_
     with pytest.raises(StagesError, match=r"--preserve-fds 998: descriptor \d+ is not open"):
         oci.create("pf", bundle, root=root, preserve_fds=998)
     assert oci.list_containers(root) == []
+
+
+# -- what the runtime refuses, as docs/oci-runtime.md lists it ---------------------------------------------
+def set_field(config: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        config = config[int(part)] if part.isdigit() else config.setdefault(part, {})
+    config[parts[-1]] = value
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("linux.resources.memory.disableOOMKiller", True, None),
+    ("linux.resources.memory.useHierarchy", False, None),
+    ("linux.resources.cpu.burst", 1000, None),
+    ("linux.memoryPolicy", {"mode": "MPOL_BIND", "nodes": "0"}, None),
+    ("linux.netDevices", {"eth1": {"name": "eth1"}}, None),
+    ("mounts.0.uidMappings", [{"containerID": 0, "hostID": 1000, "size": 1}], "mounts[0].uidMappings"),
+    ("process.commandLine", "sh -c true", None),
+    ("windows", {"layerFolders": ["C:\\\\layers"]}, None),
+    ("vm", {"kernel": {"path": "/vmlinuz"}}, None),
+])
+def test_a_field_the_runtime_cannot_honour_is_refused_by_name(tmp_path, busybox_rootfs, field, value, named):
+    config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
+    set_field(config, field, value)
+    bundle = oci.write_bundle(tmp_path / "b", config)
+    with pytest.raises(oci.SpecError, match=re.escape(f"config.json: {named or field}: ")):
+        oci.load(bundle)
+
+
+def test_false_asks_for_nothing(tmp_path, busybox_rootfs):
+    config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
+    config["linux"].setdefault("resources", {})["memory"] = {
+        "limit": 64 << 20, "disableOOMKiller": False, "useHierarchy": True, "checkBeforeUpdate": False}
+    oci.load(oci.write_bundle(tmp_path / "b", config))
+
+
+def test_the_commands_the_docs_call_missing_are_missing():
+    from stages.runtime.oci import cli
+
+    text = Path(PROJECT, "docs", "oci-runtime.md").read_text()
+    line = text.partition("**Commands runc has and stages-oci has not**")[2].partition("\n- ")[0]
+    missing, _, present = line.partition("(`ps`")
+    present = "`ps`" + present
+    missing_names = re.findall(r"`(\w+)`", missing)
+    assert {"update", "checkpoint", "restore", "events"} <= set(missing_names)
+    assert not set(missing_names) & set(cli.HANDLERS)
+    assert set(re.findall(r"`(\w+)`", present)) <= set(cli.HANDLERS)

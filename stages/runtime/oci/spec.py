@@ -86,6 +86,15 @@ _UNSUPPORTED = {
     "linux.resources.cpu.cpus": "cpusets are not set by this runtime; quota and period are",
     "linux.resources.cpu.mems": "cpusets are not set by this runtime",
     "linux.resources.cpu.idle": "SCHED_IDLE cgroups are not set by this runtime",
+    "linux.resources.cpu.burst": "CPU burst is not set by this runtime; quota and period are",
+    "linux.resources.memory.disableOOMKiller": "the OOM killer is not turned off by this runtime: a "
+                                               "container over its memory limit is killed",
+    "linux.memoryPolicy": "NUMA memory policies (set_mempolicy(2)) are not set by this runtime",
+    "linux.netDevices": "moving network devices into the container is not done by this runtime",
+    "process.commandLine": "a command line as one string is for Windows containers; give process.args",
+    "windows": "Windows containers are not run by this runtime",
+    "solaris": "Solaris containers are not run by this runtime",
+    "vm": "virtual-machine containers are not run by this runtime",
 }
 
 
@@ -241,8 +250,13 @@ def plan(config: dict, bundle: str) -> Plan:
         raise refuse("ociVersion", f"{version!r} is not a version 1 of the runtime spec",
                      f'set "ociVersion": "{OCI_VERSION}"')
     for name, why in _UNSUPPORTED.items():
-        if _get(config, name) not in (None, [], {}, ""):
+        value = _get(config, name)
+        if value is not None and value is not False and value not in ([], {}, ""):  # false asks for nothing
             raise refuse(name, why)
+    if _get(config, "linux.resources.memory.useHierarchy") is False:
+        raise refuse("linux.resources.memory.useHierarchy", "cannot be false: the kernel always accounts a "
+                     "cgroup's memory to its parents (cgroup v2, and v1 since Linux 5.x)",
+                     "leave useHierarchy out, or set it to true")
     linux = _typed(config.get("linux"), dict, "linux", {})
 
     root = _typed(config.get("root"), dict, "root")
@@ -488,6 +502,11 @@ def _mount(item, index: int, rootfs: str, bundle: str) -> Mount:
     for unsupported in ("idmap", "ridmap", "tmpcopyup"):
         if unsupported in options:
             raise refuse(f"{name}.options", f"{unsupported!r} is not supported by this runtime")
+    for field_name in ("uidMappings", "gidMappings"):
+        if item.get(field_name):
+            raise refuse(f"{name}.{field_name}",
+                         "idmapped mounts (mount_setattr(2)) are not made by this runtime",
+                         f"remove {name}.{field_name}, or map the files' owners in the rootfs itself")
     flags, propagation, data = parse_mount_options(options)
     kind = _typed(item.get("type"), str, f"{name}.type")
     source = _typed(item.get("source"), str, f"{name}.source")
