@@ -812,3 +812,32 @@ def test_signals_to_a_foreground_exec_or_run_reach_the_container(tmp_path, runti
             time.sleep(0.02)
         assert not set(container_pids(container, runtime.root)) & new  # the exec'd process has ended
     assert runtime("delete", "--force", container).code == 0
+
+
+# -- start-up ------------------------------------------------------------------------------------------------
+def test_state_start_and_delete_import_only_what_they_use(tmp_path, runtime, busybox_rootfs):
+    # a supervisor runs these for every container: a hookless start imports neither the spec, the hooks nor
+    # the step record (whose dataclasses import inspect), and state not even shutil
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["true"])
+    assert runtime("create", "-b", path, container).code == 0
+    probe = ("import sys\nfrom stages.runtime.oci import cli\ncode = cli.main(sys.argv[1:])\n"
+             "print('MODULES', ' '.join(sorted(sys.modules)), file=sys.stderr)\nsys.exit(code)")
+
+    def modules(*args) -> set[str]:
+        out, err = tmp_path / "probe-out", tmp_path / "probe-err"
+        argv = [sys.executable, "-c", probe, "--root", str(runtime.root), *args]
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        pid = os.posix_spawn(argv[0], argv, os.environ,
+                             file_actions=[(os.POSIX_SPAWN_OPEN, 1, str(out), flags, 0o644),
+                                           (os.POSIX_SPAWN_OPEN, 2, str(err), flags, 0o644)])
+        assert runtime.reaper.wait(pid, 30) == 0, err.read_text()
+        return set(err.read_text().partition("MODULES ")[2].split())
+
+    heavy = {"stages.steps", "stages.runtime.oci.hooks", "stages.runtime.oci.spec", "stages.kernel",
+             "dataclasses", "socket", "datetime"}
+    assert not modules("state", container) & (heavy | {"shutil"})
+    assert not modules("start", container) & heavy
+    assert runtime.wait_for(container, "stopped")["status"] == "stopped"
+    assert "stages.runtime.oci.hooks" not in modules("delete", container)
+    assert not (runtime.root / container).exists()

@@ -62,6 +62,11 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """argparse, but a mistake on the command line is one sentence through :func:`main`, not a usage dump."""
 
+    def _get_formatter(self):
+        # add_argument makes a formatter to check each metavar, and argparse's asks shutil for the terminal's
+        # width each time: the width, told once, spares that import at every start of the command
+        return self.formatter_class(prog=self.prog, width=_help_width())
+
     def error(self, message: str):
         command = self.prog.partition(" ")[2]
         if message.startswith("unrecognized arguments: "):
@@ -72,6 +77,24 @@ class Parser(argparse.ArgumentParser):
         elif message.startswith("the following arguments are required: "):
             message = f"missing {message.partition(': ')[2]}"
         raise UsageError(f"{command}: {message}" if command else message)
+
+
+def _help_width() -> int:
+    """What argparse's help would be wrapped to: $COLUMNS, else the terminal's width, less 2 (as argparse)."""
+    global _WIDTH
+    if _WIDTH is None:
+        try:
+            columns = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        _WIDTH = max(columns, 12) - 2
+    return _WIDTH
+
+
+_WIDTH: int | None = None
 
 
 # -- the log ------------------------------------------------------------------------------------------------
@@ -331,13 +354,29 @@ def _hook_warnings(record, log: Log) -> None:
         log.warning(message)
 
 
+def _wants_record(args, log: Log) -> bool:
+    """Whether a start or delete needs a step record: with --debug (the steps go to the log), or when the
+    container has hooks (their failures are warnings read from the record). Without, the record's import
+    is spared (`start` and `delete` are called for every container)."""
+    if log.debug_on:
+        return True
+    from stages.runtime.oci import statefile
+
+    try:
+        hooks = statefile.read(args.id, args.root).get("stages", {}).get("hooks") or {}
+    except Exception:  # not there, unreadable: the operation itself says so
+        return False
+    return any(hooks.values())
+
+
 def do_start(args, log: Log) -> int:
-    record = _record(f"start {args.id}")
+    record = _record(f"start {args.id}") if _wants_record(args, log) else None
     try:
         _oci().start(args.id, root=args.root, record=record)
     finally:
-        log.steps(record)
-        _hook_warnings(record, log)
+        if record is not None:
+            log.steps(record)
+            _hook_warnings(record, log)
     return 0
 
 
@@ -359,12 +398,13 @@ def do_kill(args, log: Log) -> int:
 def do_delete(args, log: Log) -> int:
     oci = _oci()
     try:
-        record = _record(f"delete {args.id}")
+        record = _record(f"delete {args.id}") if _wants_record(args, log) else None
         try:
             oci.delete(args.id, force=args.force, root=args.root, record=record)
         finally:
-            log.steps(record)
-            _hook_warnings(record, log)
+            if record is not None:
+                log.steps(record)
+                _hook_warnings(record, log)
     except oci.ContainerNotFoundError:
         if not args.force:
             raise

@@ -14,23 +14,28 @@ SIGKILL leaves at most a state directory and a cgroup, which ``delete(id, force=
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import gc
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
 
-from stages import kernel
 from stages.errors import NotRootError, StagesError
-from stages.runtime.oci import devices as oci_devices
-from stages.runtime.oci import hooks as oci_hooks
-from stages.runtime.oci import spec as oci_spec
 from stages.runtime.oci import statefile as oci_state
-from stages.steps import StepRecord
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without the import of typing at run time
+if TYPE_CHECKING:
+    import socket
+
+    from stages.runtime.oci import spec as oci_spec
+    from stages.steps import StepRecord
+
+# stages-oci runs once per operation, and conmon or podman call it several times per container: what only
+# create and exec need (the spec, the hooks, the devices, kernel.py's ctypes, the step record's dataclasses,
+# sockets) is imported inside them, so that `start` and `delete` of a container without hooks do not pay for
+# it at each start of the interpreter.
 
 #: How long ``create`` waits for the init to report (a rootfs on a slow disk, a busy machine).
 CREATE_TIMEOUT = 60.0
@@ -71,6 +76,8 @@ def _spawn(plan: oci_spec.Plan, fifo: int, stdio, detach: bool = False) -> tuple
     """Start the setup process: a fork of this process when it is single-threaded (fast, as a CLI is),
     else a fresh ``python -m stages.runtime.oci.process`` (a notebook kernel has threads, and
     unshare(CLONE_NEWUSER) refuses a threaded process)."""
+    import socket
+
     from stages.runtime.oci import process
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -124,6 +131,8 @@ def _check_preserved(count: int) -> None:
 
 def _child_environment() -> dict[str, str]:
     """Our environment, with this package findable by a fresh interpreter."""
+    from stages import kernel
+
     package = os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__)))
     return dict(os.environ, PYTHONPATH=os.pathsep.join(
         [package] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -182,8 +191,15 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     3 .. 3+N-1 at the same numbers (a socket for socket activation, a pipe), after stdio; each must be
     open. Every other descriptor of ours is closed at its execve(2).
     """
+    import datetime
+
+    from stages import kernel
     from stages.isolate.cgroups import Cgroup
+    from stages.runtime.oci import devices as oci_devices
+    from stages.runtime.oci import hooks as oci_hooks
     from stages.runtime.oci import process
+    from stages.runtime.oci import spec as oci_spec
+    from stages.steps import StepRecord
 
     oci_spec.check_id(container_id)
     if not kernel.is_root():
@@ -303,6 +319,8 @@ Console = Callable[[int, str], None]
 
 
 def _check_console(terminal: bool, console_socket, console: Console | None) -> None:
+    from stages.runtime.oci import spec as oci_spec
+
     if terminal and console_socket is None and console is None:
         raise oci_spec.refuse("process.terminal", "is true, but nothing was given to receive the terminal",
                               "pass a console socket (--console-socket PATH, console_socket=PATH) or "
@@ -315,6 +333,8 @@ def _check_console(terminal: bool, console_socket, console: Console | None) -> N
 def _pass_console(fds: list[int], name: str, console_socket, console: Console | None,
                   record: StepRecord) -> None:
     """Hand the terminal's master (``fds[0]``) to ``console`` or to the console socket; ours is closed."""
+    import socket
+
     try:
         if not fds:
             raise StagesError("the container's terminal did not arrive with its message",
@@ -344,6 +364,7 @@ def _controllers(plan: oci_spec.Plan) -> list[str]:
     """The cgroup controllers a container gets: every limit this machine offers, and the freezer (for
     pause) where there is one."""
     from stages.isolate import cgroups
+    from stages.runtime.oci import spec as oci_spec
 
     layout = cgroups.detect()
     wanted = [name for name in cgroups.CONTROLLERS if name in layout.controllers]
@@ -394,6 +415,8 @@ def _rebuild(error: dict, step: str | None = None) -> BaseException:
 
 def _error_class(name: str) -> type:
     from stages import errors
+    from stages.runtime.oci import hooks as oci_hooks
+    from stages.runtime.oci import spec as oci_spec
 
     found = getattr(errors, name, None) or getattr(oci_spec, name, None) or getattr(oci_hooks, name, None)
     return found if isinstance(found, type) and issubclass(found, StagesError) else StagesError
@@ -451,16 +474,25 @@ def start(container_id: str, *, root: str | os.PathLike | None = None,
                 raise StagesError(f"container {container_id!r} is no longer waiting to start",
                                   "its init has gone; delete it and create it again") from None
             raise
-        report = oci_hooks.open_start_report(oci_state.directory(container_id, root))  # before the release
+        hooks = data["stages"].get("hooks") or {}
+        if any(hooks.values()):
+            from stages.runtime.oci import hooks as oci_hooks
+        else:
+            oci_hooks = None  # nothing to run or wait for
+        report = None
+        if oci_hooks is not None:
+            report = oci_hooks.open_start_report(oci_state.directory(container_id, root))  # before release
         try:
             os.write(fd, b"0")
         finally:
             os.close(fd)
         os.unlink(fifo)
-    oci_hooks.started(report, data["stages"].get("hooks") or {}, data["pid"], record)  # startContainer
+    if oci_hooks is not None:
+        oci_hooks.started(report, hooks, data["pid"], record)  # startContainer
     data["status"] = "running"
     oci_state.write(os.path.join(oci_state.directory(container_id, root), oci_state.STATE_FILE), data)
-    oci_hooks.run_poststart(data, record)  # a failure is a warning: the program runs already
+    if oci_hooks is not None:
+        oci_hooks.run_poststart(data, record)  # a failure is a warning: the program runs already
     return oci_state.spec_state(data, root)
 
 
@@ -597,7 +629,10 @@ def delete(container_id: str, force: bool = False, *, root: str | os.PathLike | 
         with contextlib.suppress(CgroupError):
             cgroup.remove()
     oci_state.remove(container_id, root)
-    oci_hooks.run_poststop(data, record)  # after the container is gone (runtime.md); failures warn
+    if any((private.get("hooks") or {}).values()):
+        from stages.runtime.oci import hooks as oci_hooks
+
+        oci_hooks.run_poststop(data, record)  # after the container is gone (runtime.md); failures warn
 
 
 def list_containers(root: str | os.PathLike | None = None) -> list[dict]:
@@ -684,7 +719,11 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
     the new process's host PID once it runs; ``started(pid)`` is called then too, before the wait: a
     command-line runtime forwards the signals it gets to that PID (``runc exec`` in the foreground).
     """
+    import socket
+
     from stages.runtime.oci import process as oci_process
+    from stages.runtime.oci import spec as oci_spec
+    from stages.steps import StepRecord
 
     data = oci_state.read(container_id, root)
     status = oci_state.status(data, root)
