@@ -95,6 +95,7 @@ _UNSUPPORTED = {
     "windows": "Windows containers are not run by this runtime",
     "solaris": "Solaris containers are not run by this runtime",
     "vm": "virtual-machine containers are not run by this runtime",
+    "zos": "z/OS containers are not run by this runtime",
 }
 
 
