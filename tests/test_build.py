@@ -391,7 +391,7 @@ def build_env(home, tmp_path) -> dict:
 
 @pytest.mark.net
 def test_run_on_the_bridge_reaches_a_server_outside_through_nat(build_env, context):
-    """The default network: a stand-in host (STAGES_HOST_NETNS) joined by a veth to an "outside" namespace
+    """--network bridge: a stand-in host (STAGES_HOST_NETNS) joined by a veth to an "outside" namespace
     with a server; the RUN's connection arrives from the host's address, as NAT makes it."""
     from net_peers import Server
 
@@ -406,7 +406,8 @@ def test_run_on_the_bridge_reaches_a_server_outside_through_nat(build_env, conte
         _ip("-n", outside, "link", "set", "bto", "up")
         _nc_containerfile(context, "10.203.0.2", 7300)
         with Server(["ip", "netns", "exec", outside], 7300):
-            result = _build_in({**build_env, "STAGES_HOST_NETNS": host}, context, "-t", "bridged")
+            result = _build_in({**build_env, "STAGES_HOST_NETNS": host}, context, "-t", "bridged",
+                               "--network", "bridge")
         assert result.returncode == 0, result.stdout + result.stderr
         links = subprocess.run(["ip", "-n", host, "-o", "link"], capture_output=True, text=True).stdout
         assert "stages0" not in links  # the RUN's veth and the bridge went with its container
@@ -417,7 +418,8 @@ def test_run_on_the_bridge_reaches_a_server_outside_through_nat(build_env, conte
 @pytest.mark.net
 def test_run_with_network_host_and_none_in_a_namespace_the_test_makes(build_env, context):
     """--network host: the RUN shares the network namespace the build runs in (here one the test made,
-    with a server on its loopback); --network none: the RUN has only its own lo, and cannot reach it."""
+    with a server on its loopback); --network none, the default: the RUN has only its own lo, and cannot
+    reach it."""
     from net_peers import Server
 
     from stages.isolate.network import test_host as make_test_host
@@ -429,7 +431,8 @@ def test_run_with_network_host_and_none_in_a_namespace_the_test_makes(build_env,
             host = _build_in(build_env, context, "-t", "hosted", "--network", "host", prefix=inside)
             # another step (the network is not part of a step's cache key, as in Docker)
             _nc_containerfile(context, "127.0.0.1", 7301, into="/seen-without-a-network")
-            none = _build_in(build_env, context, "-t", "unnetworked", "--network", "none", prefix=inside)
+            # no --network: none, the default (a build is offline unless asked)
+            none = _build_in(build_env, context, "-t", "unnetworked", prefix=inside)
     assert host.returncode == 0, host.stdout + host.stderr
     top = images.resolve("hosted")["layers"][-1]
     assert (images.layer_dir(top["diff_id"]) / "seen").read_text().strip() == "127.0.0.1"

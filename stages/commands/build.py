@@ -12,8 +12,9 @@ def configure(parser) -> None:
                         help="a value for an ARG of the Containerfile (repeatable)")
     parser.add_argument("--target", metavar="STAGE",
                         help="build up to the stage named STAGE (FROM IMAGE AS STAGE); default: the last")
-    parser.add_argument("--network", default="bridge", metavar="MODE",
-                        help="the network of RUN steps: bridge (default: outbound through NAT), host, none")
+    parser.add_argument("--network", default="none", metavar="MODE",
+                        help="the network of RUN steps: none (default: offline), bridge (outbound through "
+                             "NAT), host")
     parser.add_argument("context", metavar="CONTEXT", help="the directory whose files COPY and ADD see")
 
 

@@ -6,8 +6,9 @@ splits the file into instructions (continuation lines, comments, the escape dire
 - ``FROM`` picks the base image; ``ENV``, ``ARG``, ``WORKDIR``, ``USER``, ``CMD``, ``ENTRYPOINT``,
   ``EXPOSE`` and ``LABEL`` change only the config (an ``empty_layer`` in the history);
 - ``RUN`` runs in a stage-3 container on overlayfs (the engine) whose upper directory becomes the new
-  layer, on the network ``--network`` names (a bridge with outbound NAT by default, as Docker's; ``host``;
-  ``none``); a deleted file is a 0/0 character device there and becomes a ``.wh.NAME`` entry in the tar, a
+  layer, on the network ``--network`` names: ``none`` by default (a build is offline unless asked: it
+  reproduces, and touches no network of the host), ``bridge`` (outbound through NAT, Docker's default) or
+  ``host``; a deleted file is a 0/0 character device there and becomes a ``.wh.NAME`` entry in the tar, a
   directory made opaque carries ``trusted.overlay.opaque`` and gets ``.wh..wh..opq`` (overlay(5));
 - ``COPY`` and ``ADD`` put files from the context into a layer; ``ADD`` extracts a local tar archive with
   stage 1's extractor (:func:`stages.rootfs.extract`);
@@ -56,7 +57,7 @@ KNOWN = CONFIG_ONLY | {"FROM", "RUN", "COPY", "ADD", "WORKDIR"}
 MOUNT_POINTS = ("proc", "sys", "dev")
 #: The flags COPY and ADD take (Dockerfile reference); ADD has no --from.
 COPY_FLAGS = {"COPY": ("from", "chown", "chmod"), "ADD": ("chown", "chmod")}
-#: What ``--network`` may say for the RUN steps: Docker's default is a bridge.
+#: What ``--network`` may say for the RUN steps. Ours is ``none`` (Docker's is a bridge): offline by default.
 NETWORKS = ("bridge", "host", "none")
 #: A stage's name (Docker's rule; compared in lower case).
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_.-]*")
@@ -497,7 +498,7 @@ class Builder:
         self.created: list[Path] = []
         self.state: State | None = None
         self.pre_args: dict[str, str] = {}
-        self.network = "bridge"
+        self.network = "none"
         self.stages: list[Stage] = []
         self.stage: Stage | None = None  # the one being built
         self.done: dict[int, State] = {}  # the stages built so far
@@ -938,19 +939,21 @@ class Builder:
 
 def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike | None = None,
           build_args: dict[str, str] | None = None, out=print, *, target: str | None = None,
-          network: str = "bridge") -> dict:
+          network: str = "none") -> dict:
     """Build the Containerfile (default ``CONTEXT/Containerfile``, else ``CONTEXT/Dockerfile``) and tag the
     image ``tag``. Returns the image (as :func:`stages.runtime.images.resolve` does). A failure raises a
     :class:`BuildError` naming the line, and leaves no container, mount or partial image behind.
 
     ``target``: the stage (``FROM image AS name``) whose result is the image, default the last; stages
-    it does not need are skipped. ``network``: what RUN steps get, ``bridge`` (Docker's default: the
-    stage-3 bridge, outbound through NAT), ``host`` (the host's own network namespace) or ``none``."""
+    it does not need are skipped. ``network``: what RUN steps get, ``none`` (the default: only their
+    own loopback, so a build downloads nothing and creates no bridge or firewall rule unless asked),
+    ``bridge`` (the stage-3 bridge, outbound through NAT: Docker's default) or ``host`` (the network
+    namespace the build runs in)."""
     context = Path(context)
     name = images.parse_reference(tag)
     if network not in NETWORKS:
         raise BuildError(f"--network {network!r} is not a network a build can use",
-                         "use --network bridge (the default), host or none")
+                         "use --network none (the default), bridge or host")
     if not context.is_dir():
         raise BuildError(f"the build context {context} is not a directory",
                          "give the directory that holds the files to COPY, e.g. `stages build -t x .`")
