@@ -792,19 +792,18 @@ def test_signals_to_a_foreground_exec_or_run_reach_the_container(tmp_path, runti
     assert not (runtime.root / container).exists()
 
     assert runtime("run", "--detach", "-b", path, container).code == 0
-    for number, args, code in ((signal.SIGTERM, ["sleep", "60"], 128 + signal.SIGTERM),
-                               (signal.SIGHUP, ["sleep", "60"], 128 + signal.SIGHUP),
+    sleeping = ["sh", "-c", "echo ready; exec sleep 60"]
+    for number, args, code in ((signal.SIGTERM, sleeping, 128 + signal.SIGTERM),
+                               (signal.SIGHUP, sleeping, 128 + signal.SIGHUP),
                                (signal.SIGINT, ["sh", "-c", trapping], 3)):
         before = set(container_pids(container, runtime.root))
         out = tmp_path / f"exec-out-{number}"
         pid = runtime.spawn("exec", container, *args, out=out)
-        deadline = time.monotonic() + 10
-        while len(container_pids(container, runtime.root)) <= len(before) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # the exec'd process says it runs (new PIDs in the cgroup alone could be the init's usleeps, while
+        # the command is still starting, before it listens for signals)
+        assert "ready" in wait_for_text(out, "ready"), out.read_text()
         new = set(container_pids(container, runtime.root)) - before
         assert new, out.read_text()
-        if args[0] == "sh":
-            wait_for_text(out, "ready")
         os.kill(pid, number)
         assert runtime.reaper.wait(pid, 30) == code, (number, out.read_text())
         deadline = time.monotonic() + 5
