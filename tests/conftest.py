@@ -164,3 +164,31 @@ def scratch_rootfs(tmp_path) -> Path:
     from stages import rootfs
 
     return Path(rootfs.build(tmp_path / "rootfs", source="busybox"))
+
+
+@pytest.fixture
+def root(tmp_path) -> str:
+    """An OCI runtime state root of the test's own (``oci.create(..., root=root)``); a container a failed
+    test left in it is deleted afterwards, so that one failure does not leak into the next test."""
+    from stages.runtime import oci
+
+    directory = tmp_path / "state"
+    yield str(directory)
+    for item in oci.list_containers(str(directory)):
+        oci.delete(item["id"], force=True, root=str(directory))
+
+
+@pytest.fixture
+def reachable_rootfs():
+    """A rootfs that root of a user namespace (a nobody on the host) may enter: not below a 0700 directory,
+    as pytest's tmp_path is."""
+    import tempfile
+
+    from stages import rootfs
+
+    top = tempfile.mkdtemp(prefix="stages-reachable-")
+    os.chmod(top, 0o755)
+    try:
+        yield rootfs.build(os.path.join(top, "rootfs"), source="busybox")
+    finally:
+        shutil.rmtree(top)

@@ -29,15 +29,6 @@ pytestmark = pytest.mark.root
 PROJECT = os.path.abspath(os.path.join(os.path.dirname(oci.__file__), "..", "..", ".."))
 
 
-@pytest.fixture
-def root(tmp_path):
-    """A state root of the test's own; anything left in it is removed (and fails the leak check)."""
-    directory = tmp_path / "state"
-    yield str(directory)
-    for item in oci.list_containers(str(directory)):
-        oci.delete(item["id"], force=True, root=str(directory))
-
-
 def make_bundle(directory, rootfs, args, change=None, **options) -> str:
     config = oci.default_spec(args, rootfs=str(rootfs), **options)
     if change:
@@ -361,22 +352,6 @@ def test_ambient_capabilities_not_inheritable_are_skipped_with_a_step(tmp_path, 
     # only CAP_KILL (5) was raised: CAP_NET_BIND_SERVICE is not inheritable, as runc warns and goes on
     assert output.read_text().split() == ["CapAmb:", f"{1 << 5:016x}"]
     assert "# ambient net_bind_service not raised" in record.script()
-
-
-@pytest.fixture
-def reachable_rootfs():
-    """A rootfs that root of a user namespace (a nobody on the host) may enter: not below a 0700 directory."""
-    import shutil
-    import tempfile
-
-    from stages import rootfs
-
-    top = tempfile.mkdtemp(prefix="stages-oci-core-")
-    os.chmod(top, 0o755)
-    try:
-        yield rootfs.build(os.path.join(top, "rootfs"), source="busybox")
-    finally:
-        shutil.rmtree(top)
 
 
 def user_namespace(config, host_id: int = 100000) -> None:

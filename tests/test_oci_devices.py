@@ -28,14 +28,6 @@ ENXIO = "No such device or address"
 DENY_ALL = [{"allow": False, "access": "rwm"}]  # what podman sends
 
 
-@pytest.fixture
-def root(tmp_path):
-    directory = tmp_path / "state"
-    yield str(directory)
-    for item in oci.list_containers(str(directory)):
-        oci.delete(item["id"], force=True, root=str(directory))
-
-
 # -- the rules, as plain data (no kernel) ------------------------------------------------------------------
 def test_podmans_deny_all_becomes_a_default_deny_with_the_default_devices_allowed():
     rules = devices.parse(DENY_ALL)

@@ -30,14 +30,6 @@ RECORDER = ('cat > "$OUT/$KIND.json"; readlink /proc/self/ns/uts > "$OUT/$KIND.u
 
 
 @pytest.fixture
-def root(tmp_path):
-    directory = tmp_path / "state"
-    yield str(directory)
-    for item in oci.list_containers(str(directory)):
-        oci.delete(item["id"], force=True, root=str(directory))
-
-
-@pytest.fixture
 def out(tmp_path):
     directory = tmp_path / "out"
     directory.mkdir()

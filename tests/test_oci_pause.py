@@ -26,14 +26,6 @@ COUNT = "i=0; while :; do i=$((i+1)); echo $i; usleep 2000; done"
 
 
 @pytest.fixture
-def root(tmp_path):
-    directory = tmp_path / "state"
-    yield str(directory)
-    for item in oci.list_containers(str(directory)):
-        oci.delete(item["id"], force=True, root=str(directory))
-
-
-@pytest.fixture
 def counting(tmp_path, root, busybox_rootfs):
     """A running container that prints 1, 2, 3 ... into a file: (its ID, that file)."""
     bundle = oci.write_bundle(tmp_path / "bundle", oci.default_spec(["sh", "-c", COUNT],

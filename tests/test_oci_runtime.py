@@ -24,15 +24,6 @@ from stages.steps import StepRecord
 pytestmark = pytest.mark.root
 
 
-@pytest.fixture
-def root(tmp_path):
-    """A state root of the test's own; anything left in it is removed (and fails the leak check)."""
-    directory = tmp_path / "state"
-    yield str(directory)
-    for item in oci.list_containers(str(directory)):
-        oci.delete(item["id"], force=True, root=str(directory))
-
-
 def make_bundle(tmp_path, rootfs, args, change=None, **options) -> str:
     config = oci.default_spec(args, rootfs=str(rootfs), **options)
     if change:
@@ -342,22 +333,6 @@ def test_an_unsupported_field_is_refused_by_name(tmp_path, root, busybox_rootfs,
 
 
 # -- namespaces ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def reachable_rootfs():
-    """A rootfs that root of a user namespace (a nobody on the host) may enter: not below a 0700 directory."""
-    import shutil
-    import tempfile
-
-    from stages import rootfs
-
-    top = tempfile.mkdtemp(prefix="stages-oci-test-")
-    os.chmod(top, 0o755)
-    try:
-        yield rootfs.build(os.path.join(top, "rootfs"), source="busybox")
-    finally:
-        shutil.rmtree(top)
-
-
 def test_a_user_namespace_refuses_a_rootfs_its_root_cannot_reach(tmp_path, root, busybox_rootfs):
     def change(config):
         config["linux"]["namespaces"].append({"type": "user"})

@@ -28,14 +28,6 @@ ENOSYS = "Function not implemented"
 EPERM = "Operation not permitted"
 
 
-@pytest.fixture
-def root(tmp_path):
-    directory = tmp_path / "state"
-    yield str(directory)
-    for item in oci.list_containers(str(directory)):
-        oci.delete(item["id"], force=True, root=str(directory))
-
-
 def run(tmp_path, root, rootfs, script: str, profile: dict | None, no_new_privileges: bool = True,
         every_capability: bool = False):
     """Run ``sh -c script`` in a container under ``profile``; (exit code, output)."""
