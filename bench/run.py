@@ -32,22 +32,14 @@ HERE = Path(__file__).resolve().parent.parent
 VENV_PYTHON = HERE / ".venv" / "bin" / "python"
 STAGES = HERE / ".venv" / "bin" / "stages"
 STAGES_OCI = HERE / ".venv" / "bin" / "stages-oci"
-PODMAN_DATA = HERE / "tests" / "data" / "podman"
+# podman with all its state in the bench's directory, set up as tests/test_podman.py sets it up
+sys.path.insert(0, str(HERE / "tests"))
+from podman_sandbox import sandbox, write_runc_wrapper  # noqa: E402
+
 PODMAN_IMAGE = "localhost/stages-bench-busybox"
 # no hard rlimit may be raised without CAP_SYS_RESOURCE (setrlimit(2)); podman's defaults are higher
 PODMAN_RUN = ["run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
               "--ulimit", "nproc=32768:32768"]
-# runc has no --cgroup-manager, which podman passes a runtime when cgroups = "disabled" (crun's option)
-RUNC_WRAPPER = """#!/bin/sh
-first=1
-for argument in "$@"; do
-    if [ "$first" = 1 ]; then set --; first=0; fi
-    if [ "$skip" = 1 ]; then skip=0; continue; fi
-    case "$argument" in --cgroup-manager) skip=1; continue;; esac
-    set -- "$@" "$argument"
-done
-exec runc "$@"
-"""
 PREFIX = "stages-bench-"
 WARMUP = 3
 
@@ -208,31 +200,9 @@ class Bench:
         tests/test_podman.py (vfs storage, file locks and events, cgroups = "disabled"), and the busybox
         rootfs imported as an image."""
         base = self.podman_dir
-        for name in ("root", "runroot", "tmp", "home", "config", "data", "xdg-run", "networks"):
-            (base / name).mkdir(parents=True, mode=0o700)
-        wrapper = base / "runc-wrapper"
-        wrapper.write_text(RUNC_WRAPPER)
-        wrapper.chmod(0o755)
-        conf = (PODMAN_DATA / "containers.conf").read_text()
-        conf = conf.replace("runtime_supports_nocgroup = [", 'runtime_supports_nocgroup = ["runc-wrapper", ')
-        conf = conf.replace("/usr/local/bin/stages-oci", str(STAGES_OCI))
-        conf += f'\n[network]\nnetwork_config_dir = "{base / "networks"}"\n'
-        (base / "containers.conf").write_text(conf)
-        storage = (PODMAN_DATA / "storage.conf").read_text()
-        storage += f'graphroot = "{base / "root"}"\nrunroot = "{base / "runroot"}"\n'
-        (base / "storage.conf").write_text(storage)
-        shutil.copy(PODMAN_DATA / "registries.conf", base / "registries.conf")
-        self.podman_env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": str(base / "home"),
-            "TMPDIR": str(base / "tmp"), "XDG_CONFIG_HOME": str(base / "config"),
-            "XDG_DATA_HOME": str(base / "data"), "XDG_RUNTIME_DIR": str(base / "xdg-run"),
-            "CONTAINERS_CONF": str(base / "containers.conf"),
-            "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-            "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf"),
-        }
-        self.podman_command = ["podman", "--root", str(base / "root"), "--runroot", str(base / "runroot"),
-                               "--tmpdir", str(base / "tmp"), "--storage-driver", "vfs",
-                               "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
+        base.mkdir(parents=True, exist_ok=True)
+        wrapper = write_runc_wrapper(base / "runc-wrapper")
+        self.podman_command, self.podman_env = sandbox(base, [str(STAGES_OCI), wrapper])
         archive = base / "busybox.tar"
         subprocess.run(["tar", "-C", str(self.rootfs), "-cf", str(archive), "."], check=True)
         subprocess.run([*self.podman_command, "import", str(archive), PODMAN_IMAGE], env=self.podman_env,

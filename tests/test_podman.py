@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from podman_sandbox import sandbox, write_runc_wrapper
 
 from stages import observe
 
@@ -40,7 +41,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data" / "podman"
 STAGES_OCI = REPO / ".venv" / "bin" / "stages-oci"
 IMAGE = "localhost/stages-busybox"
 # podman's default RLIMIT_NOFILE (1048576) and RLIMIT_NPROC are above this machine's hard limits, and
@@ -48,47 +48,14 @@ IMAGE = "localhost/stages-busybox"
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=32768:32768"]
 RUN = ["run", "--network", "none", *LIMITS]
 
-RUNC_WRAPPER = """#!/bin/sh
-# runc has no --cgroup-manager (crun's global option, which podman passes with cgroups = "disabled")
-first=1
-for argument in "$@"; do
-    if [ "$first" = 1 ]; then set --; first=0; fi
-    if [ "$skip" = 1 ]; then skip=0; continue; fi
-    case "$argument" in --cgroup-manager) skip=1; continue;; esac
-    set -- "$@" "$argument"
-done
-exec /usr/sbin/runc "$@"
-"""
-
 
 class Podman:
     """One podman installation in a temporary directory, driving ``runtime``."""
 
     def __init__(self, base: Path, runtime: str):
         self.base = base
-        for name in ("root", "runroot", "tmp", "home", "config", "data", "xdg-run", "networks"):
-            (base / name).mkdir(mode=0o700)
-        conf = (DATA / "containers.conf").read_text().replace("/usr/local/bin/stages-oci", runtime)
-        conf = conf.replace("runtime_supports_nocgroup = [",
-                            f'runtime_supports_nocgroup = ["{Path(runtime).name}", ')
-        conf += f'\n[network]\nnetwork_config_dir = "{base / "networks"}"\n'
-        (base / "containers.conf").write_text(conf)
-        storage = (DATA / "storage.conf").read_text()  # its [storage] table is the last: add to it
-        storage += f'graphroot = "{base / "root"}"\nrunroot = "{base / "runroot"}"\n'
-        (base / "storage.conf").write_text(storage)
-        shutil.copy(DATA / "registries.conf", base / "registries.conf")
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-            "HOME": str(base / "home"), "TMPDIR": str(base / "tmp"),
-            "XDG_CONFIG_HOME": str(base / "config"), "XDG_DATA_HOME": str(base / "data"),
-            "XDG_RUNTIME_DIR": str(base / "xdg-run"),
-            "CONTAINERS_CONF": str(base / "containers.conf"),
-            "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-            "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf"),
-        }
-        self.command = ["podman", "--root", str(base / "root"), "--runroot", str(base / "runroot"),
-                        "--tmpdir", str(base / "tmp"), "--storage-driver", "vfs",
-                        "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", runtime]
+        command, self.env = sandbox(base, [runtime])
+        self.command = [*command, "--runtime", runtime]
 
     def __call__(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([*self.command, *args], env=self.env, capture_output=True, text=True,
@@ -196,10 +163,7 @@ def _processes_naming(ids: set[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory) -> str:
     if os.environ.get("STAGES_PODMAN_RUNTIME") == "runc":
-        wrapper = tmp_path_factory.mktemp("runc") / "runc-wrapper"
-        wrapper.write_text(RUNC_WRAPPER)
-        wrapper.chmod(0o755)
-        return str(wrapper)
+        return write_runc_wrapper(tmp_path_factory.mktemp("runc") / "runc-wrapper")
     if os.environ.get("STAGES_PODMAN_RUNTIME", "").startswith("/"):
         return os.environ["STAGES_PODMAN_RUNTIME"]
     assert STAGES_OCI.exists(), f"{STAGES_OCI} is missing: pip install -e . (the stages-oci console script)"
