@@ -472,7 +472,7 @@ def check_pivot_root() -> Check:
 
 # -- where the rootfs lives ------------------------------------------------------------------------
 def check_state_directory() -> Check:
-    """Whether programs may run from where stages keeps its rootfs (:func:`stages.rootfs.state_dir`): a
+    """Whether programs may run from where stages keeps its rootfs (:func:`stages.paths.state_dir`): a
     filesystem mounted noexec there makes every jail and isolate fail with EACCES (mount(8), noexec)."""
     from stages import rootfs
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from stages import observe, steps
 from stages.errors import RootfsError, UnsafeArchiveError
+from stages.paths import state_dir  # noqa: F401 - part of this module's API: where rootfs are kept
 
 # logging, subprocess and tarfile are imported by the functions that use them: a container's run needs
 # only resolve() from this module, and would pay milliseconds for them at every start.
@@ -87,15 +88,6 @@ _SYMLINK_HOPS = 40  # the kernel's own limit for one lookup, see path_resolution
 
 
 # == small helpers ===================================================================================
-def state_dir() -> Path:
-    """Where stages keeps its state: ``$STAGES_HOME``, else ``/var/lib/stages`` as root, else
-    ``$XDG_DATA_HOME/stages`` (``~/.local/share/stages``)."""
-    if os.environ.get("STAGES_HOME"):
-        return Path(os.environ["STAGES_HOME"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/stages")
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(data, "stages")
 
 
 def human_size(count: int) -> str:

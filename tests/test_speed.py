@@ -81,7 +81,8 @@ def test_the_init_is_compiled_once_then_found_without_a_compiler(home, monkeypat
 
 @pytest.mark.parametrize("environment", [{"STAGES_HOME": "/tmp/x"}, {}])
 def test_the_store_finds_the_state_directory_by_stage_1s_rule(monkeypatch, environment):
-    """store.state_dir is written out again (stages.rootfs is a slow import): the same answer."""
+    """Stage 1 (stages.rootfs) and stage 3 (the store, the containers) keep their state in one place, by
+    one rule (stages.paths), which the store reaches without importing stages.rootfs."""
     from stages import rootfs
     from stages.runtime import containers, store
 

@@ -50,8 +50,8 @@ class NoSuchContainerError(StagesError):
 
 
 def home() -> Path:
-    """The state directory: ``$STAGES_HOME``, else /var/lib/stages (as :func:`stages.rootfs.state_dir`)."""
-    from stages.runtime.store import state_dir
+    """The state directory: ``$STAGES_HOME``, else /var/lib/stages (:func:`stages.paths.state_dir`)."""
+    from stages.paths import state_dir
 
     return state_dir()
 

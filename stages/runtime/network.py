@@ -172,7 +172,7 @@ def _netns_inode(path: str) -> int:
 class NetworkManager:
     """The network of the containers on one bridge of one host.
 
-    ``state_dir``: where stages keeps state (default :func:`stages.rootfs.state_dir`); this class uses
+    ``state_dir``: where stages keeps state (default :func:`stages.paths.state_dir`); this class uses
     ``STATE/network/``. ``host_netns``: the name of a network namespace standing in for the host (tests,
     notebooks), or ``None`` for the real host. ``record``: the :class:`~stages.steps.StepRecord` every
     action is recorded into (default: the active one, else a new one, :attr:`record`). ``bridge`` and
@@ -195,9 +195,9 @@ class NetworkManager:
                  record: steps_module.StepRecord | None = None, *, bridge: str = DEFAULT_BRIDGE,
                  subnet: str = DEFAULT_SUBNET, firewall: str | None = None):
         if state_dir is None:
-            from stages import rootfs
+            from stages.paths import state_dir as default_state_dir
 
-            state_dir = rootfs.state_dir()
+            state_dir = default_state_dir()
         self.directory = Path(state_dir) / "network"
         if host_netns is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", host_netns):
             raise NetworkError(f"{host_netns!r} cannot name a network namespace",

@@ -22,24 +22,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from stages.paths import state_dir
+
 # typing.TYPE_CHECKING without importing typing: the names below only annotate, and typing
 # costs every `stages` command milliseconds at start-up.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-
-def state_dir() -> Path:
-    """The state directory: ``$STAGES_HOME``, else /var/lib/stages as root (the rule of
-    :func:`stages.rootfs.state_dir`, which a test holds this to)."""
-    # Written out again rather than imported: stages.rootfs (the rootfs builder, with tarfile, logging
-    # and subprocess) would cost every `stages run` milliseconds for three lines.
-    if os.environ.get("STAGES_HOME"):
-        return Path(os.environ["STAGES_HOME"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/stages")
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(data, "stages")
 
 
 def images_dir() -> Path:
