@@ -1,7 +1,7 @@
 """linux.seccomp, whole (config-linux.md "Seccomp"): real containers under real filters.
 
 Every action, errnoRet and defaultErrnoRet, architectures, flags, argument conditions, and podman's own
-profile (tests/data/seccomp-podman.json: the linux.seccomp podman 4.3 wrote for ``podman run busybox``).
+profile (linux.seccomp of tests/data/podman-config.json: what podman 4.3 wrote for ``podman run busybox``).
 Each test looks at what a program inside sees: the errno a call fails with, the signal that ends it.
 """
 
@@ -23,7 +23,7 @@ from stages.runtime.oci import seccomp
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(not seccomp.available(), reason="libseccomp is not installed")]
 
-PODMAN = json.loads((Path(__file__).parent / "data" / "seccomp-podman.json").read_text())
+PODMAN = json.loads((Path(__file__).parent / "data" / "podman-config.json").read_text())["linux"]["seccomp"]
 ENOSYS = "Function not implemented"
 EPERM = "Operation not permitted"
 
