@@ -6,6 +6,8 @@ it. The command line prints both and never a traceback; Python users catch :clas
 
 from __future__ import annotations
 
+import errno
+
 
 class StagesError(Exception):
     """Something the learner can fix: ``message`` says what is wrong, ``hint`` how to fix it."""
@@ -61,3 +63,14 @@ class NetworkError(StagesError):
 
 class LimitError(StagesError):
     """A resource limit given by the learner cannot be understood or is absurd."""
+
+
+def error_reply(error: BaseException) -> dict:
+    """An exception as plain data (JSON), so that a parent process can raise the same kind of error: the
+    message and hint of a :class:`StagesError`, the errno of an :class:`OSError`, else type and message."""
+    reply = {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, StagesError):
+        reply.update(message=error.message, hint=error.hint, stages=True)
+    elif isinstance(error, OSError):
+        reply.update(errno=error.errno or errno.EIO, message=error.strerror or str(error))
+    return reply

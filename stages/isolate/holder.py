@@ -32,7 +32,7 @@ import sys
 import time
 import traceback
 
-from stages import kernel, steps
+from stages import errors, kernel, steps
 from stages.errors import StagesError
 from stages.isolate import filesystem
 
@@ -75,13 +75,10 @@ class Channel:
 
 
 def error_reply(error: BaseException) -> dict:
-    """An exception as plain data, so that the parent can raise the same kind of error."""
-    reply = {"type": type(error).__name__, "message": str(error)}
-    if isinstance(error, StagesError):
-        reply.update(message=error.message, hint=error.hint, stages=True)
-    elif isinstance(error, OSError):
-        reply.update(errno=error.errno or errno.EIO, message=error.strerror or str(error))
-    else:
+    """An exception as plain data (:func:`stages.errors.error_reply`), with the traceback of one that is
+    neither ours nor the kernel's: a bug, which the parent shows whole."""
+    reply = errors.error_reply(error)
+    if "stages" not in reply and "errno" not in reply:
         reply["traceback"] = traceback.format_exc()
     return reply
 

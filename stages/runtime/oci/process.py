@@ -22,7 +22,6 @@ below is imported at the top of this module.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import json
 import os
@@ -36,7 +35,7 @@ import termios
 from collections.abc import Callable
 
 from stages import kernel, steps
-from stages.errors import CommandNotFoundError, StagesError
+from stages.errors import CommandNotFoundError, StagesError, error_reply
 from stages.isolate import cgroups as host_cgroups
 from stages.isolate import filesystem
 from stages.runtime.oci import hooks as oci_hooks
@@ -114,16 +113,6 @@ def attach_terminal(sock: socket.socket, process: Process) -> None:
             os.close(slave)
 
 
-def error_reply(error: BaseException) -> dict:
-    """An exception as plain data, so that the runtime can raise the same kind of error."""
-    reply = {"type": type(error).__name__, "message": str(error)}
-    if isinstance(error, StagesError):
-        reply.update(message=error.message, hint=error.hint, stages=True)
-    elif isinstance(error, OSError):
-        reply.update(errno=error.errno or errno.EIO, message=error.strerror or str(error))
-    return reply
-
-
 # -- the setup process -----------------------------------------------------------------------------------
 def _take_stdio_ignore_keyboard(stdio: list[int | None] | None) -> None:
     """Make ``stdio`` this process's 0, 1 and 2, and ignore the keyboard's signals: Ctrl-C reaches the
@@ -189,15 +178,9 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | 
         if detach:
             os.close(release)
             os._exit(0 if os.read(released, 1) == b"1" else 1)
-        for number in _FORWARDED:
-            signal.signal(number, lambda signum, _frame: _forward(pid, signum))
-        status = _wait(pid)
+        status = _stay_as_parent(pid)
     except BaseException as error:  # noqa: B036 - reported to the runtime, never raised into a forked caller
-        try:
-            send(sock, {"error": error_reply(error), "steps": []})
-        except OSError:
-            pass
-        os._exit(1)
+        _report_and_exit(sock, error)
     _end_like(status)
 
 
@@ -226,6 +209,24 @@ def become_root() -> None:
         os.setresuid(0, 0, 0)
     # Changing IDs made us non-dumpable, which gives our /proc files to a root this namespace cannot see.
     kernel.prctl(PR_SET_DUMPABLE, 1)
+
+
+def _stay_as_parent(pid: int) -> int:
+    """Pass the catchable signals on to ``pid`` (our child, the container's process) until it ends, and
+    return its wait status, as ``unshare --fork`` does."""
+    for number in _FORWARDED:
+        signal.signal(number, lambda signum, _frame: _forward(pid, signum))
+    return _wait(pid)
+
+
+def _report_and_exit(sock: socket.socket, error: BaseException, steps_done: list | None = None) -> None:
+    """Tell the runtime what went wrong (it raises the same kind of error), and end: a helper forked from
+    the runtime must never return into the runtime's own code."""
+    try:
+        send(sock, {"error": error_reply(error), "steps": steps_done or []})
+    except OSError:
+        pass
+    os._exit(1)
 
 
 def _forward(pid: int, number: int) -> None:
@@ -286,11 +287,7 @@ def init_process(sock: socket.socket, plan: Plan, fifo: int, release: int | None
             os.write(release, b"1")
             os.close(release)
     except BaseException as error:  # noqa: B036 - reported to the runtime
-        try:
-            send(sock, {"error": error_reply(error), "steps": record.to_dicts()})
-        except OSError:
-            pass
-        os._exit(1)
+        _report_and_exit(sock, error, record.to_dicts())
     try:
         # Block until `start` writes its byte (the FIFO is open read-write, so there is always a writer
         # and the read waits instead of seeing end-of-file).
@@ -678,15 +675,9 @@ def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], proc
             os.close(holding)
             os.read(execed, 1)  # end of file: the child exec'd, or failed and ended
             os._exit(0)
-        for number in _FORWARDED:
-            signal.signal(number, lambda signum, _frame: _forward(pid, signum))
-        status = _wait(pid)
+        status = _stay_as_parent(pid)
     except BaseException as error:  # noqa: B036 - reported to the runtime
-        try:
-            send(sock, {"error": error_reply(error), "steps": []})
-        except OSError:
-            pass
-        os._exit(1)
+        _report_and_exit(sock, error)
     _end_like(status)
 
 
