@@ -21,8 +21,11 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def _mounts() -> set[tuple[str, str]]:
+    # /run/netns itself is iproute2's: the first `ip netns add` on a machine bind-mounts the directory on
+    # itself (shared) and keeps it there by design (ip-netns(8)); each namespace below it still counts.
     with open("/proc/self/mountinfo") as handle:
-        return {(line.split(" ")[4], line.split(" - ")[1].split(" ")[0]) for line in handle}
+        return {(line.split(" ")[4], line.split(" - ")[1].split(" ")[0]) for line in handle
+                if line.split(" ")[4] != "/run/netns"}
 
 
 def _net_devices() -> set[str]:
