@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from stages import kernel, observe
 
@@ -492,6 +493,40 @@ def check_state_directory() -> Check:
     return Check("state directory", True, f"{directory} ({exists}) allows running programs")
 
 
+# -- stage 3's container init ---------------------------------------------------------------------
+NO_INIT_LIMITS = ("containers run their command as PID 1 itself, as with --no-init: orphaned processes "
+                  "stay zombies, and a command without a SIGTERM handler ignores `stages stop` until its "
+                  "SIGKILL")
+
+
+def check_init() -> Check:
+    """Which init ``stages run`` will give its containers (stages.runtime.overlay.which_init): the one
+    prebuilt into the wheel, one compiled from init.c (cached, or compiled now in a temporary directory to
+    see that it works), or none, whose limits it says. A missing init.c is a broken install: required."""
+    from stages import paths
+    from stages.runtime import overlay
+
+    kind, program, detail = overlay.which_init(paths.state_dir())
+    label = "container init"
+    if kind in ("prebuilt", "cached"):
+        return Check(label, True, f"{program} ({detail})")
+    if kind == "missing":
+        return Check(label, False, detail, "pip install --force-reinstall stages", required=True)
+    if kind == "compile":
+        directory = Path(tempfile.mkdtemp(prefix="stages-doctor-init-"))
+        try:
+            error = overlay.compile_init(program, directory / "building", directory / "stages-init")
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        if error is None:
+            return Check(label, True, f"{detail} (a test build worked) and caches it in "
+                         f"{paths.state_dir() / 'init'}")
+        detail = error
+    return Check(label, False, f"none: {detail}; {NO_INIT_LIMITS}",
+                 "apt-get install -y gcc libc6-dev (the first run compiles the init), or install stages "
+                 "from a wheel built where they are (it carries the init prebuilt)", required=False)
+
+
 # == all of them ======================================================================================
 def checks(path: str | None = None) -> list[Check]:
     """Every pre-flight check, in the order the stages need them. ``path`` is where to look for tools
@@ -504,6 +539,7 @@ def checks(path: str | None = None) -> list[Check]:
         *check_cgroups(),
         check_unprivileged_userns(),
         check_state_directory(),
+        check_init(),
         *check_tools(path),
     ]
 

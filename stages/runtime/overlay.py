@@ -18,13 +18,17 @@ import contextlib
 import fcntl
 import os
 import shutil
+import sys
 import zlib
 from pathlib import Path
 
 from stages import kernel
-from stages.errors import RootfsError
+from stages.errors import RootfsError, StagesError
 
 INIT_SOURCE = Path(__file__).with_name("init.c")
+#: The init compiled when the wheel was built (setup.py); absent in a source tree and in a pure wheel.
+INIT_PREBUILT = Path(__file__).with_name("stages-init")
+MISSING_INIT = "the container init (stages/runtime/init.c) is not installed: reinstall stages"
 
 
 def is_mounted(path: str | os.PathLike) -> bool:
@@ -82,25 +86,64 @@ def remove_tree(path: str | os.PathLike) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def init_program(state: Path) -> str | None:
-    """The container's init (``init.c``, built static once per source version, cached in ``state/init``).
-
-    None when no C compiler is there: containers then run their command as PID 1 directly, as
-    ``docker run`` without ``--init`` does, and a command that is not an init neither reaps orphans nor
-    sees SIGTERM. Every run after the first finds the program by the checksum of the source: no compiler
-    runs on the hot path.
-    """
-    source = INIT_SOURCE.read_bytes()
+def _cache_name(source: bytes) -> str:
     # CRC-32 tells one version of init.c from another, which is all a cache name needs; zlib is loaded
     # already (shutil uses it), hashlib would load OpenSSL for every `stages run`.
-    digest = f"{zlib.crc32(source):08x}{len(source):08x}"
+    return f"stages-init-{zlib.crc32(source):08x}{len(source):08x}"
+
+
+def _compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def which_init(state: Path) -> tuple[str, str | None, str]:
+    """Which init a run will use, without building anything: ``(kind, program, detail)``.
+
+    ``kind`` is ``"prebuilt"`` (compiled when the wheel was built, see setup.py), ``"cached"`` (compiled
+    from init.c by an earlier run), ``"compile"`` (the first run will compile init.c with ``program``, the
+    compiler), ``"none"`` (no compiler: the command runs as PID 1 itself, as with ``--no-init``) or
+    ``"missing"`` (neither init.c nor a prebuilt init is installed: a broken install).
+    """
+    if os.access(INIT_PREBUILT, os.X_OK):
+        return "prebuilt", str(INIT_PREBUILT), "prebuilt when the wheel was built"
+    try:
+        source = INIT_SOURCE.read_bytes()
+    except FileNotFoundError:
+        return "missing", None, MISSING_INIT
+    program = state / "init" / _cache_name(source)
+    if program.exists():
+        return "cached", str(program), "compiled from init.c on an earlier run"
+    compiler = _compiler()
+    if compiler is None:
+        return "none", None, "no prebuilt init and no C compiler (cc or gcc) to build init.c"
+    return "compile", compiler, f"the first run compiles init.c with {compiler} -static"
+
+
+def init_program(state: Path) -> str | None:
+    """The container's init: the one prebuilt into the wheel (setup.py), else ``init.c`` built static once
+    per source version and cached in ``state/init``.
+
+    None when it cannot be had (no prebuilt init, and no C compiler, or one that cannot link statically):
+    the container then runs its command as PID 1 directly, as ``docker run`` without ``--init`` does, and a
+    command that is not an init neither reaps orphans nor sees SIGTERM; that is said once, on stderr, and
+    ``stages doctor`` says it every time. Every run after the first finds the program (the prebuilt one, or
+    the cached one by the checksum of the source): no compiler runs on the hot path. Raises StagesError
+    when neither init.c nor a prebuilt init is installed.
+    """
+    if os.access(INIT_PREBUILT, os.X_OK):
+        return str(INIT_PREBUILT)
+    try:
+        source = INIT_SOURCE.read_bytes()
+    except FileNotFoundError:
+        raise StagesError(MISSING_INIT, "pip install --force-reinstall stages (a wheel or sdist has init.c), "
+                          "or run the container without an init: stages run --no-init ...") from None
     directory = state / "init"
-    program = directory / f"stages-init-{digest}"
+    program = directory / _cache_name(source)
     if program.exists():
         return str(program)
-    import subprocess
-    compiler = shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
+        _say_once(directory, "no C compiler (cc or gcc) to build stages/runtime/init.c, and no prebuilt init")
         return None
     directory.mkdir(parents=True, exist_ok=True)
     lock = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -108,14 +151,41 @@ def init_program(state: Path) -> str | None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if program.exists():
             return str(program)
-        temporary = directory / f".build-{os.getpid()}"
-        result = subprocess.run([compiler, "-static", "-O2", "-o", str(temporary), str(INIT_SOURCE)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
-            return None
-        os.replace(temporary, program)
-        return str(program)
+        error = compile_init(compiler, directory / f".build-{os.getpid()}", program)
     finally:
         os.close(lock)
+    if error is not None:
+        _say_once(directory, error)
+        return None
+    return str(program)
+
+
+def compile_init(compiler: str, temporary: Path, program: Path) -> str | None:
+    """Build init.c static with ``compiler`` into ``program`` (through ``temporary``, renamed into place:
+    a reader never sees half a program). None on success, else why not, in one line."""
+    import subprocess
+
+    result = subprocess.run([compiler, "-static", "-O2", "-o", str(temporary), str(INIT_SOURCE)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        last = (result.stderr.strip().splitlines() or [f"status {result.returncode}"])[-1]
+        return f"{compiler} -static could not build init.c (Debian: apt-get install libc6-dev): {last}"
+    os.replace(temporary, program)
+    return None
+
+
+def _say_once(directory: Path, why: str) -> None:
+    """Tell, once per state directory, that containers run without an init, and what that costs."""
+    marker = directory / ".said-no-init"
+    if marker.exists():
+        return
+    print(f"stages: running containers without an init ({why}): the command is PID 1 itself, as with "
+          "--no-init, so orphaned processes stay zombies and a command without a SIGTERM handler ignores "
+          "`stages stop` until its SIGKILL, 10 s later. Fix: apt-get install -y gcc libc6-dev, or install stages "
+          "from a wheel built with a compiler. (Said once; `stages doctor` says it every time.)",
+          file=sys.stderr)
+    with contextlib.suppress(OSError):
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.touch()
