@@ -506,8 +506,12 @@ def check_init() -> Check:
     from stages import paths
     from stages.runtime import overlay
 
-    kind, program, detail = overlay.which_init(paths.state_dir())
     label = "container init"
+    try:
+        kind, program, detail = overlay.which_init(paths.state_dir())
+    except OSError as error:  # not root: a parent such as /root may be closed to us
+        return Check(label, False, f"cannot look at {paths.state_dir() / 'init'}: "
+                     f"{os.strerror(error.errno or errno.EACCES)}", ROOT_FIX)
     if kind in ("prebuilt", "cached"):
         return Check(label, True, f"{program} ({detail})")
     if kind == "missing":

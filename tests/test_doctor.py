@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from stages import doctor, kernel, observe
+from stages.errors import StagesError
 
 pytestmark = pytest.mark.root
 
@@ -222,3 +223,39 @@ def test_a_state_directory_on_a_noexec_filesystem_fails(tmp_path, monkeypatch):
     assert doctor.check_state_directory().ok  # pytest's /tmp allows programs here
     # The noexec mount lives only in a probe child's own mount namespace, as the doctor's probes do.
     assert doctor.probe(lambda: _noexec_state_directory(str(tmp_path))) is None
+
+
+def test_the_init_check_names_the_init_a_run_will_use(tmp_path, monkeypatch):
+    """In this source tree no init is prebuilt: the first run compiles init.c (the doctor test-builds it),
+    later runs find the compiled copy, without a compiler a run has no init, and without init.c the
+    install is broken. Each answer is checked against what the runtime really does."""
+    from stages.runtime import overlay
+
+    monkeypatch.setenv("STAGES_HOME", str(tmp_path))
+    assert not overlay.INIT_PREBUILT.exists()
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    check = doctor.check_init()
+    assert check.ok and f"compiles init.c with {compiler}" in check.detail
+    assert "test build worked" in check.detail
+    assert not (tmp_path / "init").exists()  # the test build was made, and removed, elsewhere
+    program = overlay.init_program(tmp_path)
+    check = doctor.check_init()
+    assert check.ok and check.detail.startswith(f"{program} (compiled from init.c")
+
+    empty = tmp_path / "no-compiler"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert doctor.check_init().ok  # the compiled copy needs no compiler
+    shutil.rmtree(tmp_path / "init")
+    check = doctor.check_init()
+    assert overlay.init_program(tmp_path) is None  # the runtime agrees: no init
+    assert not check.ok and not check.required and check.detail.startswith("none: ")
+    assert "zombies" in check.detail and "apt-get install -y gcc libc6-dev" in check.fix
+    assert doctor.passed([check])  # a note: stage 3 still runs
+
+    monkeypatch.setattr(overlay, "INIT_SOURCE", tmp_path / "gone" / "init.c")
+    check = doctor.check_init()
+    assert not check.ok and check.required
+    assert check.detail == "the container init (stages/runtime/init.c) is not installed: reinstall stages"
+    with pytest.raises(StagesError, match="not installed: reinstall stages"):
+        overlay.init_program(tmp_path)
