@@ -1,10 +1,12 @@
 """``stages isolate ROOTFS [options] -- CMD ...``: stage 2, the whole manual sequence, in order.
 
 It does what a person would type, one step after another: the user namespace and its ID map first, the
-cgroup, each other namespace, the hostname, the network, the mounts, pivot_root, then the privileges
-dropped; then it runs CMD inside, connected to this terminal, and passes its exit code on (``128+N`` when
-a signal N killed it, as a shell reports it). ``--explain`` prints each step as it happens, as the shell
-command it stands for. Everything it set up is released on exit, on error and on Ctrl-C.
+cgroup, each other namespace, the hostname, the network, the mounts, /proc's dangerous files hidden or made
+read-only, pivot_root, then the privileges dropped (capabilities, no_new_privs); ``--harden`` adds the rest
+of Docker's defences (the device allowlist and a seccomp filter); then it runs CMD inside, connected to
+this terminal, and passes its exit code on (``128+N`` when a signal N killed it, as a shell reports it).
+``--explain`` prints each step as it happens, as the shell command it stands for. Everything it set up is
+released on exit, on error and on Ctrl-C.
 
 ``stages isolate --cleanup`` removes what isolates killed by SIGKILL left behind (cgroups, network
 devices, firewall rules, state files).
@@ -21,7 +23,7 @@ from stages import steps
 from stages.errors import StagesError
 
 USAGE = ("stages isolate ROOTFS [--namespaces uts,pid,...] [--hostname NAME] [--memory 64M] [--pids 32] "
-         "[--cpus 0.5] [--net] [--publish 8080:80] [--explain] [-- CMD ...]\n"
+         "[--cpus 0.5] [--net] [--publish 8080:80] [--harden] [--explain] [-- CMD ...]\n"
          "       stages isolate --cleanup")
 ALL_NAMESPACES = ("user", "uts", "pid", "mount", "ipc", "net", "cgroup", "time")
 DEFAULT_NAMESPACES = "uts,pid,mount,ipc,net,cgroup"
@@ -29,6 +31,7 @@ DEFAULT_NAMESPACES = "uts,pid,mount,ipc,net,cgroup"
 # (so that inside, /proc/self/cgroup shows the limited cgroup as /), time and pid last: they apply to
 # children, so the holder forks once for both.
 _ORDER = ("uts", "ipc", "net", "mount", "cgroup", "time", "pid")
+_FLAGS = ("--net", "--explain", "--cleanup", "--harden")  # the options that take no value
 
 
 def _add_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -48,6 +51,9 @@ def _add_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None
     parser.add_argument("--host-netns", default=default(None), metavar="NETNS",
                         help="with --net: wire to this network namespace instead of the real host's network "
                              "(for tests and demos: ip netns add NETNS)")
+    parser.add_argument("--harden", action="store_true", default=default(False),
+                        help="add the rest of Docker's defences: the device allowlist (cgroup v1; on v2 no "
+                             "CAP_MKNOD instead) and a seccomp filter (no new namespaces, mount, modules...)")
     parser.add_argument("--explain", action="store_true", default=default(False),
                         help="print each step on stderr as the shell command it stands for")
     parser.add_argument("--name", default=default(None), help="the isolate's name (default: a random one)")
@@ -77,8 +83,7 @@ def _split(args: argparse.Namespace) -> list[str]:
         options = []
         while words and words[0].startswith("--"):
             options.append(words.pop(0))
-            if options[-1].split("=")[0] not in ("--net", "--explain", "--cleanup") and "=" not in \
-                    options[-1] and words:
+            if options[-1].split("=")[0] not in _FLAGS and "=" not in options[-1] and words:
                 options.append(words.pop(0))
         command = words
     if options:
@@ -169,9 +174,14 @@ def run(args: argparse.Namespace) -> int:
             iso.mount_sys()
             iso.mount_dev()
             iso.mount_tmp()
+            # /proc/sys is the host's (core_pattern names what the host's kernel runs as root at a crash):
+            # hidden or read-only before anything runs inside
+            iso.protect_proc()
             iso.pivot_root()
         iso.drop_capabilities()
         iso.set_no_new_privs()
+        if args.harden:
+            iso.harden()  # the device allowlist from outside, then the seccomp filter: the last step
         env = {"PATH": "/bin:/sbin:/usr/bin:/usr/sbin", "HOME": "/root",
                "TERM": os.environ.get("TERM", "xterm"), "PS1": f"{args.hostname or iso.name}# "}
         with record.step(shlex.join(command), what="the command, inside", where="inside"):

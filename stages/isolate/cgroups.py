@@ -72,6 +72,22 @@ CPU_PERIOD_US = 100_000
 #: The kernel refuses a CFS quota below 1 ms (sched-bwc.rst).
 MINIMUM_QUOTA_US = 1_000
 
+#: The device allowlist of a container (runc's and Docker's defaults), after "deny everything":
+#: (type, major, minor, access, what it is); "*" is any number. mknod of any node is allowed because
+#: creating a node is harmless while opening it is refused (the kernel asks the cgroup at open(2) too).
+DEVICE_RULES = (
+    ("c", "*", "*", "m", "mknod of any character device (opening it is another matter)"),
+    ("b", "*", "*", "m", "mknod of any block device"),
+    ("c", 1, 3, "rwm", "/dev/null"),
+    ("c", 1, 5, "rwm", "/dev/zero"),
+    ("c", 1, 7, "rwm", "/dev/full"),
+    ("c", 1, 8, "rwm", "/dev/random"),
+    ("c", 1, 9, "rwm", "/dev/urandom"),
+    ("c", 5, 0, "rwm", "/dev/tty"),
+    ("c", 5, 2, "rwm", "/dev/ptmx"),
+    ("c", 136, "*", "rwm", "/dev/pts/*, the isolate's terminals"),
+)
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -710,6 +726,49 @@ class Cgroup:
             self._write(self.file("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US), what="the period")
             self._write(self.file("cpu", "cpu.cfs_quota_us"), str(quota), what=what)
         return number
+
+    # -- devices: which device nodes the processes may open or create ---------------------------------
+    def add_controller(self, controller: str) -> str:
+        """Give this cgroup a controller it was made without (on v1: a directory in that controller's
+        hierarchy, and every process of the cgroup moved into it). Returns its directory."""
+        if controller in self.directories:
+            return self.directories[controller]
+        layout = self.layout if self.layout is not None else detect()
+        hierarchy = layout.hierarchy(controller)
+        for known, directory in self.directories.items():
+            if layout.hierarchy(known).mountpoint == hierarchy.mountpoint:  # v2: the same directory
+                self.directories[controller], self.versions[controller] = directory, hierarchy.version
+                return directory
+        processes = self.pids()
+        self._make([controller], layout, None)
+        for pid in processes:
+            self._write(os.path.join(self.directories[controller], "cgroup.procs"), str(pid),
+                        what=f"move process {pid} in here too", where="outside")
+        return self.directories[controller]
+
+    def allow_devices(self, rules=DEVICE_RULES) -> list[str]:
+        """Deny every device, then allow each of ``rules`` (:data:`DEVICE_RULES` by default): cgroup v1's
+        ``echo a > devices.deny`` and ``echo 'c 1:3 rwm' > devices.allow`` (the kernel's
+        admin-guide/cgroup-v1/devices.rst). Returns the allowlist as the kernel shows it (devices.list).
+
+        Without it, root in a container with CAP_MKNOD may ``mknod /tmp/disk b 8 0`` and read the host's
+        disk: a device node is only a number, and /dev's contents are no protection. cgroup v2 has no such
+        files (a BPF program answers, which stage 3's runtime loads): there :class:`CgroupError` says so.
+        """
+        directory = self.add_controller("devices")
+        if self.versions["devices"] == 2:
+            raise CgroupError(
+                "cgroup v2 has no devices.allow: there the device allowlist is a BPF program attached to the "
+                "cgroup (cgroup-v2.rst, 'Device controller'), which stage 2 does not build",
+                "keep CAP_MKNOD out instead (drop_capabilities without 'mknod'), or see stage 3: "
+                "stages run loads the program (stages.runtime.oci.devices)",
+            )
+        self._write(os.path.join(directory, "devices.deny"), "a",
+                    what="no device may be opened or created ...")
+        for kind, major, minor, access, what in rules:
+            self._write(os.path.join(directory, "devices.allow"), f"{kind} {major}:{minor} {access}",
+                        what=f"... but {what}")
+        return _read(os.path.join(directory, "devices.list")).split("\n")[:-1]
 
     # -- processes ----------------------------------------------------------------------------------
     def add(self, pid: int) -> None:

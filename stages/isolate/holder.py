@@ -20,6 +20,7 @@ longer reachable, so nothing can be imported later.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import importlib
@@ -35,6 +36,7 @@ import traceback
 from stages import errors, kernel, steps
 from stages.errors import StagesError
 from stages.isolate import filesystem
+from stages.rootfs import Root
 
 # The device nodes and links of a minimal /dev live with the other filesystem steps, shared with stage 3.
 DEVICES = filesystem.DEVICES
@@ -196,17 +198,33 @@ class Holder:
     def op_make_private(self) -> list[str]:
         return filesystem.make_private()
 
+    def inside(self) -> contextlib.AbstractContextManager[Root | None]:
+        """The rootfs, opened for one request, in which every target is looked up before pivot_root: a
+        rootfs is hostile input, and its /dev may be a link to the host's /tmp (:class:`Root`). Opened
+        here, in the isolate's mount namespace, since a mount point must belong to it. None after
+        pivot_root: the rootfs is / then, and nothing can lead out of it."""
+        if self.pivoted:
+            return contextlib.nullcontext()
+        return Root(self.rootfs, owner="the rootfs's")
+
     def op_mount_proc(self, replace: bool = False) -> str:
-        return filesystem.mount_proc(self.base("/proc"), replace)
+        with self.inside() as root:
+            return filesystem.mount_proc("/proc", replace, root=root)
 
     def op_mount_sys(self) -> str:
-        return filesystem.mount_sys(self.base("/sys"), self.pivoted)
+        with self.inside() as root:
+            return filesystem.mount_sys("/sys", self.pivoted, root=root)
 
     def op_mount_tmp(self) -> str:
-        return filesystem.mount_tmp(self.base("/tmp"))
+        with self.inside() as root:
+            return filesystem.mount_tmp("/tmp", root=root)
 
     def op_mount_dev(self) -> list[str]:
-        return filesystem.mount_dev(self.base("/dev"), self.in_user_namespace)
+        with self.inside() as root:
+            return filesystem.mount_dev("/dev", self.in_user_namespace, root=root)
+
+    def op_protect_proc(self) -> list[str]:
+        return filesystem.protect_proc(self.base("/"))
 
     def op_pivot_root(self) -> list[str]:
         names = filesystem.pivot_root(self.rootfs)
@@ -225,10 +243,10 @@ class Holder:
         kernel.set_no_new_privs(what="setuid programs and file capabilities grant nothing any more")
         return kernel.no_new_privs()
 
-    def op_seccomp(self, deny: list[str]) -> list[str]:
+    def op_seccomp(self, deny: list[str], namespace_flags: tuple = (), enosys: tuple = ()) -> list[str]:
         from stages.isolate import privileges
 
-        return privileges.install_seccomp(deny)
+        return privileges.install_seccomp(deny, namespace_flags=namespace_flags, enosys=enosys)
 
     # -- commands -----------------------------------------------------------------------------------
     def op_run(self, argv: list[str], env: dict | None = None, cwd: str = "/", capture: bool = True,

@@ -147,6 +147,11 @@ class Isolate:
         self.cgroup = None
         self.wiring = None
         self._pending: set[str] = set()  # pid/time namespaces no process has entered yet
+        self.proc_protected: int | None = None  # the PID namespace whose /proc protect_proc() covered
+        self.capabilities: list[str] | None = None  # the bounding set after drop_capabilities()
+        self.no_new_privs = False
+        self.filtered: list[str] = []  # the seccomp rules installed
+        self.devices: list[str] | None = None  # the device allowlist, as devices.list shows it
         self._process: subprocess.Popen | None = None
         self._channel: Channel | None = None
         self._busy = False
@@ -346,6 +351,7 @@ class Isolate:
         PID and time namespaces apply to the *children* of the process that unshares; the holder forks
         its first child into them at the next step (after :meth:`time_offsets`, for time).
         """
+        self._not_filtered("unshare")
         if not names:
             raise StagesError("unshare() needs at least one namespace",
                               f"name some of: {', '.join(kernel.NAMESPACES)}")
@@ -452,7 +458,13 @@ class Isolate:
                       "call unshare('mount') first")
         return self._request("make_private")
 
+    def _not_filtered(self, call: str) -> None:
+        if self.filtered and call in self.filtered:
+            raise StepOrderError(f"the seccomp filter refuses {call}(2) now, to the holder too",
+                                 "make seccomp() the last step: start a new isolate")
+
     def _mount(self, kind: str) -> str:
+        self._not_filtered("mount")
         self._require("mount", f"without its own mount namespace, mounting {kind} would mount it on the host "
                                "(and it would outlive the isolate)", "call unshare('mount') first")
         self._require_mapped(f"mounting {kind}")
@@ -477,6 +489,7 @@ class Isolate:
                                  "look at it with run(['ps']); mount it again only after unshare('pid')")
         self._request("mount_proc", replace=replace)
         self.mounted["proc"] = self._pid_namespace()
+        self.proc_protected = None  # a new /proc: nothing of it is masked yet
         return self._mounts_at("/proc")
 
     def mount_sys(self) -> list[observe.Mount]:
@@ -521,12 +534,34 @@ class Isolate:
         path = target if self.pivoted else str(self.rootfs / target.lstrip("/"))
         return [m for m in observe.mounts(self.pid) if m.target == path]
 
+    def protect_proc(self) -> list[str]:
+        """Hide what /proc and /sys must not show, and make read-only what they must not change, as every
+        container runtime does (the OCI spec's maskedPaths and readonlyPaths,
+        :data:`stages.isolate.filesystem.MASKED_PATHS` and ``READONLY_PATHS``). Returns the paths changed.
+
+        Most of /proc/sys is the host's, not the isolate's: without this step root inside may write
+        /proc/sys/kernel/core_pattern (the program the host's kernel runs as root when anything crashes) or
+        /proc/sysrq-trigger (one letter reboots the host). Call it after :meth:`mount_proc` (and
+        :meth:`mount_sys`, which it covers too).
+        """
+        self._mount("/proc")
+        if "proc" not in self.mounted:
+            raise StepOrderError("there is no /proc of the isolate's own to protect yet",
+                                 "call mount_proc() first (and mount_sys(), for /sys/firmware)")
+        if self.proc_protected == self.mounted["proc"]:
+            raise StepOrderError("/proc is protected already",
+                                 "try it: run(['sh', '-c', 'echo x > /proc/sys/kernel/hostname'])")
+        changed = self._request("protect_proc")
+        self.proc_protected = self.mounted["proc"]
+        return changed
+
     def pivot_root(self) -> list[str]:
         """Make the rootfs the isolate's / and detach the host's root (pivot_root(2)): unlike chroot, the
         old root is gone from the mount namespace, so no climb leads back. Returns the names in / inside.
         """
         self._require("mount", "pivot_root needs a mount namespace of its own, else it would change the "
                                "host's root", "call unshare('mount') first")
+        self._not_filtered("pivot_root")
         if self.pivoted:
             raise StepOrderError("the root is pivoted already", "the rootfs is / now; see run(['ls', '/'])")
         self._require_mapped("pivot_root")
@@ -545,21 +580,89 @@ class Isolate:
                 raise StagesError(f"there is no capability {name!r}",
                                   "see capabilities(7); write them like 'net_admin' or 'CAP_NET_ADMIN'",
                                   ) from None
-        return self._request("drop_capabilities", keep=list(keep))
+        result = self._request("drop_capabilities", keep=list(keep))
+        self.capabilities = result["bounding"]
+        return result
 
     def set_no_new_privs(self) -> bool:
         """Set no_new_privs: no execve inside can ever grant privileges (setuid bits are ignored)."""
-        return self._request("set_no_new_privs")
+        self.no_new_privs = self._request("set_no_new_privs")
+        return self.no_new_privs
 
-    def seccomp(self, deny=privileges.DEFAULT_DENY) -> list[str]:
-        """Make the system calls in ``deny`` fail with EPERM inside (a seccomp filter, seccomp(2)).
+    def seccomp(self, deny=privileges.HARDENED_DENY, *, namespace_flags=tuple(privileges.NAMESPACE_FLAGS),
+                enosys=privileges.ENOSYS_CALLS) -> list[str]:
+        """Make the system calls in ``deny`` fail with EPERM inside (a seccomp filter, seccomp(2)), and
+        clone(2) with any of ``namespace_flags``, and those in ``enosys`` fail with ENOSYS.
 
-        The filter binds the holder too, so make it the last step. Without libseccomp installed this
-        does nothing and returns ``[]``; otherwise it returns the system calls filtered.
+        The defaults refuse what Docker's default profile refuses a container without CAP_SYS_ADMIN
+        (:data:`stages.isolate.privileges.HARDENED_DENY`): new namespaces (``unshare -U -r`` would hand
+        root every capability again, in a user namespace of its own), mount, kernel modules, ptrace, the
+        keyring, the clocks, reboot ... The filter binds the holder too, so make it the last step.
+        Without libseccomp installed this does nothing and returns ``[]``; otherwise it returns the rules.
         """
         if not privileges.seccomp_available():
             return []
-        return self._request("seccomp", deny=list(deny))
+        for flag in namespace_flags:
+            if flag not in privileges.NAMESPACE_FLAGS:
+                raise StagesError(f"{flag!r} is not a namespace flag of clone(2)",
+                                  f"choose from {', '.join(privileges.NAMESPACE_FLAGS)}")
+        rules = self._request("seccomp", deny=list(deny), namespace_flags=list(namespace_flags),
+                              enosys=list(enosys))
+        self.filtered.extend(rules)
+        return rules
+
+    def limit_devices(self, rules=None) -> list[str]:
+        """From outside, let the isolate open and create only the device nodes it needs: deny everything,
+        then allow null, zero, full, random, urandom, tty, ptmx, its terminals, and mknod (harmless then)
+        (:data:`stages.isolate.cgroups.DEVICE_RULES`, Docker's list), in its cgroup (cgroup v1's
+        devices.deny and devices.allow). Returns the allowlist as the kernel shows it.
+
+        A device node is only a number: root with CAP_MKNOD may ``mknod /tmp/disk b 8 0`` anywhere and
+        read the host's disk, whatever /dev holds. On cgroup v2 the allowlist is a BPF program, which stage
+        2 does not build: :class:`stages.errors.CgroupError` says so (:meth:`harden` drops CAP_MKNOD then).
+        """
+        from stages.isolate import cgroups
+
+        cgroup = self._cgroup(devices=True)
+        self.devices = cgroup.allow_devices(cgroups.DEVICE_RULES if rules is None else rules)
+        return self.devices
+
+    def harden(self) -> dict:
+        """Every defence Docker applies by default that is still missing, in the order the kernel needs:
+        the device allowlist (from outside), :meth:`protect_proc`, :meth:`drop_capabilities`,
+        :meth:`set_no_new_privs`, then :meth:`seccomp` (last: it refuses mount to the holder too).
+
+        Where the device allowlist cannot be made (cgroup v2: it is a BPF program there), CAP_MKNOD is
+        dropped too, so that no device node can be made at all. Returns what each step did.
+        """
+        from stages.isolate import cgroups
+
+        self._require("mount", "without a mount namespace of its own the isolate writes the host's /proc/sys "
+                               "(no capability is needed for core_pattern, only uid 0), and nothing can make "
+                               "it read-only for the isolate alone", "call unshare('mount') first")
+        if "proc" not in self.mounted:
+            raise StepOrderError("harden() protects the isolate's /proc, and there is none yet",
+                                 "call mount_proc() first")
+        if not privileges.seccomp_available():
+            raise StagesError("harden() needs a seccomp filter, and libseccomp is not installed",
+                              "install it (apt-get install libseccomp2), or apply the other steps one by one")
+        done: dict = {}
+        keep = list(DEFAULT_CAPS)
+        if self.devices is None:
+            if cgroups.detect().hierarchy("devices").version == 2:
+                keep.remove("mknod")
+                done["devices"] = "cgroup v2: no device allowlist in stage 2, so CAP_MKNOD is dropped instead"
+            else:
+                done["devices"] = self.limit_devices()
+        if self.proc_protected != self.mounted["proc"]:
+            done["protect_proc"] = self.protect_proc()
+        if self.capabilities is None or set(self.capabilities) - set(keep):
+            done["drop_capabilities"] = self.drop_capabilities(keep)
+        if not self.no_new_privs:
+            done["set_no_new_privs"] = self.set_no_new_privs()
+        if not self.filtered:
+            done["seccomp"] = self.seccomp()
+        return done
 
     # == commands ==================================================================================
     def run(self, argv: list[str] | str, *, input: str | None = None, capture: bool = True,
@@ -615,23 +718,36 @@ class Isolate:
         ``memory`` like ``"64M"``, ``pids`` a number of processes, ``cpus`` like ``0.5``. Everything
         started inside afterwards is limited. Returns the :class:`stages.isolate.cgroups.Cgroup`.
         """
-        from stages.isolate import cgroups
-
         if memory is None and pids is None and cpus is None:
             raise StagesError("limit() needs at least one limit", "e.g. iso.limit(memory='64M', pids=32)")
-        if self.cgroup is None:
-            if self.pid is None:
-                raise StepOrderError("the isolate is not started", "call start() first")
-            self._state.cgroups.append(self.name)
-            self._state.save()  # written down before the directory exists: cleanup() can find it
-            self.cgroup = cgroups.Cgroup.create(self.name, record=self.record)
-            self.cgroup.add(self.pid)
+        self._cgroup()
         if memory is not None:
             self.cgroup.set_memory(memory)
         if pids is not None:
             self.cgroup.set_pids(pids)
         if cpus is not None:
             self.cgroup.set_cpus(cpus)
+        return self.cgroup
+
+    def _cgroup(self, devices: bool = False):
+        """The isolate's cgroup, made (and the holder moved in) on first use; with the devices controller
+        too when ``devices``."""
+        from stages.isolate import cgroups
+
+        if self.cgroup is None:
+            if self.pid is None:
+                raise StepOrderError("the isolate is not started", "call start() first")
+            self._state.cgroups.append(self.name)
+            self._state.save()  # written down before the directory exists: cleanup() can find it
+            if devices:
+                layout = cgroups.detect()
+                controllers = [c for c in cgroups.CONTROLLERS if c in layout.controllers] + ["devices"]
+                self.cgroup = cgroups.Cgroup.create(self.name, record=self.record, controllers=controllers)
+            else:
+                self.cgroup = cgroups.Cgroup.create(self.name, record=self.record)
+            self.cgroup.add(self.pid)
+        elif devices:
+            self.cgroup.add_controller("devices")
         return self.cgroup
 
     def connect(self, address: str | None = None, *, subnet: str | None = None, host_netns: str | None = None,

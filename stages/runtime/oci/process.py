@@ -38,6 +38,7 @@ from stages import kernel, steps
 from stages.errors import CommandNotFoundError, StagesError, error_reply
 from stages.isolate import cgroups as host_cgroups
 from stages.isolate import filesystem
+from stages.rootfs import Root
 from stages.runtime.oci import hooks as oci_hooks
 from stages.runtime.oci import seccomp as oci_seccomp
 from stages.runtime.oci.spec import Mount, Plan, Process, SpecError
@@ -326,16 +327,20 @@ def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) 
     kernel.mount(None, "/", None, plan.rootfs_propagation,
                  what="no mount event crosses from the container to the host (mount_namespaces(7))")
     filesystem.bind_on_itself(plan.rootfs)
-    dev_is_ours = False
-    for item in plan.mounts:
-        mount_one(item, plan.in_user_namespace)
-        dev_is_ours |= item.destination.rstrip("/") == "/dev" and item.type == "tmpfs"
-    if dev_is_ours:  # the default devices the spec promises (config-linux.md, "Default Devices")
-        dev = os.path.join(plan.rootfs, "dev")
-        filesystem.make_devices(dev, plan.in_user_namespace)
-        filesystem.make_device_links(dev)
-    for node in plan.device_nodes:
-        make_device_node(node, plan.in_user_namespace)
+    # The rootfs is hostile input: every path written below it (mount targets, the files and directories
+    # made for them, device nodes and links) is looked up *inside* it, through a descriptor opened now,
+    # on the bind mount just made (stages.rootfs.Root: openat2's RESOLVE_IN_ROOT, mounts on
+    # /proc/self/fd/N as runc does); a symbolic link that leads out (/dev -> /tmp/victim) is refused.
+    with Root(plan.rootfs) as root:
+        dev_is_ours = False
+        for item in plan.mounts:
+            mount_one(item, plan.in_user_namespace, root)
+            dev_is_ours |= item.destination.rstrip("/") == "/dev" and item.type == "tmpfs"
+        if dev_is_ours:  # the default devices the spec promises (config-linux.md, "Default Devices")
+            filesystem.make_devices("/dev", plan.in_user_namespace, root=root)
+            filesystem.make_device_links("/dev", root=root)
+        for node in plan.device_nodes:
+            make_device_node(node, plan.in_user_namespace, root)
     if before_pivot_root is not None:
         # prestart, createRuntime (the runtime) and createContainer hooks (here) run now: the container's
         # environment exists and the host's paths are still in reach (config.md, "POSIX-platform Hooks")
@@ -348,9 +353,9 @@ def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) 
             with open(path, "w") as handle:
                 handle.write(value)
     for path in plan.masked_paths:
-        mask(path)
+        filesystem.mask(path)
     for path in plan.readonly_paths:
-        make_readonly(path)
+        filesystem.make_readonly(path)
     if plan.readonly:
         kernel.mount(None, "/", None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY | _locked("/"),
                      what="root.readonly: the rootfs cannot be changed from inside")
@@ -392,9 +397,10 @@ _RLIMIT_WORDS = {"RLIMIT_NOFILE": "nofile", "RLIMIT_NPROC": "nproc", "RLIMIT_COR
                  "RLIMIT_DATA": "data", "RLIMIT_MEMLOCK": "memlock"}
 
 
-def _locked(path: str) -> int:
-    """The flags ``path``'s mount has now that a remount must keep (a user namespace may not clear them)."""
-    have = os.statvfs(path).f_flag
+def _locked(path: str, root: Root | None = None) -> int:
+    """The flags ``path``'s mount has now that a remount must keep (a user namespace may not clear them).
+    ``root``: ``path`` is inside that rootfs (before pivot_root), looked up there."""
+    have = (os.statvfs(path) if root is None else root.statvfs(path)).f_flag
     return sum(flag for bit, flag in _STATVFS_FLAGS if have & bit and flag != kernel.MS_RDONLY)
 
 
@@ -426,111 +432,107 @@ def container_cgroups() -> list[tuple[str, str, str]]:
     return found
 
 
-def mount_cgroup(item: Mount, in_user_namespace: bool) -> None:
+def mount_cgroup(item: Mount, in_user_namespace: bool, root: Root) -> None:
     """A ``cgroup`` mount (``/sys/fs/cgroup``): the container sees its own cgroups there, read-only.
 
     cgroup v2 alone: a fresh cgroup2 mount, whose root is the container's cgroup when the container has
     a cgroup namespace (cgroup_namespaces(7)). cgroup v1 or hybrid, as runc does: a tmpfs, and in it one
     directory per hierarchy (``memory``, ``cpu`` ..., ``unified``) with the container's own cgroup
     directory of that hierarchy bind-mounted on it, and the host's links (``cpuacct -> cpu,cpuacct``).
+    Every path is inside ``root``, looked up there.
     """
-    target = item.target
+    target = root.make_directories(item.destination)
     flags = item.flags & ~kernel.MS_RDONLY
     readonly = item.flags & kernel.MS_RDONLY
     hierarchies = [entry for entry in CONTAINER_CGROUPS if os.path.dirname(entry[0]) == "/sys/fs/cgroup"]
     unified = next((entry for entry in CONTAINER_CGROUPS if entry[0] == "/sys/fs/cgroup"), None)
-    if not os.path.isdir(target):
-        with steps.record(f"mkdir -p {target}", where="inside"):
-            os.makedirs(target, exist_ok=True)
     if unified is not None:
         try:
-            kernel.mount("cgroup2", target, "cgroup2", item.flags, what="the container's cgroups (cgroup v2)")
+            root.mount("cgroup2", target, "cgroup2", item.flags, what="the container's cgroups (cgroup v2)")
         except PermissionError:
             if not in_user_namespace:
                 raise
             # a user namespace may mount cgroup2 only from a cgroup namespace it owns: bind ours instead
-            kernel.mount(unified[2], target, None, kernel.MS_BIND | kernel.MS_REC,
-                         what="the container's own cgroup from the host, since it has no cgroup namespace")
-            kernel.mount(None, target, None,
-                         kernel.MS_BIND | kernel.MS_REMOUNT | item.flags | _locked(target),
-                         what="with the mount's options")
+            root.mount(unified[2], target, None, kernel.MS_BIND | kernel.MS_REC,
+                       what="the container's own cgroup from the host, since it has no cgroup namespace")
+            root.mount(None, target, None,
+                       kernel.MS_BIND | kernel.MS_REMOUNT | item.flags | _locked(target, root),
+                       what="with the mount's options")
         return
-    kernel.mount("tmpfs", target, "tmpfs", flags, "mode=755",
-                 what="cgroup v1: a directory per hierarchy, each the container's own cgroup")
+    root.mount("tmpfs", target, "tmpfs", flags, "mode=755",
+               what="cgroup v1: a directory per hierarchy, each the container's own cgroup")
     for mountpoint, _fstype, directory in hierarchies:
-        inside = os.path.join(target, os.path.basename(mountpoint))
-        with steps.record(f"mkdir {inside}", where="inside"):
-            os.mkdir(inside, 0o755)
-        kernel.mount(directory, inside, None, kernel.MS_BIND | kernel.MS_REC,
-                     what=f"the container's {os.path.basename(mountpoint)} cgroup")
-        kernel.mount(None, inside, None,
-                     kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY | flags | _locked(inside),
-                     what="read-only: a container reads its limits, never changes them")
+        inside = root.make_directories(target + "/" + os.path.basename(mountpoint), 0o755)
+        root.mount(directory, inside, None, kernel.MS_BIND | kernel.MS_REC,
+                   what=f"the container's {os.path.basename(mountpoint)} cgroup")
+        root.mount(None, inside, None,
+                   kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY | flags | _locked(inside, root),
+                   what="read-only: a container reads its limits, never changes them")
     with os.scandir("/sys/fs/cgroup") as entries:
         for entry in entries:
-            link = os.path.join(target, entry.name)
-            if entry.is_symlink() and not os.path.lexists(link):
-                with steps.record(f"ln -s {os.readlink(entry.path)} {link}", where="inside"):
-                    os.symlink(os.readlink(entry.path), link)
+            link = target + "/" + entry.name
+            if entry.is_symlink() and root.lstat(link) is None:
+                root.symlink(os.readlink(entry.path), link)
     if readonly:
-        kernel.mount(None, target, None, kernel.MS_REMOUNT | item.flags, "mode=755",
-                     what="the directory of hierarchies read-only too")
+        root.mount(None, target, None, kernel.MS_REMOUNT | item.flags, "mode=755",
+                   what="the directory of hierarchies read-only too")
 
 
-def mount_one(item: Mount, in_user_namespace: bool) -> None:
-    """One entry of config.json's ``mounts``, below the rootfs (``item.target`` was resolved there)."""
-    target = item.target
+def mount_one(item: Mount, in_user_namespace: bool, root: Root) -> None:
+    """One entry of config.json's ``mounts``: its destination looked up inside ``root`` (the rootfs,
+    before pivot_root), never by joining strings; a file or directory to mount on is made there.
+    (``item.target`` is only where it would be on the host, for the record.)"""
     if item.type == "cgroup" and not item.bind:
-        mount_cgroup(item, in_user_namespace)
+        mount_cgroup(item, in_user_namespace, root)
         if item.propagation:
-            kernel.mount(None, target, None, item.propagation)
+            root.mount(None, item.destination, None, item.propagation)
         return
-    if item.bind and not os.path.isdir(item.source):
-        if not os.path.exists(target):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with steps.record(f"touch {target}", where="inside", what="a file to bind the file on"):
-                os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
-    elif not os.path.isdir(target):
-        with steps.record(f"mkdir -p {target}", where="inside"):
-            os.makedirs(target, exist_ok=True)
+    target = root.resolve(item.destination)
+    here = root.lstat(target)
+    if item.bind and not os.path.isdir(item.source):  # the source is the host's: the host's path
+        if here is None:
+            root.make_file(target, 0o644)
+    elif here is None or not stat.S_ISDIR(here.st_mode):
+        root.make_directories(target)
     if item.bind:
-        kernel.mount(item.source, target, None, item.flags & (kernel.MS_BIND | kernel.MS_REC),
-                     what=f"{item.source} from the host at {item.destination}")
+        root.mount(item.source, target, None, item.flags & (kernel.MS_BIND | kernel.MS_REC),
+                   what=f"{item.source} from the host at {item.destination}")
         # A bind mount ignores every other flag; they take a remount (mount(2), "Creating a bind mount").
         extra = item.flags & ~(kernel.MS_BIND | kernel.MS_REC)
         if extra:
-            kernel.mount(None, target, None, kernel.MS_BIND | kernel.MS_REMOUNT | extra | _locked(target),
-                         what="apply the options to the bind mount")
+            root.mount(None, target, None, kernel.MS_BIND | kernel.MS_REMOUNT | extra | _locked(target, root),
+                       what="apply the options to the bind mount")
     else:
         try:
-            kernel.mount(item.source, target, item.type, item.flags, item.data, what=f"{item.destination}")
+            root.mount(item.source, target, item.type, item.flags, item.data, what=f"{item.destination}")
         except PermissionError:
             if item.type != "sysfs" or not in_user_namespace:
                 raise
             # sysfs needs a network namespace owned by our user namespace; borrow the host's, read-only
-            filesystem.mount_sys(target)
+            filesystem.mount_sys(target, root=root)
     if item.propagation:
-        kernel.mount(None, target, None, item.propagation)
+        root.mount(None, target, None, item.propagation)
 
 
-def make_device_node(node: dict, in_user_namespace: bool) -> None:
-    """One entry of linux.devices: mknod(2) with its mode and owner; a FIFO is mkfifo(3).
+def make_device_node(node: dict, in_user_namespace: bool, root: Root) -> None:
+    """One entry of linux.devices: mknod(2) with its mode and owner; a FIFO is mkfifo(3). The node is
+    made inside ``root`` (mknodat(2) in a directory opened there), never through a link.
 
     Inside a user namespace mknod of a device is refused (user_namespaces(7)), so the host's node of the
     same path is bind-mounted, as for the default devices (and as runc does); it must be that device.
     """
-    target, kind, path = node["target"], node["type"], node["path"]
+    kind, path = node["type"], node["path"]
     number = os.makedev(node["major"], node["minor"])
     kinds = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
-    if not os.path.isdir(os.path.dirname(target)):
-        with steps.record(f"mkdir -p {os.path.dirname(target)}", where="inside"):
-            os.makedirs(os.path.dirname(target))
-    if os.path.lexists(target):
-        here = os.lstat(target)
+    target = root.resolve(path)
+    parent = target.rpartition("/")[0] or "/"
+    if not root.is_directory(parent):
+        root.make_directories(parent)
+    here = root.lstat(target)
+    if here is not None:
         if stat.S_IFMT(here.st_mode) == kinds[kind] and (kind == "p" or here.st_rdev == number):
             return  # made already (a default device, or the rootfs has it)
-        with steps.record(f"rm {target}", where="inside", what="not the device linux.devices asks for"):
-            os.unlink(target)
+        root.unlink(target, what="not the device linux.devices asks for")
     if in_user_namespace and kind != "p":
         try:
             host = os.stat(path)
@@ -540,37 +542,12 @@ def make_device_node(node: dict, in_user_namespace: bool) -> None:
             raise StagesError(f"linux.devices: {path} cannot be made inside a user namespace, and the host "
                               f"has no such device at {path} to lend",
                               "give the path the device has on the host, or run without a user namespace")
-        with steps.record(f"touch {target}", where="inside", what="a file to mount the device on"):
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
-        kernel.mount(path, target, None, kernel.MS_BIND,
-                     what=f"the host's {path}: mknod is refused inside a user namespace")
+        root.make_file(target, 0o600, what="a file to mount the device on")
+        root.mount(path, target, None, kernel.MS_BIND,
+                   what=f"the host's {path}: mknod is refused inside a user namespace")
         return
-    shell = (f"mkfifo -m {node['mode']:o} {target}" if kind == "p" else
-             f"mknod -m {node['mode']:o} {target} {kind} {node['major']} {node['minor']}")
-    with steps.record(shell, where="inside", what=f"linux.devices: {path}"):
-        os.mknod(target, kinds[kind] | node["mode"], number)
-        os.chmod(target, node["mode"])  # mknod's mode is filtered by the umask
-        os.chown(target, node["uid"], node["gid"])
-
-
-def mask(path: str) -> None:
-    """maskedPaths: /dev/null over a file, an empty read-only tmpfs over a directory; missing is fine."""
-    if not os.path.lexists(path):
-        return
-    if os.path.isdir(path):
-        kernel.mount("tmpfs", path, "tmpfs", kernel.MS_RDONLY, what=f"hide {path}: an empty directory")
-    else:
-        kernel.mount("/dev/null", path, None, kernel.MS_BIND, what=f"hide {path}: it reads as empty")
-
-
-def make_readonly(path: str) -> None:
-    """readonlyPaths: bind ``path`` on itself and remount that read-only; missing is fine."""
-    if not os.path.lexists(path):
-        return
-    kernel.mount(path, path, None, kernel.MS_BIND | kernel.MS_REC, what=f"{path} on itself, to remount it")
-    kernel.mount(None, path, None,
-                 kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY | kernel.MS_REC | _locked(path),
-                 what=f"{path} read-only")
+    root.mknod(target, kinds[kind] | node["mode"], number, node["uid"], node["gid"],
+               what=f"linux.devices: {path}")
 
 
 def find_program(name: str, path: str) -> str:

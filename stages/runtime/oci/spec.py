@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from stages import kernel
 from stages.errors import LimitError, StagesError
+from stages.isolate import filesystem
 
 OCI_VERSION = "1.0.2"
 
@@ -58,6 +59,10 @@ _SYSCTL_NAMESPACES = {"net.": "net", "kernel.msg": "ipc", "kernel.sem": "ipc", "
                       "fs.mqueue.": "ipc", "kernel.hostname": "uts", "kernel.domainname": "uts"}
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+#: The largest user or group ID: uid_t is 32 bits, and its last value, (uid_t) -1, is not an ID but
+#: setresuid(2)'s "leave this one as it is" (credentials(7)).
+MAX_ID = 4294967294
 
 # Fields of config.json we know but do not implement: refused when set to anything but "empty".
 _UNSUPPORTED = {
@@ -111,7 +116,9 @@ def refuse(field_name: str, why: str, hint: str | None = None) -> SpecError:
 # -- the plan -----------------------------------------------------------------------------------------
 @dataclass
 class Mount:
-    """One mount(2) call, decided: ``target`` is absolute on the host (below the rootfs)."""
+    """One mount(2) call, decided. ``target`` is where ``destination`` is on the host now, for the
+    record; the init looks ``destination`` up again inside the rootfs when it mounts, never following a
+    link out of it (:class:`stages.rootfs.Root`)."""
 
     destination: str
     target: str
@@ -208,8 +215,9 @@ def check_id(container_id: str) -> str:
     return container_id
 
 
-def load(bundle: str | os.PathLike) -> tuple[dict, Plan]:
-    """Read ``bundle/config.json``, check it, and return it with its :class:`Plan`."""
+def load(bundle: str | os.PathLike, *, seccomp_cache: str | None = None) -> tuple[dict, Plan]:
+    """Read ``bundle/config.json``, check it, and return it with its :class:`Plan`. ``seccomp_cache``: a
+    directory of compiled seccomp profiles (:func:`stages.runtime.oci.seccomp.compile_profile`)."""
     bundle = os.path.abspath(bundle)
     path = os.path.join(bundle, "config.json")
     try:
@@ -222,7 +230,7 @@ def load(bundle: str | os.PathLike) -> tuple[dict, Plan]:
         raise StagesError(f"{path} is not valid JSON: {error}", "fix the file, or write it again") from None
     if not isinstance(config, dict):
         raise refuse("(top level)", "must be a JSON object")
-    return config, plan(config, bundle)
+    return config, plan(config, bundle, seccomp_cache=seccomp_cache)
 
 
 def _get(config: dict, dotted: str):
@@ -244,7 +252,7 @@ def _typed(value, kind, name: str, default=None):
     return value
 
 
-def plan(config: dict, bundle: str) -> Plan:
+def plan(config: dict, bundle: str, *, seccomp_cache: str | None = None) -> Plan:
     """Check ``config`` (a parsed config.json of the bundle directory ``bundle``) and decide every step."""
     version = _typed(config.get("ociVersion"), str, "ociVersion")
     if not version or not version.startswith("1."):
@@ -265,6 +273,13 @@ def plan(config: dict, bundle: str) -> Plan:
         raise refuse("root.path", "is missing: the container needs a root filesystem",
                      'add "root": {"path": "rootfs"} with the rootfs directory beside config.json')
     rootfs = os.path.realpath(os.path.join(bundle, _typed(root["path"], str, "root.path")))
+    if rootfs == "/":
+        # pivot_root(2) into the host's own / would fail (EBUSY/EINVAL), and every mount "inside" the
+        # rootfs would land on the host's directories
+        through = "" if root["path"].rstrip("/") in ("", "/") else f" ({root['path']} leads there)"
+        raise refuse("root.path", f"is the host's own root directory /{through}, not a root filesystem "
+                     "of the container's", "give the directory of the container's rootfs, for instance "
+                     '"rootfs" beside config.json, and make sure no symbolic link on the way leads to /')
     if not os.path.isdir(rootfs):
         raise refuse("root.path", f"{rootfs} is not a directory",
                      "build one there, for instance with stages.rootfs.build(path)")
@@ -342,7 +357,7 @@ def plan(config: dict, bundle: str) -> Plan:
                      _typed(config.get("annotations"), dict, "annotations", {}).items()},
     )
     _resources(linux, result)
-    result.seccomp = _seccomp(linux)
+    result.seccomp = _seccomp(linux, seccomp_cache)
     from stages.runtime.oci import hooks
 
     result.hooks = hooks.parse(config.get("hooks"))
@@ -381,7 +396,7 @@ def _device_nodes(linux: dict, rootfs: str) -> list[dict]:
     return nodes
 
 
-def _seccomp(linux: dict) -> dict | None:
+def _seccomp(linux: dict, cache: str | None = None) -> dict | None:
     """linux.seccomp, checked field by field and compiled to its BPF program now, so that a profile this
     runtime cannot honour is refused at create (:mod:`stages.runtime.oci.seccomp`)."""
     profile = _typed(linux.get("seccomp"), dict, "linux.seccomp")
@@ -389,7 +404,7 @@ def _seccomp(linux: dict) -> dict | None:
         return None
     from stages.runtime.oci import seccomp
 
-    return seccomp.compile_profile(profile)
+    return seccomp.compile_profile(profile, cache)
 
 
 def _namespaces(linux: dict) -> tuple[list[str], list[tuple[str, str]]]:
@@ -549,6 +564,12 @@ def _process(config: dict, uid_mappings, gid_mappings) -> Process:
     groups = _typed(user.get("additionalGids"), list, "process.user.additionalGids", [])
     for number in groups:
         _typed(number, int, "process.user.additionalGids")
+    for name, number in [("process.user.uid", uid), ("process.user.gid", gid)] + \
+            [("process.user.additionalGids", number) for number in groups]:
+        if not 0 <= number <= MAX_ID:
+            raise refuse(name, f"{number} is not a user or group ID: they run from 0 to {MAX_ID}, and "
+                         f"{MAX_ID + 1} ((uid_t) -1) tells setresuid(2) and setresgid(2) to change nothing, "
+                         "which would leave the process root", f"give an ID from 0 to {MAX_ID}")
     if uid_mappings:
         for name, number, mappings in [("process.user.uid", uid, uid_mappings),
                                        ("process.user.gid", gid, gid_mappings),
@@ -621,9 +642,11 @@ def _resources(linux: dict, result: Plan) -> None:
     resources = _typed(linux.get("resources"), dict, "linux.resources", {})
     memory = _typed(resources.get("memory"), dict, "linux.resources.memory", {})
     limit = _typed(memory.get("limit"), int, "linux.resources.memory.limit")
+    _no_negative(limit, "linux.resources.memory.limit", "bytes")
     if limit is not None and limit > 0:
         result.memory = limit
     swap = _typed(memory.get("swap"), int, "linux.resources.memory.swap")
+    _no_negative(swap, "linux.resources.memory.swap", "bytes of RAM plus swap")
     if swap is not None and swap != 0:  # RAM plus swap (config-linux.md), -1: swap without limit
         if result.memory is None:
             raise refuse("linux.resources.memory.swap", "needs linux.resources.memory.limit beside it",
@@ -634,11 +657,16 @@ def _resources(linux: dict, result: Plan) -> None:
         result.memory_swap = swap
     cpu = _typed(resources.get("cpu"), dict, "linux.resources.cpu", {})
     quota = _typed(cpu.get("quota"), int, "linux.resources.cpu.quota")
+    _no_negative(quota, "linux.resources.cpu.quota", "microseconds per period")
     period = _typed(cpu.get("period"), int, "linux.resources.cpu.period") or 100_000
+    if period < 0:
+        raise refuse("linux.resources.cpu.period", f"{period} is not a period: give microseconds, at least 1",
+                     "for instance 100000 (the kernel's default, 100 ms)")
     if quota is not None and quota > 0:
         result.cpus = quota / period
     pids = _typed(resources.get("pids"), dict, "linux.resources.pids", {})
     pids_limit = _typed(pids.get("limit"), int, "linux.resources.pids.limit")
+    _no_negative(pids_limit, "linux.resources.pids.limit", "processes")
     if pids_limit is not None and pids_limit > 0:
         result.pids = pids_limit
     from stages.runtime.oci import devices
@@ -646,13 +674,18 @@ def _resources(linux: dict, result: Plan) -> None:
     result.devices = devices.parse(resources.get("devices"), linux.get("devices"))
 
 
+def _no_negative(value: int | None, name: str, unit: str) -> None:
+    """A limit is a number of ``unit``, or -1 (no limit, config-linux.md); -5 is neither."""
+    if value is not None and value < -1:
+        raise refuse(name, f"{value} is not a limit: give a number of {unit}, or -1 for no limit",
+                     f"correct {name} in config.json")
+
+
 # -- writing ------------------------------------------------------------------------------------------
-#: Files below /proc and /sys a container must not read (maskedPaths), as runc spec writes them.
-MASKED_PATHS = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
-                "/proc/scsi"]
-#: ... and those it may read but not change (readonlyPaths).
-READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+#: Files below /proc and /sys a container must not read (maskedPaths), as runc spec writes them, and those
+#: it may read but not change (readonlyPaths): stage 2's lists (stages.isolate.filesystem), one copy.
+MASKED_PATHS = filesystem.MASKED_PATHS
+READONLY_PATHS = filesystem.READONLY_PATHS
 
 
 DEFAULT_NAMESPACES = ("pid", "network", "ipc", "uts", "mount")
