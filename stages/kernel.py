@@ -18,6 +18,7 @@ import ctypes
 import errno
 import os
 import socket
+import stat
 
 from stages import steps
 
@@ -88,12 +89,12 @@ CAPABILITIES = [
 ]
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
-_SYSCALL_NUMBERS = {  # pivot_root has no libc wrapper
-    "x86_64": {"pivot_root": 155},
-    "aarch64": {"pivot_root": 41},
-    "riscv64": {"pivot_root": 41},
-    "ppc64le": {"pivot_root": 203},
-    "s390x": {"pivot_root": 217},
+_SYSCALL_NUMBERS = {  # pivot_root and openat2 have no libc wrapper
+    "x86_64": {"pivot_root": 155, "openat2": 437},
+    "aarch64": {"pivot_root": 41, "openat2": 437},
+    "riscv64": {"pivot_root": 41, "openat2": 437},
+    "ppc64le": {"pivot_root": 203, "openat2": 437},
+    "s390x": {"pivot_root": 217, "openat2": 437},
 }
 
 # -- what an errno usually means for a call, in the learner's words --------------------------------
@@ -117,6 +118,12 @@ _CAUSES: dict[tuple[str, int], str] = {
     ("setns", errno.EINVAL): "the file is not a namespace of the kind asked for, or the process has threads",
     ("chroot", errno.ENOENT): "the directory does not exist",
     ("chroot", errno.ENOTDIR): "the path is not a directory",
+    ("openat2", errno.ELOOP): "too many symbolic links, or a magic link (/proc/PID/fd/N, /proc/PID/root) "
+                              "that RESOLVE_NO_MAGICLINKS refuses",
+    ("openat2", errno.EXDEV): "the path leads out of the directory it must stay in",
+    ("openat2", errno.EAGAIN): "a rename raced with the lookup of '..'; try again",
+    ("openat2", errno.E2BIG): "this kernel's struct open_how is older than ours",
+    ("open_in_root", errno.ELOOP): "too many symbolic links (40, as the kernel allows)",
 }
 _GENERAL_CAUSES = {
     errno.EPERM: "needs root (try sudo) or a capability this process does not hold",
@@ -209,6 +216,155 @@ def pivot_root(new_root: str, put_old: str, what: str = "") -> None:
     with steps.record(f"pivot_root {new_root} {put_old}", what=what, where="inside"):
         result = _libc.syscall(ctypes.c_long(number), _bytes(new_root), _bytes(put_old))
         _check(result, "pivot_root", f"{new_root!r}, {put_old!r}")
+
+
+def mount_at(source: str | None, fd: int, shown: str, fstype: str | None = None, flags: int = 0,
+             data: str | None = None, what: str = "") -> None:
+    """mount(2) onto the file or directory that ``fd`` (an O_PATH descriptor) is, as runc does.
+
+    The target is given as ``/proc/self/fd/FD``, a magic link the kernel follows to the very file the
+    descriptor holds (proc(5)): the path was looked up once, safely (:func:`open_in_root`), and is not
+    looked up again, so nothing can swap a symbolic link in between. ``shown`` is the path the step
+    record shows, as a person would type it.
+    """
+    target = f"/proc/self/fd/{fd}"
+    with steps.record(mount_command(source, shown, fstype, flags, data), what=what, where="inside"):
+        result = _libc.mount(_bytes(source), _bytes(target), _bytes(fstype), ctypes.c_ulong(flags),
+                             _bytes(data))
+        _check(result, "mount", f"{source!r}, {shown!r} (as {target}), {fstype!r}, {flags:#x}, {data!r}")
+
+
+# == openat2(2): a path looked up inside a directory, as if it were / =================================
+# RESOLVE_* flags of struct open_how (openat2(2))
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+_SYMLINK_HOPS = 40  # the kernel's own limit for one lookup (path_resolution(7))
+_OPEN_PATH_ONLY = os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECTORY
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(2): openat(2) with a ``resolve`` word that says how symbolic links and ``..`` may be
+    followed. Returns the new descriptor; raises OSError (ENOSYS before Linux 5.6)."""
+    number = _SYSCALL_NUMBERS.get(os.uname().machine, {}).get("openat2")
+    if number is None:
+        raise syscall_error("openat2", f"{dirfd}, {path!r}", errno.ENOSYS)
+    how = _OpenHow(flags, mode, resolve)
+    result = _libc.syscall(ctypes.c_long(number), ctypes.c_int(dirfd), _bytes(path), ctypes.byref(how),
+                           ctypes.c_size_t(ctypes.sizeof(how)))
+    return _check(result, "openat2", f"{dirfd}, {path!r}, {{flags={flags:#o}, resolve={resolve:#x}}}")
+
+
+_openat2_missing = False  # set once the kernel said ENOSYS: the walk from then on
+
+
+def open_in_root(root_fd: int, path: str, flags: int = os.O_PATH | os.O_CLOEXEC, mode: int = 0) -> int:
+    """Open ``path`` as a process whose root directory is ``root_fd`` would: never outside it.
+
+    With openat2(2)'s ``RESOLVE_IN_ROOT`` the kernel itself treats ``root_fd`` as ``/`` for this one
+    lookup: an absolute symbolic link starts again at it, and ``..`` never climbs above it, as after
+    chroot(2); ``RESOLVE_NO_MAGICLINKS`` refuses the /proc/PID/fd and /proc/PID/root links that lead
+    anywhere at all. A kernel without openat2 (before 5.6, ENOSYS; or a seccomp filter that hides it) gets
+    :func:`walk_in_root`, which does the same by hand. ``STAGES_OPENAT2=0`` in the environment takes the
+    walk too: the tests use it to check the walk on a kernel that has openat2.
+    """
+    global _openat2_missing
+    if not _openat2_missing and os.environ.get("STAGES_OPENAT2") != "0":
+        for _attempt in range(16):
+            try:
+                return openat2(root_fd, path, flags | os.O_CLOEXEC, mode,
+                               RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError as error:
+                if error.errno == errno.ENOSYS:
+                    _openat2_missing = True
+                    break
+                if error.errno != errno.EAGAIN:  # EAGAIN: a rename raced with '..' (openat2(2))
+                    raise syscall_error("openat2", f"{_fd_path(root_fd)!r} as /, {path!r}",
+                                        error.errno) from None
+    return walk_in_root(root_fd, path, flags, mode)
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"descriptor {fd}"
+
+
+def walk_in_root(root_fd: int, path: str, flags: int = os.O_PATH | os.O_CLOEXEC, mode: int = 0) -> int:
+    """:func:`open_in_root` by hand, for a kernel without openat2(2): one component at a time.
+
+    Each component is opened with ``O_PATH | O_NOFOLLOW`` relative to the directory before it, so the
+    kernel never follows a symbolic link for us: a link is read (readlinkat(2)) and its target walked
+    here, from ``root_fd`` when it is absolute and from the link's directory when it is relative; ``..``
+    goes back one directory of this walk and stays at ``root_fd`` at the top. Nothing a link says can
+    lead out, and a magic link of /proc is read as the text it shows, never followed.
+    """
+    arguments = f"{path!r} below {_fd_path(root_fd)!r}"
+    pending = [part for part in path.split("/") if part not in ("", ".")]
+    pending.reverse()  # a stack: the next component last
+    stack = [os.dup(root_fd)]  # the directories walked so far, the root first
+    hops = 0
+    try:
+        while pending:
+            part = pending.pop()
+            if part == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            last, top = not pending, stack[-1]
+            try:
+                fd = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+            except FileNotFoundError:
+                if not (last and flags & os.O_CREAT):
+                    raise syscall_error("open_in_root", arguments, errno.ENOENT) from None
+                fd = None
+            info = os.fstat(fd) if fd is not None else None
+            if info is not None and stat.S_ISLNK(info.st_mode) and not (last and flags & os.O_NOFOLLOW):
+                target = os.readlink("", dir_fd=fd)
+                os.close(fd)
+                hops += 1
+                if hops > _SYMLINK_HOPS:
+                    raise syscall_error("open_in_root", arguments, errno.ELOOP)
+                if last and flags & os.O_CREAT and flags & os.O_EXCL:
+                    raise syscall_error("open_in_root", arguments, errno.EEXIST)
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
+                continue
+            if not last:
+                if not stat.S_ISDIR(info.st_mode):
+                    os.close(fd)
+                    raise syscall_error("open_in_root", arguments, errno.ENOTDIR)
+                stack.append(fd)
+                continue
+            if fd is not None and flags & os.O_PATH and not flags & ~_OPEN_PATH_ONLY:
+                if flags & os.O_DIRECTORY and not stat.S_ISDIR(info.st_mode):
+                    os.close(fd)
+                    raise syscall_error("open_in_root", arguments, errno.ENOTDIR)
+                return fd
+            if fd is not None:
+                os.close(fd)
+            try:
+                # O_NOFOLLOW: a link put there since we looked is not followed (ELOOP), but read again
+                return os.open(part, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=top)
+            except OSError as error:
+                if error.errno != errno.ELOOP or flags & os.O_NOFOLLOW or hops >= _SYMLINK_HOPS:
+                    raise syscall_error("open_in_root", arguments, error.errno) from None
+                hops += 1
+                pending.append(part)
+        return os.open(".", flags | os.O_CLOEXEC, mode, dir_fd=stack[-1])
+    finally:
+        for fd in stack:
+            os.close(fd)
 
 
 # == chroot(2), sethostname(2) =====================================================================

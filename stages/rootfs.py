@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from stages import observe, steps
+from stages import kernel, observe, steps
 from stages.errors import RootfsError, UnsafeArchiveError
 from stages.paths import state_dir  # noqa: F401 - part of this module's API: where rootfs are kept
 
@@ -227,6 +227,297 @@ def resolve(directory: str | os.PathLike, path: str) -> Path:
             continue
         inside.append(part)
     return Path(root, *inside)
+
+
+_PATH_ONLY = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _parts(path: str) -> list[str]:
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+class Root:
+    """A root filesystem opened once, in which every path the runtime *writes* is looked up inside it.
+
+    A rootfs is hostile input: an image whose ``/dev`` is a symbolic link to ``/tmp/victim`` would make a
+    runtime that joins strings (``os.path.join(rootfs, "dev")``) and lets the kernel follow the link
+    create device nodes in the host's /tmp/victim. So every write here (mkdir, mknod, a file to bind on,
+    a symbolic link, a mount) goes through a descriptor of the rootfs: :meth:`resolve` finds the path one
+    component at a time, as a process whose root is the rootfs would, and the write is then made on a
+    descriptor opened with :func:`stages.kernel.open_in_root` (openat2's RESOLVE_IN_ROOT) or relative to
+    one (mkdirat(2), mknodat(2), symlinkat(2)), a mount on ``/proc/self/fd/N`` as runc does. Whatever
+    the rootfs holds, and even if it changes meanwhile, nothing is written outside it.
+
+    The rule for the symbolic links met on the way (:meth:`resolve`), read as the link's author meant it:
+
+    - a **relative** link is followed from its own directory, inside the rootfs
+      (``/etc/resolv.conf -> ../run/resolv.conf``), unless its ``..`` climb above the root
+      (``/dev -> ../../../tmp/victim``): followed on the host, that leaves the rootfs. **Refused.**
+    - an **absolute** link names, on the host, the host's file. Inside the rootfs it is followed as the
+      kernel does after chroot(2), from the rootfs's own ``/``, when the rootfs has what it names
+      (``/var/run -> /run``, the image's own /run): **followed inside**. When the rootfs has no such
+      path (``/dev -> /tmp/victim``), the link can only mean the host's, which is what a hostile image
+      counts on: **refused**.
+
+    A refusal is a :class:`~stages.errors.RootfsError` whose one sentence names the path and the link:
+    "the image's /dev is a symbolic link to /tmp/victim, out of its root filesystem: ...". ``owner`` is
+    how that sentence names the rootfs (``the image's``, ``the rootfs's``).
+
+    Open it in the mount namespace where the mounts are made (a descriptor keeps the mount it was opened
+    on, and mount(2) refuses a mount point of another namespace), and after anything mounted over the
+    rootfs itself (its bind on itself before pivot_root(2)).
+    """
+
+    def __init__(self, directory: str | os.PathLike, owner: str = "the image's"):
+        self.path = os.path.realpath(directory)
+        self.owner = owner
+        self.fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Root:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def host_path(self, inside: str) -> str:
+        """Where ``inside`` (a path :meth:`resolve` gave) is on the host: for the record, never to open."""
+        return self.path.rstrip("/") + "/" + inside.strip("/") if inside.strip("/") else self.path
+
+    # -- looking up -------------------------------------------------------------------------------------
+    def resolve(self, path: str) -> str:
+        """The path inside the rootfs (``/run/resolv.conf``) that ``path`` names, links followed inside by
+        the rule of this class; raises :class:`RootfsError` for a link out. The result holds no symbolic
+        link (at the time of the call); its last components may not exist."""
+        pending: list[tuple[str, tuple | None]] = [(part, None) for part in reversed(_parts(path))]
+        names: list[str] = []
+        fds = [self.fd]  # the directories walked (ours is not closed here); None once one is missing
+        hops = 0
+        try:
+            while pending:
+                part, origin = pending.pop()  # origin: (link, target, must exist) of a link's components
+                if part == "..":
+                    if names:
+                        names.pop()
+                        if fds is not None:
+                            os.close(fds.pop())
+                    elif origin is not None and not origin[1].startswith("/"):
+                        raise self._out(origin[0], origin[1], "its '..' climb above the root, into the "
+                                        "host's directories")
+                    continue  # '..' at the root is the root, as after chroot(2)
+                info = None
+                if fds is not None:
+                    try:
+                        fd = os.open(part, _PATH_ONLY, dir_fd=fds[-1])
+                    except (FileNotFoundError, NotADirectoryError):
+                        fd = None
+                    if fd is not None:
+                        info = os.fstat(fd)
+                if info is None:  # missing: what follows is made by the caller
+                    if origin is not None and origin[2]:
+                        raise self._out(origin[0], origin[1], f"on the host it names the host's "
+                                        f"{origin[1]}, and the root filesystem has no {origin[1]} of its own")
+                    if fds is not None:
+                        for opened in fds[1:]:
+                            os.close(opened)
+                        fds = None
+                    names.append(part)
+                    continue
+                if stat.S_ISLNK(info.st_mode):
+                    target = os.readlink("", dir_fd=fd)  # readlinkat(2) on the O_PATH descriptor
+                    os.close(fd)
+                    hops += 1
+                    link = "/" + "/".join([*names, part])
+                    if hops > _SYMLINK_HOPS:
+                        raise RootfsError(f"{self.owner} {path} is a loop of symbolic links (at {link})",
+                                          f"look at the links with: ls -l {self.host_path(link)}")
+                    if not target:
+                        raise RootfsError(f"{self.owner} {link} is a symbolic link to nothing",
+                                          f"remove it from the image: rm {self.host_path(link)}")
+                    if target.startswith("/"):
+                        must_exist = True
+                        while len(fds) > 1:
+                            os.close(fds.pop())
+                        names = []
+                    else:
+                        must_exist = origin is not None and origin[2]
+                    follow = (link, target, must_exist)
+                    pending.extend((item, follow) for item in reversed(_parts(target)))
+                    continue
+                names.append(part)
+                if stat.S_ISDIR(info.st_mode):
+                    fds.append(fd)
+                else:  # a file: nothing can be below it (the caller's open says ENOTDIR if asked)
+                    os.close(fd)
+                    for opened in fds[1:]:
+                        os.close(opened)
+                    fds = None
+        finally:
+            for opened in (fds or [])[1:]:
+                os.close(opened)
+        return "/" + "/".join(names)
+
+    def _out(self, link: str, target: str, why: str) -> RootfsError:
+        return RootfsError(
+            f"{self.owner} {link} is a symbolic link to {target}, out of its root filesystem: {why}, so "
+            "stages refuses to write through it",
+            f"this image is hostile or broken, and nothing was written: remove the link, or make it point "
+            f"inside (a relative link such as ../run/x, or a path the image has); look at it with: "
+            f"ls -l {self.host_path(link)}")
+
+    def open(self, path: str, flags: int = os.O_PATH | os.O_CLOEXEC, mode: int = 0) -> int:
+        """A descriptor of ``path`` inside the rootfs (resolved by the rule, opened in-root)."""
+        return kernel.open_in_root(self.fd, self.resolve(path), flags, mode)
+
+    def lstat(self, path: str) -> os.stat_result | None:
+        """What is at ``path`` (a link itself, not followed), or None if nothing is."""
+        inside = self.resolve(path)
+        try:
+            fd = kernel.open_in_root(self.fd, inside, _PATH_ONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def is_directory(self, path: str) -> bool:
+        info = self.lstat(path)
+        return info is not None and stat.S_ISDIR(info.st_mode)
+
+    def statvfs(self, path: str) -> os.statvfs_result:
+        """statvfs(3) of the filesystem mounted at (or holding) ``path``: its mount flags."""
+        fd = self.open(path)
+        try:
+            return os.fstatvfs(fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: str) -> list[str]:
+        fd = self.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def _directory(self, inside: str, create: bool) -> int:
+        """A descriptor of the directory ``inside`` (resolved), each missing component made with
+        mkdirat(2) in the one before it; a component that turned into a link meanwhile is refused."""
+        fd = os.dup(self.fd)
+        try:
+            parts = _parts(inside)
+            for index, part in enumerate(parts):
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                try:
+                    following = os.open(part, _PATH_ONLY | os.O_DIRECTORY, dir_fd=fd)
+                except OSError as error:
+                    if error.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    where = "/" + "/".join(parts[:index + 1])
+                    raise RootfsError(f"{self.owner} {where} is not a directory, so nothing can be made in "
+                                      f"it (a file, or a symbolic link that appeared meanwhile)",
+                                      "give a path that is a directory in the image, or none") from None
+                os.close(fd)
+                fd = following
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def make_directories(self, path: str, mode: int | None = None) -> str:
+        """``mkdir -p PATH`` inside the rootfs; returns the path inside."""
+        inside = self.resolve(path)
+        if self.is_directory(inside):
+            return inside
+        with steps.record(f"mkdir -p {self.host_path(inside)}", where="inside"):
+            os.close(self._directory(inside, create=True))
+            if mode is not None:
+                fd = kernel.open_in_root(self.fd, inside, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+        return inside
+
+    def _parent(self, inside: str) -> tuple[int, str]:
+        parent, _, leaf = inside.rpartition("/")
+        if not leaf:
+            raise RootfsError(f"{self.owner} / cannot be replaced by a file or a device",
+                              "give a path below /")
+        return self._directory(parent or "/", create=True), leaf
+
+    def make_file(self, path: str, mode: int = 0o644, what: str = "a file to bind the file on") -> str:
+        """``touch PATH`` inside the rootfs (an empty file to mount a file on); returns the path inside."""
+        inside = self.resolve(path)
+        with steps.record(f"touch {self.host_path(inside)}", where="inside", what=what):
+            fd, leaf = self._parent(inside)
+            try:
+                os.close(os.open(leaf, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                                 dir_fd=fd))
+            finally:
+                os.close(fd)
+        return inside
+
+    def mknod(self, path: str, mode: int, device: int = 0, uid: int | None = None,
+              gid: int | None = None, what: str = "") -> str:
+        """mknod(2) at ``path`` inside the rootfs, with exactly ``mode`` (not filtered by the umask), and
+        its owner; a FIFO when ``mode`` says S_IFIFO. Returns the path inside."""
+        inside = self.resolve(path)
+        kind = "p" if stat.S_ISFIFO(mode) else "b" if stat.S_ISBLK(mode) else "c"
+        shell = (f"mkfifo -m {stat.S_IMODE(mode):o} {self.host_path(inside)}" if kind == "p" else
+                 f"mknod -m {stat.S_IMODE(mode):o} {self.host_path(inside)} {kind} {os.major(device)} "
+                 f"{os.minor(device)}")
+        with steps.record(shell, where="inside", what=what):
+            fd, leaf = self._parent(inside)
+            umask = os.umask(0)
+            try:
+                os.mknod(leaf, mode, device, dir_fd=fd)  # mknodat(2): a link at leaf makes it EEXIST
+                if uid is not None:
+                    os.chown(leaf, uid, gid if gid is not None else -1, dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.umask(umask)
+                os.close(fd)
+        return inside
+
+    def symlink(self, target: str, path: str) -> str:
+        """``ln -s TARGET PATH`` inside the rootfs (the link's text is the container's business)."""
+        inside = self.resolve(path)
+        with steps.record(f"ln -s {target} {self.host_path(inside)}", where="inside"):
+            fd, leaf = self._parent(inside)
+            try:
+                os.symlink(target, leaf, dir_fd=fd)
+            finally:
+                os.close(fd)
+        return inside
+
+    def unlink(self, path: str, what: str = "") -> None:
+        inside = self.resolve(path)
+        with steps.record(f"rm {self.host_path(inside)}", where="inside", what=what):
+            fd, leaf = self._parent(inside)
+            try:
+                os.unlink(leaf, dir_fd=fd)
+            finally:
+                os.close(fd)
+
+    def mount(self, source: str | None, path: str, fstype: str | None = None, flags: int = 0,
+              data: str | None = None, what: str = "") -> str:
+        """mount(2) on ``path`` inside the rootfs, through an O_PATH descriptor opened in-root
+        (:func:`stages.kernel.mount_at`). Returns the path inside. Opened again for each call, so a
+        remount reaches the mount just made there, not what was below it."""
+        inside = self.resolve(path)
+        fd = kernel.open_in_root(self.fd, inside)
+        try:
+            kernel.mount_at(source, fd, self.host_path(inside), fstype, flags, data, what=what)
+        finally:
+            os.close(fd)
+        return inside
 
 
 def mount_point(path: str | os.PathLike) -> Path:
