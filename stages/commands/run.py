@@ -26,6 +26,14 @@ def configure(parser) -> None:
     parser.add_argument("-p", "--publish", action="append", default=[], metavar="HOSTPORT:CTRPORT",
                         help="publish a container port on the host")
     parser.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
+    parser.add_argument("--privileged", action="store_true",
+                        help="turn off what contains root: every capability, no seccomp filter, no device "
+                             "allowlist (any device node it makes opens: the host's disks too), nothing of "
+                             "/proc masked or read-only, /sys writable")
+    parser.add_argument("--security-opt", dest="security_opt", action="append", default=[],
+                        metavar="seccomp=unconfined|FILE",
+                        help="seccomp=unconfined: no seccomp filter; seccomp=FILE: that profile (Docker's "
+                             "JSON format) instead of Docker's default")
     parser.add_argument("--no-init", dest="init", action="store_false",
                         help="run the command itself as PID 1 (no reaper, no signal forwarding)")
     parser.add_argument("-i", "--interactive", action="store_true", help="pass your input through")
@@ -43,7 +51,8 @@ def options_from(args) -> Options:
                    remove=args.remove, env=args.env, volumes=args.volumes, workdir=args.workdir,
                    user=args.user, hostname=args.hostname, memory=args.memory, cpus=args.cpus,
                    pids_limit=args.pids_limit, network=args.network, publish=args.publish,
-                   read_only=args.read_only, interactive=args.interactive, tty=args.tty, init=args.init)
+                   read_only=args.read_only, interactive=args.interactive, tty=args.tty, init=args.init,
+                   privileged=args.privileged, security_opt=args.security_opt)
 
 
 def run(args) -> int:

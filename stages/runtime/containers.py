@@ -181,7 +181,8 @@ def status(record: dict) -> str:
 
 
 def exit_description(record: dict) -> str:
-    """``Exited (3)``, ``Up``, ``Exited (unknown: its monitor died)`` ... as ``ps`` shows it."""
+    """``Exited (3)``, ``Up``, ``Exited (137, OOM-killed)``, ``Exited (unknown: its monitor died)`` ... as
+    ``ps`` shows it."""
     now = status(record)
     if now == "running":
         return "Up"
@@ -189,6 +190,10 @@ def exit_description(record: dict) -> str:
         return now.capitalize()
     if record.get("exit_code") is None:
         return "Exited (unknown: its monitor died)"
+    if record.get("oom_killed"):
+        # the kernel's OOM killer ended it (137 = 128 + SIGKILL), or one of its processes
+        return (f"Exited ({record['exit_code']}, OOM-killed)" if record["exit_code"] == 137 else
+                f"Exited ({record['exit_code']}; a process was OOM-killed)")
     return f"Exited ({record['exit_code']})"
 
 

@@ -139,7 +139,9 @@ def prepare(options: Options, base: Path | None = None) -> dict:
 
 
 def _check_ports(options: Options, base: Path | None, container_id: str | None = None) -> None:
-    """Refuse a host port another running container publishes already (call it under the lock)."""
+    """Refuse a host port another running container publishes already (call it under the lock), or one a
+    process of the host listens on: its connections would silently go to the container instead (the
+    DNAT rule comes before any socket, and no bind(2) would fail to tell)."""
     if not options.publish:
         return  # nothing to clash: no need to read every record
     published = {int(port.split(":")[0]) for port in options.publish}
@@ -149,6 +151,37 @@ def _check_ports(options: Options, base: Path | None, container_id: str | None =
             port = sorted(published & in_use)[0]
             raise StagesError(f"host port {port} is published already by container {other['name']}",
                               f"pick another host port (-p {port + 1}:...), or stop {other['name']}")
+    for port in sorted(published):
+        if _host_port_in_use(port):
+            where = os.environ.get("STAGES_HOST_NETNS")
+            raise StagesError(f"host port {port} is in use: a process listens on it"
+                              + (f" (in the network namespace {where}, the stand-in host)" if where else ""),
+                              f"pick another host port (-p {port + 1}:...), or stop that process "
+                              f"(ss -ltnp 'sport = :{port}' names it)")
+
+
+def _host_port_in_use(port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` of the host (or of ``$STAGES_HOST_NETNS``): we try to bind
+    it. With SO_REUSEADDR, bind(2) fails with EADDRINUSE only because of a listening socket, not because
+    of connections lingering in TIME_WAIT (socket(7), tcp(7))."""
+    import errno
+    import socket
+
+    def bind() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as error:
+                return error.errno == errno.EADDRINUSE
+        return False
+
+    host = os.environ.get("STAGES_HOST_NETNS")
+    if not host:
+        return bind()
+    from stages.runtime.network import in_netns
+
+    return in_netns(f"/run/netns/{host}", bind)
 
 
 def _start_time(pid: int) -> int | None:
@@ -250,8 +283,29 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         code = oci.wait(container_id, root=root)
         # The init ends as its command did; the setup process passes that on (a signal as -N)
         exit_code = 128 - code if code is not None and code < 0 else code
-        containers.update(container_id, base, exit_code=exit_code)
+        containers.update(container_id, base, exit_code=exit_code,
+                          oom_killed=_oom_killed(container_id, root, exit_code))
     return exit_code
+
+
+def _oom_killed(container_id: str, root: str, exit_code: int | None) -> bool:
+    """Whether the kernel's OOM killer killed a process of the container (Docker's ``OOMKilled``): its
+    memory cgroup counts it (v2 memory.events ``oom_kill``, v1 memory.oom_control ``oom_kill``, since
+    Linux 4.13; before that, a SIGKILL after the limit was hit, memory.failcnt). Read before the cgroup
+    goes."""
+    from stages.runtime.oci import container as oci_container
+    from stages.runtime.oci import statefile
+
+    try:
+        cgroup = oci_container._cgroup_of(statefile.read(container_id, root))
+    except StagesError:
+        return False
+    if cgroup is None or "memory" not in cgroup.directories:
+        return False
+    stats = cgroup.stats()
+    if stats.oom_kills is not None:
+        return stats.oom_kills > 0
+    return exit_code == 128 + signal.SIGKILL and bool(stats.memory_limit_hits)
 
 
 def _note(shell: str, what: str):
@@ -345,7 +399,7 @@ def start(name: str, *, attach: bool = False, base: Path | None = None, record: 
     # whatever a monitor that died left behind (a no-op after a clean stop)
     _finish(info["id"], base, mark_stopped=False)
     info = containers.read(info["id"], base)
-    for key in ("error", "started", "finished", "pid"):
+    for key in ("error", "started", "finished", "pid", "oom_killed"):
         info.pop(key, None)
     info.update(network=None, exit_code=None, steps=[])
     with containers.locked(base):
@@ -722,6 +776,7 @@ def inspect(name: str, base: Path | None = None) -> dict:
     # (a record written before the steps had a file of their own holds them itself)
     info = dict(info, steps=containers.read_steps(info["id"], base) or info.get("steps") or [])
     info["state"] = {"status": containers.status(info), "exit_code": info.get("exit_code"),
+                     "oom_killed": bool(info.get("oom_killed")),
                      "pid": info.get("pid") if containers.status(info) == "running" else 0,
                      "description": containers.exit_description(info)}
     info["paths"] = {"directory": str(containers.directory(info["id"], base)),

@@ -8,6 +8,15 @@ them::
     -v HOST:CTR[:ro]  mounts (a bind mount, rbind/ro)   --read-only   root.readonly
     --memory 64M      linux.resources.memory.limit      --cpus 0.5    linux.resources.cpu.quota/period
     --pids-limit N    linux.resources.pids.limit        --network     linux.namespaces (network or not)
+    --privileged      all capabilities, no seccomp, no device allowlist, /proc and /sys writable
+    --security-opt seccomp=unconfined|FILE              linux.seccomp (none, or that profile)
+
+And what no flag asks for, Docker's defaults, each closing a door (:func:`build_config`): a new namespace
+of every kind but user; Docker's 14 capabilities; no_new_privs; the device allowlist
+(``linux.resources.devices``: no device may be opened but null, zero, full, random, urandom, tty, ptmx,
+the terminals and tun, so CAP_MKNOD cannot reach the host's disks); Docker's seccomp profile
+(:mod:`stages.runtime.seccomp_profile`: no new namespaces, mount, kernel modules, keyring, clock ...);
+/proc's dangerous files masked or read-only (``maskedPaths``, ``readonlyPaths``) and /sys read-only.
 
 Bad values are refused here, before anything is created, with one sentence and a fix.
 """
@@ -15,6 +24,7 @@ Bad values are refused here, before anything is created, with one sentence and a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 from stages.errors import LimitError, StagesError
@@ -22,6 +32,11 @@ from stages.errors import LimitError, StagesError
 #: Where the init program is bound inside the container (docker-init lives at /sbin/docker-init).
 INIT_PATH = "/.stages-init"
 CPU_PERIOD = 100_000  # µs: the kernel's default CFS period (cgroups(7), cpu.cfs_period_us)
+#: The largest user or group ID; 4294967295, (uid_t) -1, is setresuid(2)'s "no change" (credentials(7))
+MAX_ID = 4294967294
+HOST_NAME_MAX = 64  # sethostname(2) refuses a longer one (EINVAL)
+# RFC 1123 host names: labels of letters, digits and '-', not starting or ending with '-', joined by '.'
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
 
 
 @dataclass
@@ -47,6 +62,8 @@ class Options:
     interactive: bool = False
     tty: bool = False
     init: bool = True
+    privileged: bool = False
+    security_opt: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +106,9 @@ def parse_volume(text: str) -> dict:
         raise StagesError(f"-v {text!r}: {mode!r} is not ro or rw", "end it with :ro or :rw, or leave it off")
     if not os.path.isabs(host) or not os.path.isabs(inside):
         raise StagesError(f"-v {text!r}: both paths must be absolute", "write -v /host/dir:/container/dir")
+    if os.path.normpath(inside) == "/":
+        raise StagesError(f"-v {text!r}: a volume cannot be mounted on / (the container's root is its "
+                          "image)", f"mount it on a directory, for instance -v {host}:/data")
     if not os.path.exists(host):
         raise StagesError(f"-v {text!r}: {host} does not exist on the host",
                           f"create it first: mkdir -p {host}")
@@ -102,7 +122,14 @@ def parse_user(text: str, rootfs: str | None = None) -> tuple[int, int]:
 
     def lookup(word: str, file: str, what: str) -> int:
         if word.isdigit():
-            return int(word)
+            number = int(word)
+            if number > MAX_ID:
+                call = "setresuid" if what == "user" else "setresgid"
+                raise StagesError(f"-u {text!r}: {word} is not a {what} ID: IDs run from 0 to {MAX_ID} "
+                                  f"({MAX_ID + 1} is (uid_t) -1, which {call}(2) reads as \"no change\", "
+                                  "so the command would stay root)",
+                                  f"give a number from 0 to {MAX_ID}, e.g. -u 1000:1000")
+            return number
         if rootfs:
             try:
                 with open(os.path.join(rootfs, "etc", file)) as handle:
@@ -145,18 +172,37 @@ def check(options: Options) -> dict:
     if options.cpus is not None:
         limits["cpus"] = parse_cpus(options.cpus)
     if options.pids_limit is not None:
-        if int(options.pids_limit) < 1:
-            raise LimitError(f"--pids-limit {options.pids_limit} leaves no room for the command",
-                             "give 1 or more, for instance --pids-limit 20")
+        # The container's init (PID 1, which reaps and forwards signals) is a process, and so is the
+        # command it starts: with one slot, the init's fork(2) fails with EAGAIN (pids.max). (The runtime's
+        # setup process is not counted: build_config gives it a slot of its own.)
+        needed = 2 if options.init else 1
+        if int(options.pids_limit) < needed:
+            raise LimitError(f"--pids-limit {options.pids_limit} leaves no room for the command"
+                             + (": the container's init (PID 1) and the command are two processes"
+                                if options.init and int(options.pids_limit) == 1 else ""),
+                             f"give {needed} or more, for instance --pids-limit 20"
+                             + (", or run the command as PID 1 itself with --no-init" if options.init
+                                else ""))
         limits["pids"] = int(options.pids_limit)
+    if options.hostname is not None:
+        check_hostname(options.hostname)
+    profile = parse_security_options(options)
+    if profile is not None:
+        limits["seccomp_profile"] = profile
     if options.network not in ("none", "bridge", "host"):
         raise StagesError(f"--network {options.network!r} is not a network mode",
                           "use --network bridge (the default), none or host")
     if options.publish and options.network != "bridge":
         raise StagesError(f"-p needs --network bridge, not {options.network}",
                           "leave --network out, or drop -p")
+    given: dict[int, str] = {}
     for item in options.publish:
-        parse_publish(item)
+        host_port, container_port = parse_publish(item)
+        if host_port in given:
+            raise StagesError(f"host port {host_port} is given twice (-p {given[host_port]} -p {item}): one "
+                              "host port leads to one container port",
+                              f"give each -p its own host port, e.g. -p {host_port + 1}:{container_port}")
+        given[host_port] = item
     for item in options.volumes:
         parse_volume(item)
     if options.workdir is not None and not os.path.isabs(options.workdir):
@@ -165,10 +211,86 @@ def check(options: Options) -> dict:
     return limits
 
 
+def check_hostname(name: str) -> str:
+    """``--hostname``: at most 64 characters (HOST_NAME_MAX, sethostname(2)), an RFC 1123 host name."""
+    if len(name) > HOST_NAME_MAX:
+        raise StagesError(f"--hostname {name[:20]}... is {len(name)} characters long; the kernel keeps at "
+                          f"most {HOST_NAME_MAX} (sethostname(2))",
+                          "give a shorter name, e.g. --hostname web-1")
+    if not _HOSTNAME.match(name):
+        raise StagesError(f"--hostname {name!r} is not a host name: letters, digits and '-', in labels "
+                          "joined by '.', each starting and ending with a letter or digit",
+                          "for instance --hostname web-1 or --hostname db.example")
+    return name
+
+
+def parse_security_options(options: Options) -> dict | None:
+    """``--security-opt seccomp=unconfined`` (no filter) or ``seccomp=FILE`` (a profile in Docker's
+    format, or config.json's ``linux.seccomp``): the profile of a FILE, read and checked now (it is kept
+    with the container, as Docker keeps it, so that a later change of the file changes nothing)."""
+    profile = None
+    for item in options.security_opt:
+        key, equals, value = item.partition("=")
+        if key != "seccomp" or not equals or not value:
+            raise StagesError(f"--security-opt {item!r} is not an option this runtime knows",
+                              "use --security-opt seccomp=unconfined, or seccomp=/path/to/profile.json")
+        if value == "unconfined":
+            profile = None
+            continue
+        from stages.runtime import seccomp_profile
+
+        try:
+            profile = seccomp_profile.load(value)
+            resolved = seccomp_profile.resolve(profile, _capabilities(options)["bounding"])
+        except seccomp_profile.ProfileError as error:
+            raise StagesError(f"--security-opt seccomp={value}: the profile {error}",
+                              "give a seccomp profile file (Docker's default.json is one), or "
+                              "seccomp=unconfined") from None
+        from stages.runtime.oci import seccomp
+
+        try:
+            seccomp.compile_profile(resolved)
+        except StagesError as error:
+            where = error.message.removeprefix("config.json: linux.seccomp").lstrip(".: ")
+            raise StagesError(f"--security-opt seccomp={value}: {where}",
+                              "correct the profile (its fields are config-linux.md's \"Seccomp\")") from None
+    return profile
+
+
+def _unconfined(options: Options) -> bool:
+    return options.privileged or any(item == "seccomp=unconfined" for item in options.security_opt)
+
+
+def _capabilities(options: Options) -> dict[str, list[str]]:
+    """The capability sets: Docker's 14 (:data:`stages.isolate.privileges.DEFAULT_CAPS`), or with
+    ``--privileged`` every one this kernel has that we hold ourselves (a process cannot give what its
+    bounding set lacks, capabilities(7); on a host's root that is all of them)."""
+    from stages import kernel
+    from stages.isolate.privileges import DEFAULT_CAPS
+
+    names = DEFAULT_CAPS
+    if options.privileged:
+        ours = _bounding_set()
+        names = [name for number, name in enumerate(kernel.CAPABILITIES[:kernel.last_capability() + 1])
+                 if ours >> number & 1]
+    caps = [f"CAP_{name.upper()}" for name in names]
+    return {name: list(caps) for name in ("bounding", "effective", "permitted")}
+
+
+def _bounding_set() -> int:
+    """This process's capability bounding set, as a bit mask (CapBnd in /proc/self/status, proc(5))."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("CapBnd:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
 def build_config(options: Options, image_config: dict, rootfs: str, args: list[str],
                  init_program: str | None, limits: dict) -> dict:
     """The config.json for one container: Docker's defaults (every namespace but user, /proc, /dev,
-    Docker's capability set, no_new_privs) and the flags on top."""
+    Docker's capability set, no_new_privs, the device allowlist, the seccomp profile, masked and
+    read-only /proc paths) and the flags on top. ``--privileged`` takes the last four away."""
     from stages.runtime.oci import default_spec
 
     namespaces = ["pid", "ipc", "uts", "mount", "cgroup"] + ([] if options.network == "host" else ["network"])
@@ -176,6 +298,7 @@ def build_config(options: Options, image_config: dict, rootfs: str, args: list[s
                           readonly=options.read_only, namespaces=tuple(namespaces),
                           env=merge_env(image_config.get("Env") or [], parse_env(options.env)))
     process = config["process"]
+    process["capabilities"] = _capabilities(options)
     process["cwd"] = options.workdir or image_config.get("WorkingDir") or "/"
     user = options.user or image_config.get("User") or ""
     if user:
@@ -197,7 +320,34 @@ def build_config(options: Options, image_config: dict, rootfs: str, args: list[s
     if "cpus" in limits:
         resources["cpu"] = {"quota": int(limits["cpus"] * CPU_PERIOD), "period": CPU_PERIOD}
     if "pids" in limits:
-        resources["pids"] = {"limit": limits["pids"]}
+        # one more than asked for: the runtime's setup process waits in the container's cgroup for PID 1
+        # to end (as unshare --fork does), outside its PID namespace; it is ours, not the command's
+        resources["pids"] = {"limit": limits["pids"] + 1}
+    linux = config["linux"]
+    if options.privileged:
+        # Docker's --privileged: every capability (above), no seccomp filter, no device allowlist, nothing
+        # of /proc masked or read-only, /sys writable. The container can do what root on the host can.
+        linux["maskedPaths"], linux["readonlyPaths"] = [], []
+        for mount in config["mounts"]:
+            if mount["destination"] == "/sys":
+                mount["options"] = [word for word in mount["options"] if word != "ro"] + ["rw"]
+    else:
+        from stages.runtime.oci import devices
+
+        # no device node may be opened or created but those every container needs: with CAP_MKNOD
+        # kept, `mknod /tmp/disk b 8 0` still makes a node, and opening it fails (EPERM)
+        resources["devices"] = devices.allowlist()
+        if not _unconfined(options):
+            from stages.runtime import seccomp_profile
+            from stages.runtime.oci import seccomp
+
+            if not seccomp.available():
+                raise StagesError("a container's seccomp filter is built with libseccomp, which is not "
+                                  "installed", "install it (apt-get install libseccomp2), or run without "
+                                  "the filter: --security-opt seccomp=unconfined")
+
+            profile = limits.get("seccomp_profile") or seccomp_profile.DEFAULT
+            linux["seccomp"] = seccomp_profile.resolve(profile, process["capabilities"]["bounding"])
     if resources:
-        config["linux"]["resources"] = resources
+        linux["resources"] = resources
     return config

@@ -205,7 +205,9 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     if not kernel.is_root():
         raise NotRootError("creating a container")
     _check_preserved(preserve_fds)
-    config, plan = oci_spec.load(bundle)
+    # compiled seccomp profiles are kept in the state root (the same profile, container after container)
+    config, plan = oci_spec.load(bundle, seccomp_cache=os.path.join(oci_state.root_directory(root),
+                                                                    ".seccomp-cache"))
     plan.preserve_fds = preserve_fds
     _check_console(plan.process.terminal, console_socket, console)
     record = record if record is not None else StepRecord(f"create {container_id}")

@@ -17,9 +17,10 @@ this process may read (``r``), write (``w``) or create (``m``) that device. Two 
 
 The rules are read in order, later ones over earlier ones, as runc does: podman sends ``[{"allow": false,
 "access": "rwm"}]`` (deny everything) and the runtime appends the devices every container needs
-(:data:`DEFAULT_RULES`: null, zero, full, random, urandom, tty, ptmx, the terminals in /dev/pts, and
-``mknod`` of any node, which is harmless while opening it is not allowed). :func:`reduce` turns the list
-into what both kernels keep: a default (allow or deny) and the exceptions to it.
+(:data:`DEFAULT_RULES`: null, zero, full, random, urandom, tty, ptmx, the terminals in /dev/pts,
+/dev/net/tun, and ``mknod`` of any node, which is harmless while opening it is not allowed).
+:func:`reduce` turns the list into what both kernels keep: a default (allow or deny) and the exceptions
+to it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,21 @@ DEFAULT_RULES = [
     ("c", 5, 0, "rwm", "/dev/tty"),
     ("c", 5, 2, "rwm", "/dev/ptmx"),
     ("c", 136, ALL, "rwm", "/dev/pts/*, the container's terminals"),
+    ("c", 10, 200, "rwm", "/dev/net/tun, for a VPN inside (its devices belong to the container's network)"),
 ]
+# Not /dev/console (c 5:1): it is the host's console, not namespaced (runc left it out too; a container
+# with a terminal gets its own pseudo-terminal bound there instead).
+
+
+def allowlist() -> list[dict]:
+    """Docker's device allowlist as config.json's ``linux.resources.devices``: nothing may be opened or
+    created (``{"allow": false, "access": "rwm"}``), then :data:`DEFAULT_RULES`, each allowed."""
+    rules: list[dict] = [{"allow": False, "access": "rwm"}]
+    for kind, major, minor, access, _ in DEFAULT_RULES:
+        rule = {"allow": True, "type": kind, "access": access}
+        rule.update({name: value for name, value in (("major", major), ("minor", minor)) if value != ALL})
+        rules.append(rule)
+    return rules
 
 
 @dataclass(frozen=True)

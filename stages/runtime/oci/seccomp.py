@@ -26,6 +26,7 @@ lesson; the profile is. (The device allowlist in :mod:`stages.runtime.oci.device
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -144,9 +145,29 @@ def _action(name, errno_ret, where: str, default_errno: int = errno.EPERM) -> in
     return value
 
 
-def compile_profile(profile: dict) -> dict:
+class _Version(ctypes.Structure):
+    """struct scmp_version (seccomp_version(3))."""
+
+    _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+
+def library_version() -> str:
+    """libseccomp's version, ``2.5.4``: the program it generates for a profile may change with it."""
+    library = _library()
+    library.seccomp_version.restype = ctypes.POINTER(_Version)
+    found = library.seccomp_version().contents
+    return f"{found.major}.{found.minor}.{found.micro}"
+
+
+def compile_profile(profile: dict, cache: str | None = None) -> dict:
     """Check config.json's ``linux.seccomp`` and compile it to the BPF program :func:`install` loads.
     Raises :class:`~stages.runtime.oci.spec.SpecError` naming the field at fault.
+
+    ``cache``: a directory (the runtime's state root keeps one) where compiled profiles are kept, so that
+    the next container with the same profile skips libseccomp's ~20 ms. An entry is found by a CRC-32 of
+    the profile, this machine, its kernel and libseccomp's version, and used only if it holds that very
+    text (a CRC is no proof), is a regular file of ours that nobody else may write; else it is compiled
+    again. The runtime state root is a tmpfs (/run): a reboot, perhaps into another kernel, empties it.
 
     The result is plain data: ``program`` (the struct sock_filter array, hex), ``flags`` (seccomp(2)'s
     SECCOMP_FILTER_FLAG_* bits), ``syscall`` (seccomp(2)'s number here), and for people: ``default``
@@ -158,6 +179,14 @@ def compile_profile(profile: dict) -> dict:
     if not available():
         raise _refuse("linux.seccomp", "libseccomp, which builds the filter, is not installed",
                       "install it (apt-get install libseccomp2), or remove linux.seccomp")
+    if cache is not None:
+        key = _cache_key(profile)
+        found = _cached(cache, key)
+        if found is not None:
+            return found
+        compiled = compile_profile(profile)
+        _store(cache, key, compiled)
+        return compiled
     library = _library()
     for name in ("listenerPath", "listenerMetadata"):
         if profile.get(name) not in (None, ""):
@@ -239,6 +268,72 @@ def compile_profile(profile: dict) -> dict:
             "syscall": library.seccomp_syscall_resolve_name(b"seccomp"),  # its number on this architecture
             "default": describe_action(default), "rules": len(rules),
             "architectures": len(architectures) or 1, "skipped": skipped, "names": given}
+
+
+def _cache_key(profile: dict) -> str:
+    import json
+
+    uname = os.uname()
+    return json.dumps([uname.machine, uname.release, library_version(), profile], sort_keys=True)
+
+
+def _cache_path(cache: str, key: str) -> str:
+    import zlib  # a CRC-32 names the file (hashlib would import OpenSSL on every run); the text decides
+
+    return os.path.join(cache, f"{zlib.crc32(key.encode()):08x}-{len(key):x}.json")
+
+
+def _cached(cache: str, key: str) -> dict | None:
+    """The compiled profile kept for ``key``, or None (none, not ours, or for another text)."""
+    import json
+    import stat
+
+    try:
+        fd = os.open(_cache_path(cache, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            return None
+        with open(fd, closefd=False) as handle:
+            entry = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("compiled"), dict):
+        return None
+    return entry["compiled"]
+
+
+def _store(cache: str, key: str, compiled: dict) -> None:
+    """Keep ``compiled`` for ``key``: written to a temporary file, then renamed over (rename(2) is
+    atomic: a reader sees no entry or a whole one). A cache that cannot be written is no error."""
+    import json
+    import stat
+
+    temporary = None
+    try:
+        # (the state root first, as create makes it: makedirs gives the mode to the last directory only)
+        os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+        info = os.lstat(cache)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            return  # not a directory only we may write into: keep nothing there
+        path = _cache_path(cache, key)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with open(fd, "w", closefd=False) as handle:
+                json.dump({"key": key, "compiled": compiled}, handle)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
 
 def _check_flag(library, flag: str) -> None:
