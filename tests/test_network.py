@@ -402,3 +402,33 @@ def test_an_isolate_connected_to_a_test_host(host, tmp_path):
         assert any(step.shell.startswith(f"ip -n {host} link add") for step in iso.record.steps)
     assert links(host) == {"lo"}
     assert "stages" not in ruleset(host)
+
+
+# == the chains iptables-nft makes (finding 13 of issue 10) ===========================================
+def test_teardown_leaves_no_empty_chain_behind_and_keeps_the_hosts_own(isolate, host):
+    # iptables-nft makes table ip filter / chain FORWARD and table ip nat / chain POSTROUTING at the first
+    # rule; deleting our rules alone left them there, empty
+    assert ruleset(host).strip() == ""
+    wiring = network.wire(isolate.pid, name="chains", host_netns=host, firewall="iptables")
+    wiring.publish(8080, 80)
+    wiring.teardown()
+    assert ruleset(host).strip() == ""
+    # a chain the host had before keeps its own rules, and stays
+    run(ns_exec(host, "iptables", "-A", "FORWARD", "-s", "10.250.0.0/24", "-j", "ACCEPT"))
+    wiring = network.wire(isolate.pid, name="chains", host_netns=host, firewall="iptables")
+    wiring.teardown()
+    assert run(ns_exec(host, "iptables", "-S", "FORWARD")).stdout.splitlines()[1:] == [
+        "-A FORWARD -s 10.250.0.0/24 -j ACCEPT"]
+    assert "POSTROUTING" not in ruleset(host)
+    run(ns_exec(host, "iptables", "-D", "FORWARD", "-s", "10.250.0.0/24", "-j", "ACCEPT"))
+
+
+def test_cleanup_after_a_kill_leaves_no_empty_chain_behind(isolate, host):
+    wiring = network.wire(isolate.pid, name="killed", host_netns=host, firewall="iptables")
+    wiring.publish(8080, 80)
+    isolate.send_signal(signal.SIGKILL)
+    isolate.wait()
+    removed = network.cleanup(["killed"], host_netns=host)
+    assert any("nft delete chain ip filter FORWARD" in line for line in removed)
+    assert ruleset(host).strip() == ""
+    wiring.teardown()

@@ -397,6 +397,7 @@ class Wiring:
         self._undo = contextlib.ExitStack()
         self._errors: list[str] = []
         self._done: list[str] = []
+        self._new_chains: list[tuple[str, str]] = []  # iptables-nft base chains that our first rule made
         self._torn_down = False
         self._changed_sysctls = False
 
@@ -584,6 +585,12 @@ class Wiring:
     def _rule(self, table: str, chain: str, match: list[str], target: list[str], what: str,
               verb: str = "-A", stack: contextlib.ExitStack | None = None) -> None:
         firewall = Iptables(self.host, self.name)
+        if f"chain-{table}-{chain}" not in self._done:
+            self._done.append(f"chain-{table}-{chain}")
+            # iptables-nft makes the table and the base chain at its first rule there, and deleting the rule
+            # leaves them: an empty FORWARD or POSTROUTING the host did not have. Note which ones we made.
+            if nft_chain(self.host, table, chain) is None:
+                self._new_chains.append((table, chain))
         delete = firewall.rule("-D", table, chain, match, target)
         exists = firewall.rule("-C", table, chain, match, target)
         self._on_teardown(lambda: self._undo_command(
@@ -775,6 +782,9 @@ class Wiring:
         self._torn_down = True
         self._undo.close()
         self.published.clear()
+        if self.host.exists:
+            for table, chain in self._new_chains:  # after their rules went; each only if still empty
+                remove_empty_chain(self.host, table, chain, self.record)
         if self._changed_sysctls:
             # After the bridge is gone: the last wiring out of a namespace puts its sysctls back.
             try:
@@ -835,6 +845,45 @@ def wire(pid: int, *, name: str, subnet: str | None = None, address: str | None 
     return wiring
 
 
+# == the chains iptables-nft makes ====================================================================
+def nft_chain(host: Host, table: str, chain: str) -> str | None:
+    """``nft list chain ip TABLE CHAIN`` in ``host``, or None when there is no such chain (or no nft)."""
+    if shutil.which("nft") is None:
+        return None
+    result = _run(host.exec("nft", "list", "chain", "ip", table, chain), check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def _is_empty_accepting(listing: str) -> bool:
+    """Whether an ``nft list chain`` listing is a base chain with no rule and the policy accept: a chain
+    that changes nothing, whose removal changes nothing either."""
+    lines = [line.strip() for line in listing.splitlines()]
+    rules = [line for line in lines if line and not line.startswith(("table ", "chain ", "type ", "}"))]
+    return not rules and "policy accept;" in listing
+
+
+def remove_empty_chain(host: Host, table: str, chain: str, record: steps_module.StepRecord) -> list[str]:
+    """Delete the base chain ``chain`` of the nft table ``ip TABLE`` if it holds no rule (policy accept),
+    then the table if no chain is left in it: what iptables-nft made for our rules and left behind
+    (iptables-nft(8)). Returns the commands run."""
+    listing = nft_chain(host, table, chain)
+    if listing is None or not _is_empty_accepting(listing):
+        return []
+    done = []
+    argv = host.exec("nft", "delete", "chain", "ip", table, chain)
+    with record.step(shlex.join(argv), what=f"the {chain} chain iptables made for our rules, empty now",
+                     where="outside"):
+        _run(argv, check=False)
+    done.append(shlex.join(argv))
+    table_listing = _run(host.exec("nft", "list", "table", "ip", table), check=False)
+    if table_listing.returncode == 0 and "chain " not in table_listing.stdout:
+        argv = host.exec("nft", "delete", "table", "ip", table)
+        with record.step(shlex.join(argv), what=f"the {table} table, empty now", where="outside"):
+            _run(argv, check=False)
+        done.append(shlex.join(argv))
+    return done
+
+
 # == leftovers ======================================================================================
 def cleanup(names: list[str] | None = None, host_netns: str | None = None,
             record: steps_module.StepRecord | None = None) -> list[str]:
@@ -863,6 +912,7 @@ def cleanup(names: list[str] | None = None, host_netns: str | None = None,
         return not _link_exists(host, bridge) or not _ports_of(host, bridge)
 
     rules = Iptables(host, "").rules() if shutil.which("iptables") else []
+    emptied: set[tuple[str, str]] = set()  # (table, chain) a rule was removed from
     tables = []
     if shutil.which("nft"):
         listing = _run(host.exec("nft", "list", "tables"), check=False).stdout
@@ -884,10 +934,15 @@ def cleanup(names: list[str] | None = None, host_netns: str | None = None,
             for table, words in rules:
                 if Iptables.owner(words) == name:
                     run(host.exec("iptables", "-t", table, "-D", *words), f"remove a rule left by {name}")
+                    emptied.add((table, words[0]))  # the words after -A: CHAIN ...
             if nft_table(name) in tables:
                 run(host.exec("nft", "delete", "table", "ip", nft_table(name)), f"remove {name}'s nft table")
         for bridge in empty_bridges:
             if _link_exists(host, bridge):
                 run(host.ip("link", "del", bridge), f"remove {bridge}: nothing is plugged into it")
+        # Whether a chain was there before the killed isolate's first rule is not known any more; a base
+        # chain left with no rule and policy accept changes nothing, so removing it changes nothing either.
+        for table, chain in sorted(emptied):
+            removed.extend(remove_empty_chain(host, table, chain, record))
         _restore_sysctls(host, record)
     return removed
