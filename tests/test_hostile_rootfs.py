@@ -359,3 +359,20 @@ def test_stage2_a_dev_that_links_inside_gets_the_devices_there(stage2_rootfs, vi
         iso.pivot_root()
         assert iso.run("echo x > /dev/null && ls /devices").stdout.split()[:2] == ["fd", "full"]
     untouched(victim)
+
+
+def test_oci_a_whole_container_with_the_walk_instead_of_openat2(tmp_path, root, busybox_rootfs, victim,
+                                                                monkeypatch):
+    """A kernel without openat2 (forced: STAGES_OPENAT2=0 reaches the container's init): every mount and
+    device still made, inside, and the hostile /dev still refused."""
+    monkeypatch.setenv("STAGES_OPENAT2", "0")
+    monkeypatch.setattr(kernel, "openat2", lambda *a, **k: pytest.fail("openat2 called in walk mode"))
+    code, out = run(tmp_path, root, bundle(tmp_path, busybox_rootfs, args=["sh", "-c", "ls /dev; mount"]))
+    assert code == 0, out
+    assert {"null", "zero", "pts", "shm", "ptmx", "fd"} <= set(out.split())
+    assert " on /dev/pts type devpts " in out and " on /proc type proc " in out
+    tree = own_rootfs(tmp_path, busybox_rootfs)
+    link(tree, "/dev", str(victim))
+    with pytest.raises(RootfsError, match=f"the image's /dev is a symbolic link to {victim}, {OUT}"):
+        run(tmp_path, root, bundle(tmp_path, tree))
+    untouched(victim)

@@ -11,6 +11,13 @@ HostnamePath, ResolvConfPath). The image is never changed, and every container g
 
 A bind mount of a file follows the file's inode (mount(2), MS_BIND): :func:`add_address` rewrites the
 hosts file in place, once the bridge has given the container its address, and the container sees it.
+
+The files are written here, in the container's directory, never into the image; the image's
+``/etc/hosts`` (or ``/etc`` itself) is only the *target* of a bind mount, and a target is looked up
+inside the rootfs by the OCI init (:class:`stages.rootfs.Root`). So an image whose ``/etc/resolv.conf``
+is ``../run/resolv.conf`` (Debian's kind of link) gets the container's file at its own /run/resolv.conf,
+and one whose ``/etc/hosts`` is a link to a host file (``/etc/hosts -> /tmp/victim``) is refused with a
+sentence naming the link, before anything is bound over the host's file.
 """
 
 from __future__ import annotations
