@@ -202,7 +202,9 @@ def resolve(directory: str | os.PathLike, path: str) -> Path:
 
     Symbolic links are followed the way the kernel does after chroot(2): an absolute target starts again
     at ``directory``, and ``..`` never climbs above it (see path_resolution(7)). The result may not exist.
-    Use it to look inside a rootfs without ever being led outside it by a link.
+    Use it to look inside a rootfs without ever being led outside it by a link; to *write* there, use
+    :class:`Root`, which also refuses links that lead out and holds a descriptor so nothing can be
+    swapped between looking and writing.
     """
     root = os.path.realpath(directory)
     pending = deque(part for part in path.split("/") if part not in ("", "."))

@@ -346,7 +346,9 @@ def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) 
         # environment exists and the host's paths are still in reach (config.md, "POSIX-platform Hooks")
         before_pivot_root()
     filesystem.pivot_root(plan.rootfs, bind=False)
-    # 3. what /proc and /sys may show and change
+    # 3. what /proc and /sys may show and change. From here on the rootfs is / and the old root is
+    # detached: an absolute link starts at the rootfs and '..' stops there, so sysctl, maskedPaths and
+    # readonlyPaths cannot reach a host path whatever the image's links say (path_resolution(7)).
     for key, value in plan.sysctl.items():
         path = "/proc/sys/" + key.replace(".", "/")
         with steps.record(f"sysctl -w {key}={value}", where="inside"):
