@@ -1,5 +1,5 @@
-"""``stages build -t NAME [-f Containerfile] [--target STAGE] [--network MODE] CONTEXT``: a Containerfile
-made into an image, with a cache."""
+"""``stages build -t NAME [-f Containerfile] [--target STAGE] [--network MODE] [--pids-limit N] [--memory M]
+CONTEXT``: a Containerfile made into an image, with a cache."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def configure(parser) -> None:
     parser.add_argument("--network", default="none", metavar="MODE",
                         help="the network of RUN steps: none (default: offline), bridge (outbound through "
                              "NAT), host")
+    parser.add_argument("--pids-limit", metavar="N",
+                        help="how many processes each RUN may have at once (its cgroup's pids.max; "
+                             "default 2048, podman's)")
+    parser.add_argument("--memory", metavar="SIZE",
+                        help="how much memory each RUN may use, e.g. 512M or 2G (default: half of this "
+                             "machine's RAM); more and the kernel kills it")
     parser.add_argument("context", metavar="CONTEXT", help="the directory whose files COPY and ADD see")
 
 
@@ -29,5 +35,5 @@ def run(args) -> int:
             raise StagesError(f"--build-arg {item!r} is not NAME=VALUE", "write --build-arg VERSION=1.2")
         values[name] = value
     build.build(args.context, args.tag, args.file, values, out=lambda line: print(line, flush=True),
-                target=args.target, network=args.network)
+                target=args.target, network=args.network, pids_limit=args.pids_limit, memory=args.memory)
     return 0

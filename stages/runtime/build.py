@@ -31,18 +31,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fnmatch
+import functools
 import glob
 import hashlib
 import io
 import json
 import os
 import re
-import shlex
 import shutil
 import stat
 import tarfile
 import tempfile
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,22 @@ COPY_FLAGS = {"COPY": ("from", "chown", "chmod"), "ADD": ("chown", "chmod")}
 NETWORKS = ("bridge", "host", "none")
 #: A stage's name (Docker's rule; compared in lower case).
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_.-]*")
+#: How many processes (and threads) a RUN may have at once (its cgroup's pids.max), unless
+#: ``--pids-limit`` says otherwise: podman's default for a container (containers.conf(5), pids_limit).
+#: Docker's engine leaves it unlimited, and `RUN f() { f | f & }; f` then fills the host's pid_max:
+#: nothing else on the machine can fork until it ends. 2048 is far more than a compiler's make -j needs.
+DEFAULT_PIDS_LIMIT = 2048
+#: The share of this machine's RAM a RUN may use (memory.max, or memory.limit_in_bytes on cgroup v1),
+#: unless ``--memory`` says otherwise: a RUN that allocates without end is killed by the kernel's OOM
+#: killer inside its own cgroup (exit 137), instead of pushing the host's own processes out of memory.
+DEFAULT_MEMORY_SHARE = 0.5
+
+
+def default_memory() -> int:
+    """A RUN's memory limit without ``--memory``: half of this machine's RAM, in bytes."""
+    from stages.isolate.cgroups import machine_memory
+
+    return int(machine_memory() * DEFAULT_MEMORY_SHARE)
 
 
 class BuildError(StagesError):
@@ -99,10 +116,31 @@ class State:
     history: list[dict] = field(default_factory=list)
     args: dict[str, str] = field(default_factory=dict)
     key: str = ""
+    #: config.Env as NAME -> value (None for an entry without "="), in order; config["Env"] is written from
+    #: it when the stage ends (one dict update per ENV, where a list would be searched and copied each time)
+    env: dict[str, str | None] = field(default_factory=dict)
+
+    @classmethod
+    def starting(cls, base: dict, layers: list[dict], config: dict, **more) -> State:
+        env = {}
+        for item in config.get("Env") or []:
+            name, equals, value = item.partition("=")
+            env[name] = value if equals else None
+        return cls(base=base, layers=layers, config=config, env=env, **more)
+
+    def env_list(self) -> list[str]:
+        return [name if value is None else f"{name}={value}" for name, value in self.env.items()]
+
+    def finish(self) -> State:
+        """The state with config["Env"] written from :attr:`env` (when there is any)."""
+        if self.env or "Env" in self.config:
+            self.config["Env"] = self.env_list()
+        return self
 
 
 def _error(step: Step, problem: str, hint: str) -> BuildError:
-    return BuildError(f"Containerfile line {step.line}: `{step.text}`: {problem}", hint)
+    text = step.text if len(step.text) <= 160 else step.text[:120] + f"... ({len(step.text)} characters)"
+    return BuildError(f"Containerfile line {step.line}: `{text}`: {problem}", hint)
 
 
 # -- reading the Containerfile -----------------------------------------------------------------------
@@ -115,6 +153,13 @@ def parse(path: str | os.PathLike) -> list[Step]:
     except OSError as error:
         raise BuildError(f"cannot read the Containerfile {path}: {error.strerror or error}",
                          "give its path with -f, or put a Containerfile in the context directory") from None
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = content[:error.start].count(b"\n") + 1
+        raise BuildError(f"Containerfile line {line}: the file is not UTF-8 text (byte "
+                         f"0x{content[error.start]:02x}, byte {error.start + 1} of the file)",
+                         "save it as UTF-8 text; a Containerfile is text, not a binary file") from None
     parser = DockerfileParser(fileobj=io.BytesIO(content), env_replace=False)
     steps = []
     for item in parser.structure:
@@ -137,18 +182,47 @@ def parse(path: str | os.PathLike) -> list[Step]:
     return steps
 
 
+class _EveryNameSet(Mapping):
+    """Variables for a syntax check: every name has a value, so that only the shape of a word can fail."""
+
+    def __getitem__(self, name: str) -> str:
+        return "x"
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
 def _check(step: Step) -> None:
-    """What can be refused before anything runs: the shape of each instruction's arguments."""
+    """What can be refused before anything runs: the shape of each instruction's arguments, and of every
+    word that will be expanded (an open quote, a ``${`` without ``}``)."""
+    every = _EveryNameSet()
     if step.instruction in ("COPY", "ADD"):
-        _, rest = copy_flags(step, step.value)
-        words = _exec_form(rest) or rest.split()
+        flags, rest = copy_flags(step, step.value)
+        words = _exec_form(step, rest) or _split_words(step, rest)
         if len(words) < 2:
             raise _error(step, f"{step.instruction} needs a source and a destination",
                          f"write {step.instruction} FILE /destination")
+        for word in [*flags.values(), *words]:
+            _expanded(step, word, every)
     elif step.instruction in ("ENV", "LABEL"):
-        _pairs(step, step.value)
+        for key, value in _pairs(step, step.value).items():
+            _expanded(step, key, every)
+            _expanded(step, value, every)
+    elif step.instruction in ("RUN", "CMD", "ENTRYPOINT"):
+        _exec_form(step, step.value)
+    elif step.instruction == "ARG":
+        _arg_words(step)
+    elif step.instruction in ("USER", "WORKDIR"):
+        _expanded(step, step.value, every)
+    elif step.instruction == "EXPOSE":
+        for word in _split_words(step, step.value):
+            _expanded(step, word, every)
     elif step.instruction == "FROM":
         words = step.value.split()
+        _expanded(step, words[0], every)
         if words[0].startswith("--"):
             raise _error(step, f"the flag {words[0].split('=')[0]} is not supported by stages build",
                          "leave it out: stages builds for this machine")
@@ -213,11 +287,11 @@ def plan(steps: list[Step], build_args: dict[str, str] | None = None) -> tuple[l
                              f"{stages[names[name]].steps[0].line})", "give each stage its own name")
             if name is not None:
                 names[name] = len(stages)
-            stages.append(Stage(len(stages), name, [step], substitute(words[0], global_args)))
+            stages.append(Stage(len(stages), name, [step], _expanded(step, words[0], global_args)))
         elif not stages:
             if step.instruction != "ARG":
                 raise _error(step, "only ARG can come before the first FROM", "move it after FROM")
-            name, value = _arg(step, build_args, {})
+            name, value = _arg(step, build_args, {}, global_args)
             global_args[name] = value
             prelude.append(step)
         else:
@@ -235,7 +309,7 @@ def plan(steps: list[Step], build_args: dict[str, str] | None = None) -> tuple[l
             source = copy_flags(step, step.value)[0].get("from")
             if source is None:
                 continue
-            source = substitute(source, global_args)
+            source = _expanded(step, source, global_args)
             if source.isdigit():
                 if int(source) >= len(stages):
                     raise _error(step, f"there is no stage {source}: the file has {len(stages)} "
@@ -252,121 +326,357 @@ def plan(steps: list[Step], build_args: dict[str, str] | None = None) -> tuple[l
     return prelude, global_args, stages
 
 
-def _arg(step: Step, build_args: dict[str, str], global_args: dict[str, str]) -> tuple[str, str]:
-    """An ARG's name and value: the --build-arg, else its default, else (``ARG NAME`` in a stage) the
-    value an ARG before the first FROM gave it (Docker's rule)."""
-    name, equals, default = step.value.partition("=")
-    if not re.fullmatch(r"\w+", name):
+def _arg(step: Step, build_args: dict[str, str], global_args: dict[str, str],
+         variables: Mapping[str, str | None]) -> tuple[str, str]:
+    """An ARG's name and value: the --build-arg, else its default (expanded with the ARGs and ENVs before
+    it: ``ARG B=${A}x``), else (``ARG NAME`` in a stage) the value an ARG before the first FROM gave it
+    (Docker's rule)."""
+    name, equals, default = _arg_words(step)
+    if name in build_args:
+        return name, build_args[name]  # (Docker expands a default, never a --build-arg)
+    return name, _expanded(step, default, variables) if equals else global_args.get(name, "")
+
+
+def _arg_words(step: Step) -> tuple[str, str, str]:
+    """An ARG line's ``(name, "=" or "", default as written)``; a line that is not ``NAME[=default]``, or
+    a default that cannot be read, refused."""
+    words = _split_words(step, step.value)
+    if len(words) != 1:
+        raise _error(step, "ARG takes one NAME or NAME=default", "write one ARG line per argument")
+    name, equals, default = words[0].partition("=")
+    if not re.fullmatch(r"\w+", name, re.ASCII):
         raise _error(step, f"{name!r} is not an argument name", "write ARG NAME or ARG NAME=default")
-    return name, build_args.get(name, default.strip('"') if equals else global_args.get(name, ""))
+    _expanded(step, default, _EveryNameSet())
+    return name, equals, default
 
 
-_VARIABLE = re.compile(r"\\\$|\$(?:\{(\w+)(?::([-+])([^}]*))?\}|(\w+))")
+class _Malformed(ValueError):
+    """A word the shell-word rules cannot read (an open quote, ``${`` without ``}``): the message says why."""
 
 
-def substitute(text: str, variables: dict[str, str]) -> str:
-    """``$VAR``, ``${VAR}``, ``${VAR:-default}`` and ``${VAR:+alt}`` replaced, as Docker does for ENV and
-    ARG values in ADD, COPY, ENV, EXPOSE, FROM, LABEL, USER and WORKDIR; ``\\$`` keeps a dollar."""
-    def one(match: re.Match) -> str:
-        if match.group(0) == "\\$":
-            return "$"
-        name = match.group(1) or match.group(4)
-        value = variables.get(name, "")
-        if match.group(2) == "-":
-            return value or match.group(3)
-        if match.group(2) == "+":
-            return match.group(3) if value else ""
-        return value
+#: What needs no care in a word: a run of these is copied as it is.
+_PLAIN = re.compile(r"""[^'"\\$]+""")
+_PLAIN_TO_BRACE = re.compile(r"""[^'"\\$}]+""")
+_PLAIN_IN_DOUBLE = re.compile(r'[^"\\$]+')
+_VARIABLE_NAME = re.compile(r"[0-9]|[A-Za-z_][A-Za-z0-9_]*")
+_MODIFIERS = (":-", ":+", ":?", "-", "+", "?")
 
-    return _VARIABLE.sub(one, text)
+
+def substitute(text: str, variables: Mapping[str, str | None]) -> str:
+    """One word read by Docker's rules for ENV, ARG, LABEL, ADD, COPY, EXPOSE, FROM, USER and WORKDIR (the
+    shell lexer of BuildKit's dockerfile frontend, a subset of sh(1)'s): ``$VAR`` and ``${VAR}`` are
+    replaced (an undefined one by nothing), ``${VAR:-word}`` (``word`` when VAR is unset or empty),
+    ``${VAR-word}`` (when unset), ``${VAR:+word}`` and ``${VAR+word}`` (``word`` when set, else nothing),
+    ``${VAR:?message}`` (an error when unset); in ``'...'`` nothing is replaced, in ``"..."`` variables
+    are; the quotes go; ``\\`` keeps the next character (in double quotes only before ``"``, ``$`` or ``\\``).
+    Raises :class:`ValueError` naming what is malformed."""
+    value, _ = _read(text, 0, variables, stop=False)
+    return value
+
+
+def _read(text: str, i: int, variables: Mapping[str, str | None], stop: bool) -> tuple[str, int]:
+    """The word from ``text[i:]`` to its end (or, with ``stop``, to the ``}`` closing a ``${``), and where
+    it ended. Linear in the length: runs of plain characters are copied by one regular expression."""
+    out: list[str] = []
+    plain = _PLAIN_TO_BRACE if stop else _PLAIN
+    n = len(text)
+    while i < n:
+        match = plain.match(text, i)
+        if match:
+            out.append(match.group())
+            i = match.end()
+            continue
+        char = text[i]
+        if char == "}":  # (only when stop)
+            return "".join(out), i
+        if char == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                raise _Malformed("a single quote (') is not closed")
+            out.append(text[i + 1:end])
+            i = end + 1
+        elif char == '"':
+            i += 1
+            while True:
+                if i >= n:
+                    raise _Malformed('a double quote (") is not closed')
+                match = _PLAIN_IN_DOUBLE.match(text, i)
+                if match:
+                    out.append(match.group())
+                    i = match.end()
+                elif text[i] == '"':
+                    i += 1
+                    break
+                elif text[i] == "\\":
+                    if text[i + 1:i + 2] in ('"', "$", "\\"):
+                        out.append(text[i + 1])
+                        i += 2
+                    else:
+                        out.append("\\")
+                        i += 1
+                else:
+                    value, i = _dollar(text, i, variables)
+                    out.append(value)
+        elif char == "\\":
+            out.append(text[i + 1:i + 2])  # (a \ at the very end is dropped, as Docker does)
+            i += 2
+        else:
+            value, i = _dollar(text, i, variables)
+            out.append(value)
+    if stop:
+        raise _Malformed("a ${ is not closed with }")
+    return "".join(out), i
+
+
+def _dollar(text: str, i: int, variables: Mapping[str, str | None]) -> tuple[str, int]:
+    """The value of the ``$...`` at ``text[i]``, and where it ends."""
+    i += 1
+    if text[i:i + 1] != "{":
+        match = _VARIABLE_NAME.match(text, i)
+        if not match:
+            return "$", i  # a $ before no name is a $
+        return variables.get(match.group()) or "", match.end()
+    match = _VARIABLE_NAME.match(text, i + 1)
+    if not match:
+        raise _Malformed("${...} needs a variable name inside (bad substitution)")
+    name, i = match.group(), match.end()
+    if i >= len(text):
+        raise _Malformed("a ${ is not closed with }")
+    if text[i:i + 1] == "}":
+        return variables.get(name) or "", i + 1
+    modifier = next((m for m in _MODIFIERS if text.startswith(m, i)), None)
+    if modifier is None:
+        known = f"${{{name}}}, ${{{name}:-default}}, ${{{name}:+alternative}}, ${{{name}:?message}}"
+        raise _Malformed(f"${{{name}{text[i:i + 1]}...}} is not a substitution stages build knows ({known})")
+    word, i = _read(text, i + len(modifier), variables, stop=True)
+    value = variables.get(name)
+    present = bool(value) if modifier.startswith(":") else value is not None
+    if modifier.endswith("-"):
+        return (value if present else word), i + 1
+    if modifier.endswith("+"):
+        return (word if present else ""), i + 1
+    if not present:
+        raise _Malformed(f"{name} is not set{': ' + word if word else ''} (${{{name}{modifier}...}})")
+    return value, i + 1
+
+
+def _expanded(step: Step, text: str, variables: Mapping[str, str | None]) -> str:
+    """:func:`substitute`, a malformed word refused naming the line."""
+    try:
+        return substitute(text, variables)
+    except _Malformed as error:
+        raise _error(step, str(error), "close every quote and every ${, or put a \\ before a $ meant "
+                     "literally") from None
+
+
+#: One word of an instruction: plain characters, quoted strings (quotes kept) and escapes, up to a blank.
+_WORD = re.compile(r"""(?:[^\s'"\\]+|'[^']*'|"(?:[^"\\]|\\.)*"|\\.|\\$)+""", re.DOTALL)
+_BLANKS = re.compile(r"\s*")
+
+
+def _split_words(step: Step, value: str) -> list[str]:
+    """The words of ``value``, split at blanks outside quotes, the quotes still in them (Docker splits
+    first and reads each word after, so a variable's value is never split again). An open quote is
+    refused naming the line."""
+    words, i, n = [], _BLANKS.match(value).end(), len(value)
+    while i < n:
+        match = _WORD.match(value, i)
+        if match is None:
+            which = "single quote (')" if value[i] == "'" else 'double quote (")'
+            raise _error(step, f"a {which} is not closed", "close every quote")
+        words.append(match.group())
+        i = _BLANKS.match(value, match.end()).end()
+        if i == match.end() and i < n:  # the word stopped at an open quote, not at a blank
+            which = "single quote (')" if value[i] == "'" else 'double quote (")'
+            raise _error(step, f"a {which} is not closed", "close every quote")
+    return words
 
 
 def _pairs(step: Step, value: str) -> dict[str, str]:
-    """``K=V K2="v 2"`` (or the old ``K V`` form of ENV and LABEL) as a dict."""
-    try:
-        words = shlex.split(value)
-    except ValueError as error:
-        raise _error(step, f"the quoting is broken ({error})", "close every quote") from None
+    """``K=V K2="v 2"`` (or the old ``K V`` form of ENV and LABEL) as ``{K: V}``, each still as written
+    (quotes in): the step expands them with the variables it has."""
+    words = _split_words(step, value)
     if words and "=" not in words[0]:
         if len(words) < 2:
             raise _error(step, f"{step.instruction} needs KEY=VALUE",
                          f"write {step.instruction} {words[0]}=value")
-        return {words[0]: value.split(None, 1)[1]}
+        return {words[0]: value.strip().split(None, 1)[1]}
     result = {}
     for word in words:
         key, equals, item = word.partition("=")
         if not equals or not key:
-            raise _error(step, f"{word!r} is not KEY=VALUE", f"write {step.instruction} KEY=VALUE")
+            raise _error(step, f"{word[:60]!r} is not KEY=VALUE", f"write {step.instruction} KEY=VALUE")
         result[key] = item
     return result
 
 
-def _exec_form(value: str) -> list[str] | None:
-    """The JSON array form (``["a", "b"]``), or None for the shell form (Docker falls back the same way)."""
+#: How the JSON (exec) form starts when that is what was meant: ``[`` then a quoted string and a comma
+#: or the end, ``[]``, or a bare word and a comma (``[sh, -c]``). A shell command that starts with the
+#: test command ``[ -f x ]`` or ``[ "$A" = x ]`` does not look like that.
+_AFTER_FIRST = r"\s*(?:,|\]\s*$|$)"  # a comma, or the closing ] at the very end, or nothing more
+_LOOKS_LIKE_JSON = re.compile(r"\[\s*(?:\]\s*$"  # []
+                              r'|"(?:[^"\\]|\\.)*"' + _AFTER_FIRST  # ["sh", ...
+                              + r"|'[^']*'" + _AFTER_FIRST  # ['sh', ...
+                              + r"""|[^\s,'"\]]+\s*,)""")  # [sh, ...
+
+
+def _exec_form(step: Step, value: str) -> list[str] | None:
+    """The JSON array form (``["a", "b"]``), or None for the shell form. Docker takes anything that is
+    not a JSON array of strings as the shell form; a value that plainly meant to be JSON (an unclosed
+    ``["sh", "-c"``, single quotes, a number in the list) is refused naming the line instead, as it
+    would only fail later, in a container, with a puzzling message."""
     if not value.startswith("["):
         return None
-    with contextlib.suppress(ValueError):
+    try:
         parsed = json.loads(value)
-        if isinstance(parsed, list) and all(isinstance(item, str) for item in parsed):
-            return parsed
-    return None
+    except ValueError as error:
+        if not _LOOKS_LIKE_JSON.match(value):
+            return None  # the shell's test command: [ -f /etc/passwd ] && ...
+        problem = getattr(error, "msg", str(error))
+        where = getattr(error, "pos", None)
+        raise _error(step, f"this is meant as the JSON (exec) form but is not JSON: {problem}"
+                     + (f" at character {where + 1}" if where is not None else ""),
+                     'write ["program", "argument"]: double quotes, commas between, a closing ]; or leave '
+                     "the brackets out for the shell form") from None
+    if not isinstance(parsed, list):
+        return None
+    wrong = [item for item in parsed if not isinstance(item, str)]
+    if wrong:
+        quoted = [item if isinstance(item, str) else json.dumps(item) for item in parsed]
+        raise _error(step, f"the JSON (exec) form takes strings only, and {json.dumps(wrong[0])} is not one",
+                     f"quote every item: {json.dumps(quoted)}")
+    return parsed
 
 
-def _command(value: str) -> list[str]:
-    return _exec_form(value) or ["/bin/sh", "-c", value]
+def _command(step: Step, value: str) -> list[str]:
+    return _exec_form(step, value) or ["/bin/sh", "-c", value]
 
 
 # -- the ignore file ---------------------------------------------------------------------------------
 def ignore_patterns(context: Path) -> list[tuple[bool, str]]:
-    """``.containerignore`` (else ``.dockerignore``): ``(exclude, pattern)`` per line, ``!`` an exception."""
+    """``.containerignore`` (else ``.dockerignore``): ``(exclude, pattern)`` per line, ``!`` an exception.
+
+    Read as Docker reads it (moby/patternmatcher's ignorefile): a line starting with ``#`` is a comment,
+    blanks around a pattern go, ``!`` makes it an exception, the path is cleaned and a leading ``/``
+    dropped. A malformed pattern (an unclosed ``[``, a ``\\`` at the end) is refused naming its line, where
+    it would otherwise ignore nothing without a word."""
     for name in (".containerignore", ".dockerignore"):
         path = context / name
         if path.is_file():
+            try:
+                text = path.read_text(encoding="utf-8", errors="surrogateescape")
+            except OSError as error:
+                raise BuildError(f"cannot read the ignore file {path}: {error.strerror or error}",
+                                 "make it readable, or remove it") from None
             patterns = []
-            for line in path.read_text().splitlines():
-                line = line.strip()
-                if not line or line.startswith("#"):
+            for number, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+                if line.startswith("#") or not line.strip():
                     continue
+                line = line.strip()
                 negate = line.startswith("!")
-                pattern = os.path.normpath(line[1:].strip() if negate else line).lstrip("/")
+                pattern = line[1:].strip() if negate else line
+                pattern = os.path.normpath(pattern).lstrip("/") if pattern else ""
+                try:
+                    _pattern_regex(pattern)
+                except ValueError as error:
+                    raise BuildError(f"{path.name} line {number}: the pattern {line!r} is malformed: {error}",
+                                     "fix it (the syntax is Go's filepath.Match: *, ?, [a-z], [^a-z], \\ to "
+                                     "escape; ** for any number of directories), or escape a literal [ as "
+                                     "\\[") from None
                 patterns.append((not negate, pattern))
             return patterns
     return []
 
 
+@functools.lru_cache(maxsize=1024)
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """An ignore pattern as a regular expression, as Docker translates it (moby/patternmatcher): ``*``
+    is any run of characters but ``/``, ``?`` one character but ``/``, ``**`` any number of directories
+    (none too: ``**/*.log`` matches ``a.log``), ``[...]`` a character class, ``\\`` escapes the next
+    character. Raises :class:`ValueError` saying what is malformed (what Go's filepath.Match, which
+    Docker checks each pattern with, calls ErrBadPattern)."""
+    out, i, n = ["^"], 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if char == "*" and pattern[i + 1:i + 2] == "*":
+            i += 2
+            if pattern[i:i + 1] == "/":
+                i += 1
+            out.append(".*" if i >= n else "(?:.*/)?")
+            continue
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "\\":
+            if i + 1 >= n:
+                raise ValueError("it ends with a \\ that escapes nothing")
+            out.append(re.escape(pattern[i + 1]))
+            i += 1
+        elif char == "[":
+            i, item = _character_class(pattern, i)
+            out.append(item)
+            continue
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return re.compile("".join(out) + "$", re.DOTALL)
+
+
+def _character_class(pattern: str, start: int) -> tuple[int, str]:
+    """The ``[...]`` at ``pattern[start]`` as a regular expression, and where it ends (filepath.Match's
+    rules: not empty, ``^`` first negates, ``a-z`` ranges, ``-`` and ``]`` only escaped)."""
+    i, n = start + 1, len(pattern)
+    negate = pattern[i:i + 1] == "^"
+    i += negate
+    items: list[str] = []
+
+    def one(i: int) -> tuple[str, int]:
+        if i >= n:
+            raise ValueError("a [ is not closed with ]")
+        char = pattern[i]
+        if char in "-]":
+            raise ValueError(f"a {char} in [...] needs a \\ before it" if items or char == "-"
+                             else "[] is empty (a ] first in [...] needs a \\ before it)")
+        if char == "\\":
+            if i + 1 >= n:
+                raise ValueError("a [ is not closed with ]")
+            return pattern[i + 1], i + 2
+        return char, i + 1
+
+    while True:
+        if i >= n:
+            raise ValueError("a [ is not closed with ]")
+        if pattern[i] == "]" and items:
+            return i + 1, "[" + ("^" if negate else "") + "".join(items) + "]"
+        low, i = one(i)
+        if pattern[i:i + 1] == "-" and pattern[i + 1:i + 2] not in ("", "]"):
+            high, i = one(i + 1)
+            if high < low:
+                raise ValueError(f"the range {low}-{high} runs backwards")
+            items.append(f"{re.escape(low)}-{re.escape(high)}")
+        else:
+            items.append(re.escape(low))
+
+
 def ignored(relative: str, patterns: list[tuple[bool, str]]) -> bool:
-    """Whether ``relative`` (to the context) is excluded: the last pattern matching it or a parent wins."""
+    """Whether ``relative`` (to the context) is excluded: the last pattern matching it or a parent wins
+    (Docker's MatchesOrParentMatches)."""
     parts = relative.split("/")
     result = False
     for exclude, pattern in patterns:
-        if any(fnmatch.fnmatchcase("/".join(parts[:n]), pattern) for n in range(1, len(parts) + 1)):
+        regex = _pattern_regex(pattern)
+        if any(regex.match("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
             result = exclude
     return result
 
 
 # -- the cache -----------------------------------------------------------------------------------------
+# Read once when a build starts and written once when it ends (merged under the store's lock with what
+# other builds wrote meanwhile): one write per step rewrote the whole file each time, which made a
+# Containerfile of n steps cost n^2 (10000 ENV lines: minutes).
 def _cache() -> dict:
     return store.read_json(store.images_dir() / CACHE_FILE, {})
-
-
-def _cached(key: str) -> dict | None:
-    """What the step with ``key`` made: ``{"layer": descriptor or None, "created"}``; None when it is not
-    in the cache or its layer has left the store since (``stages rmi``)."""
-    entry = _cache().get(key)
-    if entry is None:
-        return None
-    layer = entry.get("layer")
-    if layer and not (images.layer_dir(layer["diff_id"]).is_dir()
-                      and images.blob_path(layer["digest"]).exists()):
-        return None
-    return entry
-
-
-def _remember(key: str, layer: dict | None, created: str) -> None:
-    with store.locked() as top:
-        cache = _cache()
-        cache[key] = {"layer": layer, "created": created}
-        store.write_json(top / CACHE_FILE, cache)
 
 
 def _digest(*parts: str) -> str:
@@ -503,14 +813,43 @@ class Builder:
         self.stage: Stage | None = None  # the one being built
         self.done: dict[int, State] = {}  # the stages built so far
         self.roots: dict[int | str, Path] = {}  # COPY --from's sources, flattened once per build
+        self.limits = {"pids": DEFAULT_PIDS_LIMIT, "memory": None}  # a RUN's (set by build())
+        self.cache: dict | None = None  # the build cache as it was when it was first needed
+        self.remembered: dict[str, dict] = {}  # what this build adds to it (written by save_cache)
+
+    # -- the cache
+    def _cached(self, key: str) -> dict | None:
+        """What the step with ``key`` made: ``{"layer": descriptor or None, "created"}``; None when it is
+        not in the cache or its layer has left the store since (``stages rmi``)."""
+        if self.cache is None:
+            self.cache = _cache()
+        entry = self.remembered.get(key) or self.cache.get(key)
+        if entry is None:
+            return None
+        layer = entry.get("layer")
+        if layer and not (images.layer_dir(layer["diff_id"]).is_dir()
+                          and images.blob_path(layer["digest"]).exists()):
+            return None
+        return entry
+
+    def save_cache(self) -> None:
+        """Add what this build made to the cache file, under the store's lock (another build may have
+        added its own since we read it)."""
+        if not self.remembered:
+            return
+        with store.locked() as top:
+            cache = _cache()
+            cache.update(self.remembered)
+            store.write_json(top / CACHE_FILE, cache)
 
     # the layer of a step, stored (and taken back if the build fails)
     def _store_layer(self, blob: Path) -> dict:
         return images._add_layer(blob, layerlib.sha256_file(blob), self.work, self.created)
 
-    def variables(self) -> dict[str, str]:
-        env = dict(item.split("=", 1) for item in self.state.config.get("Env") or [] if "=" in item)
-        return {**self.state.args, **env}
+    def variables(self) -> Mapping[str, str | None]:
+        """What ``$NAME`` means in this step: an ENV, else an ARG (Docker: ENV wins). A view, not a copy:
+        a step costs the same after 10000 ENV lines as after one."""
+        return ChainMap(self.state.env, self.state.args)
 
     def _lower(self) -> list[str]:
         return [str(images.layer_dir(layer["diff_id"])) for layer in self.state.layers]
@@ -542,8 +881,15 @@ class Builder:
             for number, step in enumerate(shown, 1):
                 self.out(f"{prefix}STEP {number}/{len(shown)}: {step.text}")
                 handler = getattr(self, f"do_{step.instruction.lower()}")
-                handler(step)
-            self.done[index] = self.state
+                try:
+                    handler(step)
+                except OSError as error:  # a name too long, a full disk: a sentence that names the line
+                    name = str(error.filename or "")
+                    where = f" ({name})" if name and len(name) < 200 else ""
+                    raise _error(step, f"it could not be done: {error.strerror or error}{where}",
+                                 "check the paths this line names (a name has at most 255 characters) and "
+                                 "the space left in the store (df -h $STAGES_HOME)") from None
+            self.done[index] = self.state.finish()
         return self.done[final]
 
     def _order(self, final: int) -> list[int]:
@@ -587,14 +933,14 @@ class Builder:
 
     def _cached_step(self, step: Step, text: str, content: str, make) -> None:
         key = _digest(self.state.key, text, content)
-        entry = _cached(key)
+        entry = self._cached(key)
         if entry is not None:
             self.out("--> cache hit")
             # the step's first time kept, so that a build wholly from the cache is the same image (same id)
             layer, created = entry["layer"], entry.get("created") or images._now()
         else:
             layer, created = make(), images._now()
-            _remember(key, layer, created)
+            self.remembered[key] = {"layer": layer, "created": created}
         self.state.key = key
         self._record(text, layer, created)
 
@@ -603,8 +949,8 @@ class Builder:
         if self.stage.parent is not None:
             # FROM an earlier stage: its layers, config and history, and its last key go on
             done = self.done[self.stage.parent]
-            self.state = State(base=done.base, layers=list(done.layers), config=copy.deepcopy(done.config),
-                               history=list(done.history), key=done.key)
+            self.state = State.starting(done.base, list(done.layers), copy.deepcopy(done.config),
+                                        history=list(done.history), key=done.key)
             return
         reference = self.stage.base
         if reference.lower() == "scratch":
@@ -618,34 +964,50 @@ class Builder:
             raise _error(step, error.message, error.hint or "") from None
         raw = images.config_of(base)
         config = {key: value for key, value in (raw.get("config") or {}).items() if key in images.CONFIG_KEYS}
-        self.state = State(base=base, layers=list(base["layers"]), config=config,
-                           history=list(raw.get("history") or []), key=base["id"])
+        self.state = State.starting(base, list(base["layers"]), config,
+                                    history=list(raw.get("history") or []), key=base["id"])
 
     def do_arg(self, step: Step) -> None:
         if self.state is None:
             return  # an ARG before the first FROM: plan() took its value
-        name, value = _arg(step, self.build_args, self.pre_args)
+        name, value = _arg(step, self.build_args, self.pre_args, self.variables())
         self.state.args[name] = value
         self._cached_step(step, f"ARG {name}={value}", "", lambda: None)
 
+    def _expanded_pairs(self, step: Step) -> dict[str, str]:
+        """An ENV's or LABEL's pairs, every word read with the variables from before the line (Docker:
+        ``ENV A=2 B=$A`` gives B the A from before)."""
+        variables = self.variables()
+        pairs = {}
+        for key, value in _pairs(step, step.value).items():
+            name = _expanded(step, key, variables)
+            if not name or (step.instruction == "ENV" and "=" in name):
+                raise _error(step, f"{key!r} gives the name {name!r}, which cannot name a variable",
+                             f"write {step.instruction} NAME=value")
+            pairs[name] = _expanded(step, value, variables)
+        return pairs
+
     def do_env(self, step: Step) -> None:
-        pairs = {key: substitute(value, self.variables()) for key, value in _pairs(step, step.value).items()}
-        env = [item for item in self.state.config.get("Env") or [] if item.split("=", 1)[0] not in pairs]
-        self.state.config["Env"] = env + [f"{key}={value}" for key, value in pairs.items()]
+        pairs = self._expanded_pairs(step)
+        self.state.env.update(pairs)  # a name set again keeps its place in config.Env, as Docker does
         self._cached_step(step, "ENV " + " ".join(f"{k}={v}" for k, v in pairs.items()), "", lambda: None)
 
     def do_label(self, step: Step) -> None:
-        pairs = {key: substitute(value, self.variables()) for key, value in _pairs(step, step.value).items()}
-        self.state.config["Labels"] = {**(self.state.config.get("Labels") or {}), **pairs}
+        pairs = self._expanded_pairs(step)
+        labels = self.state.config.get("Labels")
+        if not isinstance(labels, dict):
+            labels = self.state.config["Labels"] = {}
+        labels.update(pairs)
         self._cached_step(step, "LABEL " + json.dumps(pairs, sort_keys=True), "", lambda: None)
 
     def do_user(self, step: Step) -> None:
-        self.state.config["User"] = substitute(step.value, self.variables())
+        self.state.config["User"] = _expanded(step, step.value, self.variables())
         self._cached_step(step, f"USER {self.state.config['User']}", "", lambda: None)
 
     def do_expose(self, step: Step) -> None:
         ports = {}
-        for word in substitute(step.value, self.variables()).split():
+        variables = self.variables()
+        for word in (_expanded(step, word, variables) for word in _split_words(step, step.value)):
             port, _, protocol = word.partition("/")
             if not port.isdigit() or not 0 < int(port) < 65536 or protocol not in ("", "tcp", "udp", "sctp"):
                 raise _error(step, f"{word!r} is not a port", "write EXPOSE 80 or EXPOSE 53/udp")
@@ -654,16 +1016,16 @@ class Builder:
         self._cached_step(step, "EXPOSE " + " ".join(ports), "", lambda: None)
 
     def do_cmd(self, step: Step) -> None:
-        self.state.config["Cmd"] = _command(step.value) if step.value else []
+        self.state.config["Cmd"] = _command(step, step.value) if step.value else []
         self._cached_step(step, "CMD " + json.dumps(self.state.config["Cmd"]), "", lambda: None)
 
     def do_entrypoint(self, step: Step) -> None:
-        self.state.config["Entrypoint"] = _command(step.value)
+        self.state.config["Entrypoint"] = _command(step, step.value)
         self.state.config.pop("Cmd", None)  # Docker: a new ENTRYPOINT clears the base image's CMD
         self._cached_step(step, "ENTRYPOINT " + json.dumps(self.state.config["Entrypoint"]), "", lambda: None)
 
     def do_workdir(self, step: Step) -> None:
-        path = self._absolute(substitute(step.value, self.variables()))
+        path = self._absolute(_expanded(step, step.value, self.variables()))
         self.state.config["WorkingDir"] = path
         if _lookup(self._lower(), path) is not None:
             self._cached_step(step, f"WORKDIR {path}", "", lambda: None)
@@ -811,11 +1173,14 @@ class Builder:
         self._copy(step, extract=True)
 
     def _copy(self, step: Step, extract: bool) -> None:
-        flags, value = copy_flags(step, substitute(step.value, self.variables()))
-        try:
-            words = _exec_form(value) or shlex.split(value)
-        except ValueError as error:
-            raise _error(step, f"the quoting is broken ({error})", "close every quote") from None
+        variables = self.variables()
+        flags, value = copy_flags(step, step.value)
+        flags = {name: _expanded(step, item, variables) for name, item in flags.items()}
+        listed = _exec_form(step, value)
+        if listed is not None:  # JSON's strings are words already: their quotes and \ are characters
+            words = [_expanded(step, re.sub(r"""(['"\\])""", r"\\\1", word), variables) for word in listed]
+        else:
+            words = [_expanded(step, word, variables) for word in _split_words(step, value)]
         if len(words) < 2:
             raise _error(step, f"{step.instruction} needs a source and a destination",
                          f"write {step.instruction} FILE /destination")
@@ -890,7 +1255,7 @@ class Builder:
         self._cached_step(step, text, content, make)
 
     def do_run(self, step: Step) -> None:
-        args = _command(step.value)
+        args = _command(step, step.value)
         # ARG values reach RUN as environment variables (and so key its cache), ENV ones do too
         env = [f"{k}={v}" for k, v in sorted(self.state.args.items())]
         text = "RUN " + json.dumps(args) + (" with " + " ".join(env) if env else "")
@@ -902,12 +1267,15 @@ class Builder:
 
         lower = self._lower()
         config = dict(self.state.config)
-        config["Env"] = flags.merge_env(config.get("Env") or images.DEFAULT_ENV, extra_env)
+        config["Env"] = flags.merge_env(self.state.env_list() or images.DEFAULT_ENV, extra_env)
         if not lower:
             raise _error(step, "FROM scratch has no files, so no shell and no program to RUN",
                          "RUN in a stage FROM busybox, and COPY --from that stage what the image needs")
-        # the network --network chose, and no init (a bind-mount target would land in the layer)
-        options = Options(image=self.state.base["id"], command=args, network=self.network, init=False)
+        # the network --network chose, no init (a bind-mount target would land in the layer), and the
+        # limits: a cgroup with pids.max and a memory limit, so that a fork bomb or a runaway allocation
+        # stays inside the RUN (cgroups(7); the kernel's pids and memory controllers)
+        options = Options(image=self.state.base["id"], command=args, network=self.network, init=False,
+                          pids_limit=self.limits["pids"], memory=str(self.limits["memory"]))
         record = {"id": containers.new_id(), "image": f"build step {step.line}",
                   "image_id": self.state.base["id"],
                   "layers": lower, "image_config": config, "args": args, "options": options.to_dict(),
@@ -926,8 +1294,18 @@ class Builder:
             except StagesError as error:
                 raise _error(step, error.message, error.hint or "") from None
             if code != 0:
+                from stages.isolate.cgroups import format_bytes
+
+                limits = (f"a RUN may have {self.limits['pids']} processes at once and "
+                          f"{format_bytes(self.limits['memory'])} of memory")
+                if code == 137:
+                    raise _error(step, "the command was killed (exit 137, SIGKILL): the kernel's OOM killer "
+                                 f"does that when a RUN reaches its memory limit ({limits})",
+                                 "give the build more with --memory, or make the command use less")
                 raise _error(step, f"the command exited with {code}",
-                             "fix the command; try it with: stages run -it IMAGE sh")
+                             f"fix the command; try it with: stages run -it IMAGE sh ({limits}: a command "
+                             "that cannot fork (\"Resource temporarily unavailable\") needs a larger "
+                             "--pids-limit)")
             upper = containers.directory(info["id"]) / "upper"
             blob = self.work / f"run-{info['id']}.tar"
             tar_upper(upper, blob)
@@ -939,7 +1317,8 @@ class Builder:
 
 def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike | None = None,
           build_args: dict[str, str] | None = None, out=print, *, target: str | None = None,
-          network: str = "none") -> dict:
+          network: str = "none", pids_limit: int | str | None = None,
+          memory: int | str | None = None) -> dict:
     """Build the Containerfile (default ``CONTEXT/Containerfile``, else ``CONTEXT/Dockerfile``) and tag the
     image ``tag``. Returns the image (as :func:`stages.runtime.images.resolve` does). A failure raises a
     :class:`BuildError` naming the line, and leaves no container, mount or partial image behind.
@@ -948,12 +1327,24 @@ def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike
     it does not need are skipped. ``network``: what RUN steps get, ``none`` (the default: only their
     own loopback, so a build downloads nothing and creates no bridge or firewall rule unless asked),
     ``bridge`` (the stage-3 bridge, outbound through NAT: Docker's default) or ``host`` (the network
-    namespace the build runs in)."""
+    namespace the build runs in). ``pids_limit`` and ``memory``: what each RUN may have (its cgroup's
+    pids.max and memory limit), by default :data:`DEFAULT_PIDS_LIMIT` processes and
+    :func:`default_memory` bytes (``memory`` as ``--memory`` takes it: 512M, 2G)."""
+    from stages.errors import LimitError
+    from stages.isolate.cgroups import parse_memory, parse_pids
+
     context = Path(context)
     name = images.parse_reference(tag)
     if network not in NETWORKS:
         raise BuildError(f"--network {network!r} is not a network a build can use",
                          "use --network none (the default), bridge or host")
+    limits = {"pids": DEFAULT_PIDS_LIMIT, "memory": None}
+    for flag, given, parser in (("--pids-limit", pids_limit, parse_pids), ("--memory", memory, parse_memory)):
+        try:
+            limits["pids" if flag == "--pids-limit" else "memory"] = parser(given) if given is not None else (
+                DEFAULT_PIDS_LIMIT if flag == "--pids-limit" else default_memory())
+        except LimitError as error:
+            raise BuildError(f"{flag} {given}: {error.message}", error.hint) from None
     if not context.is_dir():
         raise BuildError(f"the build context {context} is not a directory",
                          "give the directory that holds the files to COPY, e.g. `stages build -t x .`")
@@ -962,13 +1353,15 @@ def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike
         containerfile = found[0] if found else context / "Containerfile"
     steps = parse(containerfile)
     builder = Builder(context, steps, dict(build_args or {}), out)
-    builder.network = network
+    builder.network, builder.limits = network, limits
     try:
         state = builder.build(target)
         created = state.history[-1]["created"] if state.history else images._now()
         config = {"architecture": "amd64", "os": "linux", "created": created,
                   "config": {key: value for key, value in state.config.items() if value not in (None, "")},
                   "history": state.history}
+        # the cache first: were the commit to fail, the layers go, and entries that name them are ignored
+        builder.save_cache()
         image = images._commit(config, state.layers, [name])
     except BaseException:
         images._roll_back(builder.created)

@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -47,12 +48,63 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Docker's reference grammar (distribution/reference, "reference.go"): NAME[:TAG], where NAME is an optional
+# registry host (a DNS name or an address, maybe :PORT) and a path of lower-case components
+# separated by "/". It is what keeps `../x`, `/abs`, `UPPER` and `a:b:c` out of the store's names.
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
+#: Docker's NameTotalLengthMax: the name (without the tag) is at most this long.
+NAME_MAX = 255
+
+
 def parse_reference(reference: str) -> str:
-    """``name`` or ``name:tag`` -> ``name:tag`` (the tag defaults to ``latest``), checked for sanity."""
-    name, _, tag = reference.rpartition(":") if ":" in reference.rsplit("/", 1)[-1] else (reference, "", "")
-    tag = tag or "latest"
-    if not name or any(c.isspace() or c == "\0" for c in reference) or name.startswith("-"):
-        raise ImageError(f"{reference!r} is not an image name", "use NAME or NAME:TAG, e.g. myimage:1.0")
+    """``name`` or ``name:tag`` -> ``name:tag`` (the tag defaults to ``latest``), checked against Docker's
+    reference grammar: lower-case path components (``[a-z0-9]+`` joined by ``.``, ``_``, ``__`` or
+    dashes) separated by ``/``, an optional registry ``host[:port]/`` first, a tag of at most 128 of
+    ``[A-Za-z0-9_.-]`` not starting with ``.`` or ``-``, and at most 255 characters of name. Every
+    command that takes an image name (``build -t``, ``import``, ``run``, ``rmi``) goes through here."""
+    def refuse(problem: str, hint: str = "use NAME or NAME:TAG, e.g. myimage:1.0") -> ImageError:
+        shown = reference if len(reference) <= 80 else reference[:77] + "..."
+        return ImageError(f"{shown!r} is not an image name: {problem}", hint)
+
+    if not isinstance(reference, str) or not reference:
+        raise refuse("it is empty")
+    if "@" in reference:
+        raise refuse("stages names images by NAME[:TAG], not by @digest",
+                     "use the name, or the image id that `stages images` shows")
+    last = reference.rsplit("/", 1)[-1]
+    name, _, tag = reference.rpartition(":") if ":" in last else (reference, "", "latest")
+    if not tag:
+        raise refuse("the tag after ':' is empty", "write NAME:TAG, e.g. myimage:1.0, or leave ':' out")
+    if not _TAG.fullmatch(tag):
+        raise refuse(f"the tag {tag[:40]!r} is not 1 to 128 letters, digits, '_', '.' or '-' (not starting "
+                     "with '.' or '-')", "use a tag such as latest, 1.0 or v2_test")
+    if not name:
+        raise refuse("the name before ':' is empty")
+    if len(name) > NAME_MAX:
+        raise refuse(f"the name is {len(name)} characters long, more than Docker's {NAME_MAX}",
+                     "use a shorter name")
+    components = name.split("/")
+    if any(component in ("", ".", "..") for component in components):
+        raise refuse("it is not a path: an image name has no empty, '.' or '..' parts between '/'s",
+                     "write NAME or PATH/NAME, e.g. lesson/web:1.0")
+    first = components[0]
+    # Docker's rule: the first component is a registry host when it has a '.' or a ':', or is localhost
+    if len(components) > 1 and ("." in first or ":" in first or first == "localhost"):
+        if not _HOST.fullmatch(first):
+            raise refuse(f"{first!r} is not a registry host[:port]", "write registry.example:5000/name:tag")
+        components = components[1:]
+    for component in components:
+        if not _PATH_COMPONENT.fullmatch(component):
+            if component != component.lower() and _PATH_COMPONENT.fullmatch(component.lower()):
+                raise refuse("repository names must be lower case (a tag may have capitals)",
+                             f"write {name.lower()}{reference[len(name):]}")
+            if ":" in component:
+                raise refuse("only the last ':' may separate a tag", "write NAME:TAG, e.g. myimage:1.0")
+            raise refuse(f"{component[:40]!r} is not lower-case letters and digits joined by '.', '_', "
+                         "'__' or '-'", "use a name such as myimage, my-image or lesson/web_1")
     return f"{name}:{tag}"
 
 
@@ -111,6 +163,7 @@ def resolve(reference: str) -> dict:
         if len(matches) > 1:
             raise ImageError(f"{reference!r} is the start of {len(matches)} image ids",
                              "give more of the id (`stages images` shows them)")
+    parse_reference(reference)  # a name against the grammar is told what is wrong with it
     raise ImageError(f"there is no image {reference!r}",
                      "`stages images` lists them; busybox and host-minimal are built in, "
                      "`stages import FILE NAME` adds one")
