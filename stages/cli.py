@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         # /dev/null so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as error:
+        from stages.runtime import store
+
+        if not store.is_full(error):
+            raise
+        # a full disk is not a bug in stages: one sentence, whichever write found it (each cleans up)
+        print(f"stages {name}: {store.no_space(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ def configure(parser) -> None:
 def run(args) -> int:
     from stages.runtime import engine
 
-    removed = engine.prune()
+    notes: list[str] = []
+    removed = engine.prune(notes=notes)
     for name in removed:
         print(name)
+    for note in notes:
+        print(note)
     print(f"removed {len(removed)} stopped container{'s' if len(removed) != 1 else ''}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def configure(parser) -> None:
     parser.add_argument("-f", "--force", action="store_true", help="kill it first if it runs")
@@ -9,9 +11,18 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
+    """Each container in turn: one that cannot be removed is said and skipped, the others are removed,
+    and the exit code says whether all were (as ``docker rm``)."""
+    from stages.errors import StagesError
     from stages.runtime import engine
 
+    failed = 0
     for name in args.containers:
-        engine.remove(name, force=args.force)
+        try:
+            engine.remove(name, force=args.force)
+        except StagesError as error:
+            print(f"stages rm: {error}", file=sys.stderr)
+            failed += 1
+            continue
         print(name)
-    return 0
+    return 1 if failed else 0

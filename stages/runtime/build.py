@@ -804,7 +804,7 @@ class Builder:
     def __init__(self, context: Path, steps: list[Step], build_args: dict[str, str], out):
         self.context, self.steps, self.build_args, self.out = context, steps, build_args, out
         self.patterns = ignore_patterns(context)
-        self.work = Path(tempfile.mkdtemp(dir=store.images_dir() / "tmp", prefix="build."))
+        self.work = store.scratch("build.")  # with an owner file: `stages prune` removes it if we are killed
         self.created: list[Path] = []
         self.state: State | None = None
         self.pre_args: dict[str, str] = {}

@@ -39,11 +39,7 @@ START_TIMEOUT = 60.0
 def oci_root(base: Path | None = None) -> str:
     """The low-level runtime's state root: ``$STAGES_RUN/oci`` when set (tests), else the runtime's own
     default (``$STAGES_OCI_ROOT`` or /run/stages/oci)."""
-    from stages.runtime.oci.statefile import root_directory
-
-    if os.environ.get("STAGES_RUN"):
-        return os.path.join(os.environ["STAGES_RUN"], "oci")
-    return root_directory(None)
+    return containers.oci_root()
 
 
 def network_manager(base: Path | None = None, record: StepRecord | None = None):
@@ -283,7 +279,7 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         code = oci.wait(container_id, root=root)
         # The init ends as its command did; the setup process passes that on (a signal as -N)
         exit_code = 128 - code if code is not None and code < 0 else code
-        containers.update(container_id, base, exit_code=exit_code,
+        containers.update(container_id, base, use_reserve=True, exit_code=exit_code,
                           oom_killed=_oom_killed(container_id, root, exit_code))
     return exit_code
 
@@ -337,7 +333,8 @@ def _finish(container_id: str, base: Path | None, record: StepRecord | None = No
     if mark_stopped and current is not None and not (current.get("status") == "stopped"
                                                      and current.get("finished")):
         with contextlib.suppress(StagesError):  # (the second call, from `stages rm`, has nothing to add)
-            containers.update(container_id, base, status="stopped", finished=containers.now())
+            containers.update(container_id, base, use_reserve=True, status="stopped",
+                              finished=containers.now())
 
 
 def run(options: Options, *, base: Path | None = None, record: StepRecord | None = None,
@@ -349,28 +346,158 @@ def run(options: Options, *, base: Path | None = None, record: StepRecord | None
     if options.detach:
         return start_detached(info, base, record), None
     started = []
+    # If this process dies (SIGKILL), the watcher finishes what it started: see watch().
+    watcher = _start_watcher(info["id"], base, info.get("monitor_started"))
     try:
-        with _proxy_signals(info["id"], base):
-            # a container that stays (no --rm) keeps its output for `stages logs`, as a detached one does
-            code = execute(info["id"], base=base, stdio=stdio, record=record, on_running=started.append,
-                           keep_output=not options.remove)
-    except OSError as error:
-        # The runtime raises the kernel's own error for a step that failed (its message names the step)
-        if not started:
-            with contextlib.suppress(StagesError):
-                remove(info["id"], force=True, base=base)
-        raise StagesError(f"the container could not be run: {error.strerror or error}",
-                          "run it again with --explain to see the step that failed") from error
-    except BaseException:
-        # A container that never ran is not kept (Docker would keep it as "Created"): nothing is left
-        # behind by a run that failed halfway, or by Ctrl-C.
-        if options.remove or not started:
-            with contextlib.suppress(StagesError):
-                remove(info["id"], force=True, base=base)
-        raise
-    if options.remove:
-        remove(info["id"], force=True, base=base)
+        try:
+            with _proxy_signals(info["id"], base):
+                # a container that stays (no --rm) keeps its output for `stages logs`, as a detached one
+                code = execute(info["id"], base=base, stdio=stdio, record=record,
+                               on_running=started.append, keep_output=not options.remove)
+        except OSError as error:
+            # The runtime raises the kernel's own error for a step that failed (its message names it)
+            if options.remove or not started:
+                with contextlib.suppress(StagesError):
+                    remove(info["id"], force=True, base=base)
+            from stages.runtime.store import is_full, no_space
+
+            if is_full(error):
+                raise no_space(error) from None
+            raise StagesError(f"the container could not be run: {error.strerror or error}",
+                              "run it again with --explain to see the step that failed") from error
+        except BaseException:
+            # A container that never ran is not kept (Docker would keep it as "Created"): nothing is left
+            # behind by a run that failed halfway, or by Ctrl-C.
+            if options.remove or not started:
+                with contextlib.suppress(StagesError):
+                    remove(info["id"], force=True, base=base)
+            raise
+        if options.remove:
+            remove(info["id"], force=True, base=base)
+    finally:
+        watcher.stop()
     return info, code
+
+
+# -- when the client of a foreground run dies -------------------------------------------------------
+# A foreground `stages run` is its container's monitor: the setup process is its child, it waits, it
+# releases, and with --rm it removes. Killed (SIGKILL: nothing of it runs any more), nobody would: the
+# container would run on unwatched, an init waiting on exec.fifo would wait for ever, and the record, the
+# cgroup and the overlay mount would stay. docker run leaves that to the daemon, which owns the container;
+# here a small *watcher* does it: forked before the container is created, in a session of its own, it
+# holds nothing of the client's (its stdio is /dev/null) and waits on a pidfd of the client
+# (pidfd_open(2): readable once that process has ended). When the client ends normally it kills the
+# watcher; when the client dies first, the watcher becomes the monitor.
+class _Watcher:
+    def __init__(self, pid: int = 0, popen=None):
+        self.pid, self.popen = pid, popen
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            self.popen.kill()
+            self.popen.wait()
+        elif self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+def _start_watcher(container_id: str, base: Path | None, client_started: int | None) -> _Watcher:
+    """The watcher of this process's foreground container: forked when this process is single-threaded,
+    else a fresh ``python -m stages.runtime.monitor --watch`` (as for the monitor, fork(2) copies one
+    thread only)."""
+    client = os.getpid()
+    if _single_threaded():
+        pid = os.fork()
+        if pid == 0:
+            try:
+                import gc
+
+                gc.disable()
+                _detach_from_caller()
+                if base is not None:
+                    os.environ["STAGES_HOME"] = str(base)
+                watch(client, client_started, container_id, base)
+            finally:
+                os._exit(0)
+        return _Watcher(pid)
+    import subprocess
+
+    env = dict(os.environ)
+    if base is not None:
+        env["STAGES_HOME"] = str(base)
+    return _Watcher(popen=subprocess.Popen(
+        [sys.executable, "-m", "stages.runtime.monitor", "--watch", str(client), str(client_started),
+         container_id], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env=env, close_fds=True))
+
+
+def _detach_from_caller() -> None:
+    """In a forked helper: a session of its own (no Ctrl-C, no SIGHUP from the terminal), /dev/null as
+    stdio and nothing else of the caller's open (a pipe held open would keep `stages run | cat` going)."""
+    os.setsid()
+    for number in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(number, signal.SIG_IGN)
+    nothing = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(nothing, target)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+
+
+def _wait_for_end(pid: int, started: int | None) -> None:
+    """Until process ``pid`` (the one that started at ``started``) has ended: a pidfd (pidfd_open(2)),
+    which works for any process, not only a child; else a look every 50 ms."""
+    import select
+
+    from stages.runtime.oci.statefile import alive
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        fd = None
+    try:
+        while alive(pid, started):  # (after the open: the pidfd is of the right process, or of none)
+            if fd is not None:
+                select.select([fd], [], [])
+            else:
+                time.sleep(0.05)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def watch(client: int, client_started: int | None, container_id: str, base: Path | None = None) -> None:
+    """Wait for the foreground run ``client``; if it dies before it ends its container's life, become its
+    monitor: wait for the container to end, release what it held, and remove it with --rm (or if it never
+    ran: a run that failed halfway keeps nothing)."""
+    _wait_for_end(client, client_started)
+    try:
+        info = containers.read(container_id, base)
+    except StagesError:
+        return  # removed (the run ended), or damaged: `stages rm -f` is the way then
+    if info.get("monitor_pid") != client:
+        return  # `stages start` has claimed it since
+    remove_it = bool(info.get("options", {}).get("remove"))
+    if info.get("status") == "stopped" and info.get("finished"):
+        if remove_it:  # the client died while removing it
+            with contextlib.suppress(StagesError, OSError):
+                remove(container_id, force=True, base=base)
+        return
+    # the monitor now: `stages ps` says Up while it runs, and `stages prune` leaves it alone
+    with contextlib.suppress(StagesError):
+        info = containers.update(container_id, base, monitor_pid=os.getpid(),
+                                 monitor_started=_start_time(os.getpid()))
+    state = containers.runtime_state(container_id) or {}
+    if containers.runtime_status(container_id) == "running":
+        _wait_for_end(state["pid"], (state.get("stages") or {}).get("init_started"))
+    # created, or still being created: nothing will start it now (its init would wait on exec.fifo for
+    # ever); oci.delete in _finish kills it, and its setup process
+    with contextlib.suppress(StagesError, OSError):
+        _finish(container_id, base)
+    if remove_it or not info.get("started"):
+        with contextlib.suppress(StagesError, OSError):
+            remove(container_id, force=True, base=base)
 
 
 def start(name: str, *, attach: bool = False, base: Path | None = None, record: StepRecord | None = None,
@@ -606,14 +733,20 @@ def _error_class(name: str) -> type:
 # -- the other verbs ------------------------------------------------------------------------------------
 def wait_stopped(container_id: str, timeout: float | None, base: Path | None = None) -> bool:
     """Wait until the container is stopped (its monitor recorded it); whether it is."""
+    def current() -> dict:
+        try:
+            return containers.lookup(container_id, base)
+        except containers.NoSuchContainerError:  # removed by its monitor (--rm): stopped, and done
+            return {"id": container_id, "status": "stopped"}
+
     deadline = None if timeout is None else time.monotonic() + timeout
-    while containers.status(containers.read(container_id, base)) != "stopped":
+    while containers.status(current()) != "stopped":
         if deadline is not None and time.monotonic() > deadline:
             return False
         time.sleep(0.02)
     # the monitor records the exit code, then releases; wait for it to finish that
     while containers.process_alive(*(lambda r: (r.get("monitor_pid"), r.get("monitor_started")))(
-            containers.read(container_id, base))):
+            current())):
         if deadline is not None and time.monotonic() > deadline + 10:
             break
         time.sleep(0.02)
@@ -644,12 +777,17 @@ def stop(name: str, timeout: float = 10.0, base: Path | None = None) -> dict:
         with contextlib.suppress(StagesError, ProcessLookupError):
             oci.kill(info["id"], signal.SIGKILL, root=oci_root(base))
         wait_stopped(info["id"], 10.0, base)
-    return containers.read(info["id"], base)
+    try:
+        return containers.lookup(info["id"], base)
+    except containers.NoSuchContainerError:
+        return dict(info, status="stopped", removed=True)  # --rm: its monitor removed it
 
 
 def remove(name: str, force: bool = False, base: Path | None = None) -> dict:
     """``stages rm``: a stopped container's overlay mount, upper directory, cgroup, veth and record.
-    ``force`` kills a running one first."""
+    ``force`` kills a running one first. A container whose record is damaged is removed by its ID all
+    the same (what runs is found in the OCI runtime's state). Nothing is written before everything is
+    deleted, so that ``rm`` frees space on a full disk."""
     info = containers.find(name, base)
     if containers.status(info) != "stopped":
         if not force:
@@ -659,34 +797,72 @@ def remove(name: str, force: bool = False, base: Path | None = None) -> dict:
             with contextlib.suppress(StagesError, ProcessLookupError):
                 kill(info["id"], "KILL", base)
             wait_stopped(info["id"], 10.0, base)
-    _finish(info["id"], base)
-    overlay.remove_tree(containers.directory(info["id"], base))
+    _finish(info["id"], base, mark_stopped=False)
+    where = containers.directory(info["id"], base)
+    # out of sight in one rename(2) first, so that nobody lists a half-removed container as damaged
+    going = where.with_name(f".removing-{info['id']}")
+    try:
+        os.rename(where, going)
+    except OSError:
+        going = where
+    overlay.remove_tree(going)
+    if ((base or containers.home()) / "network").is_dir():
+        # again, now that there is room: on a full disk the network state could not be written above
+        with contextlib.suppress(StagesError, OSError):
+            network_manager(base, StepRecord()).detach(info["id"])
     return info
 
 
-def prune(base: Path | None = None) -> list[str]:
+def prune(base: Path | None = None, notes: list[str] | None = None) -> list[str]:
     """``stages prune``: remove every stopped container, and whatever a crashed run left (a runtime
-    state, a cgroup, a veth, an overlay mount nobody owns). Returns the names removed."""
+    state, a cgroup, a veth, an overlay mount nobody owns, a killed build's scratch directory). Returns
+    the names removed; ``notes`` receives a sentence for everything else it did or left alone.
+
+    A container whose record is damaged is left as it is, running or not (its upper directory may be
+    all someone has of its work): a note says so, and how to remove it."""
     from stages.runtime import oci
 
+    notes = notes if notes is not None else []
     removed = []
     for info in containers.all_records(base):
-        if containers.status(info) == "stopped":
-            remove(info["id"], force=True, base=base)
-            removed.append(info["name"])
-    live = {info["id"] for info in containers.all_records(base)}
+        if info.get("damaged"):
+            running = containers.status(info) != "stopped"
+            notes.append(f"left container {info['id']} alone{' (it runs)' if running else ''}: its record "
+                         f"{info['damaged'].split(' ', 1)[1]}: `stages rm -f {info['id']}` removes it")
+        elif containers.status(info) == "stopped":
+            with contextlib.suppress(containers.NoSuchContainerError):  # (removed meanwhile: by its --rm)
+                remove(info["id"], force=True, base=base)
+                removed.append(info["name"])
     root = oci_root(base)
-    for state in oci.list_containers(root):
+    states = oci.list_containers(root)  # before the records: a record is written before its state
+    top = (base or containers.home()) / "containers"
+    with containers.locked(base):  # no record is half-written while we look (reserve holds the lock)
+        live = {info["id"] for info in containers.all_records(base)}
+        for entry in top.iterdir() if top.is_dir() else []:
+            if entry.name.startswith(".removing-"):
+                overlay.remove_tree(entry)  # an `rm` killed halfway
+            elif not entry.name.startswith(".") and entry.name not in live and entry.is_dir():
+                overlay.remove_tree(entry)  # a directory whose record was never written
+    for state in states:
         if state["id"] not in live:
             with contextlib.suppress(StagesError):
                 oci.delete(state["id"], force=True, root=root)
-    top = (base or containers.home()) / "containers"
-    for entry in top.iterdir() if top.is_dir() else []:
-        if not entry.name.startswith(".") and entry.name not in live:
-            overlay.remove_tree(entry)  # a directory whose record was never written
+                notes.append(f"removed the runtime state and cgroup of {state['id']}, which had no record")
     if ((base or containers.home()) / "network").is_dir():  # never a network touched for nothing
-        with contextlib.suppress(StagesError, OSError):
-            network_manager(base, StepRecord()).prune(live)
+        live = {info["id"] for info in containers.all_records(base)}
+        network = None
+        try:
+            network = network_manager(base, StepRecord())
+            gone = network.prune(live)
+        except (StagesError, OSError) as error:
+            notes.append(f"the network was left as it is: {error}")
+        else:
+            notes.extend(f"removed the veth and address of {cid}, which had no record" for cid in gone)
+        notes.extend(network.notes if network is not None else [])
+    from stages.runtime import store
+
+    notes.extend(f"removed {name}, left by a build or import that was killed"
+                 for name in store.prune_scratch())
     return removed
 
 

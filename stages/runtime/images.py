@@ -123,26 +123,120 @@ def layer_dir(diff_id: str) -> Path:
 
 
 # -- reading the store -------------------------------------------------------------------------------
+REPAIR_HINT = ("`stages images --repair` rebuilds it from the image records (imagedb/): every image stays, "
+               "the built-in ones get their names back, the others are listed by id, <none>")
+
+
 def repositories() -> dict[str, str]:
-    """The name index: ``name:tag`` -> image id (``sha256:...``)."""
-    return store.read_json(store.images_dir() / "repositories.json", {})
+    """The name index: ``name:tag`` -> image id (``sha256:...``). A damaged index is refused with the
+    way to rebuild it (:func:`repair`): a guess at the names could run the wrong image."""
+    path = store.images_dir() / "repositories.json"
+    try:
+        index = store.read_json(path, {})
+    except store.DamagedFileError as error:
+        raise ImageError(f"the image store's name index {path} is damaged ({error.why})",
+                         REPAIR_HINT) from None
+    if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
+        raise ImageError(f"the image store's name index {path} is damaged (not a name -> id table)",
+                         REPAIR_HINT)
+    return index
+
+
+def _damaged(path: Path, why: str) -> dict:
+    """A stand-in for an image whose record (imagedb/HEX.json) is damaged: named by its id (the file's
+    name), with ``"damaged"`` saying what is wrong; ``stages rmi`` removes it."""
+    return {"id": f"sha256:{path.stem}", "config_digest": f"sha256:{path.stem}", "created": "", "size": 0,
+            "layers": [], "damaged": f"its record {path} is {why}"}
 
 
 def _record(image_id: str) -> dict | None:
-    return store.read_json(store.images_dir() / "imagedb" / f"{_hex(image_id)}.json")
+    path = store.images_dir() / "imagedb" / f"{_hex(image_id)}.json"
+    try:
+        record = store.read_json(path)
+    except store.DamagedFileError as error:
+        return _damaged(path, error.why)
+    if record is not None and not _well_formed(record):
+        return _damaged(path, "not an image record")
+    return record
 
 
-def list_images() -> list[dict]:
-    """Every image: ``{"id", "names", "created", "size", "layers": [...], "config_digest"}``, newest first."""
+def _well_formed(record: object) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("id"), str)
+            and isinstance(record.get("config_digest"), str) and isinstance(record.get("layers"), list)
+            and all(isinstance(layer, dict) and {"digest", "diff_id"} <= set(layer)
+                    for layer in record["layers"]))
+
+
+def list_images(problems: list[str] | None = None) -> list[dict]:
+    """Every image: ``{"id", "names", "created", "size", "layers": [...], "config_digest"}``, newest first.
+    An image whose record is damaged is there with ``"damaged"``; ``problems`` (if given) receives a
+    sentence for each damaged file, the name index too (whose names are then left out)."""
     names: dict[str, list[str]] = {}
-    for name, image_id in repositories().items():
+    try:
+        index = repositories()
+    except ImageError as error:
+        if problems is None:
+            raise
+        problems.append(f"{error.message}: {error.hint}")
+        index = {}
+    for name, image_id in index.items():
         names.setdefault(image_id, []).append(name)
     found = []
     for path in sorted((store.images_dir() / "imagedb").glob("*.json")):
-        record = store.read_json(path)
+        record = _record(path.stem)
         if record:
             found.append({**record, "names": sorted(names.get(record["id"], []))})
+            if record.get("damaged") and problems is not None:
+                short = record["id"].split(":", 1)[1][:12]
+                problems.append(f"image {short}: {record['damaged']}: `stages rmi {short}` removes it "
+                                "(then import or build it again)")
     return sorted(found, key=lambda record: record.get("created", ""), reverse=True)
+
+
+def _healthy(image: dict) -> dict:
+    """``image``, unless its record is damaged: then an error that says how to get it back."""
+    if image.get("damaged"):
+        short = image["id"].split(":", 1)[1][:12]
+        raise ImageError(f"the image {short} cannot be used: {image['damaged']}",
+                         f"remove it with `stages rmi {short}`, then import or build it again")
+    return image
+
+
+def repair() -> list[str]:
+    """``stages images --repair``: rebuild the name index (repositories.json) when it is damaged, from the
+    image records; drop the names of images that are gone. Returns what was done, one line each."""
+    with store.locked() as top:
+        path = top / "repositories.json"
+        done = []
+        try:
+            index = repositories()
+        except ImageError as error:
+            kept = path.with_name(f"repositories.json.damaged-{_now()}")
+            os.replace(path, kept)
+            done.append(f"{error.message}: kept as {kept.name}")
+            index = {}
+            for image in list_images():
+                if image.get("damaged"):
+                    continue
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    said = " ".join(entry.get("created_by", "") for entry in config_of(image).get("history"))
+                    for plain, source in BUILTIN.items():
+                        if f"stages rootfs --source {source} (built in)" in said:
+                            index[f"{plain}:latest"] = image["id"]
+                            done.append(f"named {image['id'][:19]} {plain}:latest again (it is built in)")
+        for name, image_id in sorted(index.items()):
+            if _record(image_id) is None:
+                del index[name]
+                done.append(f"dropped the name {name}: its image {image_id[:19]} is gone")
+        if done:
+            store.write_json(path, index)
+            unnamed = [image["id"][:19] for image in list_images() if not image["names"]]
+            if unnamed:
+                done.append(f"{len(unnamed)} image(s) have no name now: run them by id, or import/build them "
+                            "again to name them")
+        else:
+            done.append("the name index is whole: nothing to repair")
+    return done
 
 
 def resolve(reference: str) -> dict:
@@ -153,7 +247,7 @@ def resolve(reference: str) -> dict:
     repos = repositories()
     with contextlib.suppress(ImageError):
         name = parse_reference(reference)
-        if name in repos and (record := _record(repos[name])):
+        if name in repos and (record := _record(repos[name])):  # (a name of a removed image: no image)
             return {**record, "names": sorted(n for n, i in repos.items() if i == record["id"])}
     prefix = _hex(reference.lower())
     if len(prefix) >= 4 and all(c in "0123456789abcdef" for c in prefix):
@@ -171,8 +265,18 @@ def resolve(reference: str) -> dict:
 
 def config_of(image: dict) -> dict:
     """The image's whole config JSON (the OCI image config, with ``config``, ``rootfs``, ``history``)."""
-    with open(blob_path(image["config_digest"])) as handle:
-        return json.load(handle)
+    path = blob_path(_healthy(image)["config_digest"])
+    short = image["id"].split(":", 1)[1][:12]
+    try:
+        config = store.read_json(path)
+    except store.DamagedFileError as error:
+        raise ImageError(f"the config of image {short} ({path}) is damaged ({error.why})",
+                         f"remove it with `stages rmi {short}`, then import or build it again") from None
+    if not isinstance(config, dict):
+        raise ImageError(f"the config of image {short} ({path}) is "
+                         f"{'missing' if config is None else 'not an image config'}",
+                         f"remove it with `stages rmi {short}`, then import or build it again")
+    return config
 
 
 def get(reference: str) -> dict:
@@ -188,7 +292,7 @@ def get(reference: str) -> dict:
 
 def layer_dirs(image: dict) -> list[str]:
     """The image's unpacked layers, lowest first (overlayfs wants them the other way: ``lowerdir=top:..``)."""
-    return [str(layer_dir(layer["diff_id"])) for layer in image["layers"]]
+    return [str(layer_dir(layer["diff_id"])) for layer in _healthy(image)["layers"]]
 
 
 def resolve_for_engine(reference: str) -> dict:
@@ -275,7 +379,8 @@ def _commit(config: dict, layers: list[dict], names: list[str]) -> dict:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(body)
             os.replace(temporary, target)
-        record = _record(image_id) or {
+        existing = _record(image_id)  # (a damaged record is written anew: the import repairs it)
+        record = existing if existing and not existing.get("damaged") else {
             "id": image_id, "config_digest": image_id, "created": config.get("created") or _now(),
             "layers": layers, "size": sum(layer["size"] for layer in layers)}
         store.write_json(top / "imagedb" / f"{_hex(image_id)}.json", record)
@@ -300,9 +405,7 @@ def _clean_config(raw: dict, created_by: str) -> dict:
 def _workspace():
     """A scratch directory in the store (same filesystem: layers rename(2) into place), and the list of
     blobs and layers added; on failure (or Ctrl-C) those no image uses are removed, and the scratch always."""
-    import tempfile
-
-    work = Path(tempfile.mkdtemp(dir=store.images_dir() / "tmp", prefix="import."))
+    work = store.scratch("import.")  # with an owner file: `stages prune` removes it if we are killed
     created: list[Path] = []
     try:
         yield work, created
@@ -541,9 +644,14 @@ def in_use(image_id: str) -> list[str]:
 
 def remove(reference: str, force: bool = False) -> list[str]:
     """``stages rmi``: untag ``reference``; when no name is left (or it was given by id), delete the image
-    and every blob and layer no other image uses. Refused while a container uses the image.
+    and every blob and layer no other image uses. Refused while a container uses the image: one whose
+    record names it, or one whose record is damaged and whose overlay mount has one of the layers that
+    would go (or whose layers cannot be learnt: then it is refused, with a sentence).
 
-    Returns what was done, one line each ("untagged NAME", "deleted sha256:...").
+    On a full disk it still frees space: the image's record, blobs and layers are deleted before the
+    name index is written. An image whose record is damaged is removed with its names (its layers,
+    which only its record listed, stay). Returns what was done, one line each ("untagged NAME",
+    "deleted sha256:...").
     """
     done: list[str] = []
     with store.locked() as top:
@@ -560,25 +668,51 @@ def remove(reference: str, force: bool = False) -> list[str]:
         doomed = [by_name] if by_name and not force else [n for n, i in repos.items() if i == image["id"]]
         for name in doomed:
             del repos[name]
-            done.append(f"untagged {name}")
-        store.write_json(top / "repositories.json", repos)
         if any(i == image["id"] for i in repos.values()):
-            return done
-        (top / "imagedb" / f"{_hex(image['id'])}.json").unlink()
+            store.write_json(top / "repositories.json", repos)  # only untagged: nothing to delete
+            return [f"untagged {name}" for name in doomed]
         keep_blobs, keep_layers = set(), set()
         for other in list_images():
-            keep_blobs.add(other["config_digest"])
-            keep_blobs.update(layer["digest"] for layer in other["layers"])
-            keep_layers.update(layer["diff_id"] for layer in other["layers"])
+            if other["id"] != image["id"]:
+                keep_blobs.add(other["config_digest"])
+                keep_blobs.update(layer["digest"] for layer in other["layers"])
+                keep_layers.update(layer["diff_id"] for layer in other["layers"])
+        going = [layer["diff_id"] for layer in image["layers"] if layer["diff_id"] not in keep_layers]
+        _refuse_if_a_damaged_container_stands_on(reference, {os.path.realpath(layer_dir(d)) for d in going})
+        (top / "imagedb" / f"{_hex(image['id'])}.json").unlink()
         for digest in [image["config_digest"], *(layer["digest"] for layer in image["layers"])]:
             if digest not in keep_blobs:
                 with contextlib.suppress(FileNotFoundError):
                     blob_path(digest).unlink()
-        for layer in image["layers"]:
-            if layer["diff_id"] not in keep_layers:
-                shutil.rmtree(layer_dir(layer["diff_id"]), ignore_errors=True)
-        done.append(f"deleted {image['id']}")
+        for diff_id in going:
+            shutil.rmtree(layer_dir(diff_id), ignore_errors=True)
+        # the index last: there is room for it now, and a name left by a crash before it names no image
+        # (resolve() finds nothing, `stages images --repair` drops it)
+        store.write_json(top / "repositories.json", repos)
+        done += [f"untagged {name}" for name in doomed]
+        done.append(f"deleted {image['id']}" + (" (its record was damaged: the layers only it listed "
+                                                "stay, as nothing says which they are)"
+                                                if image.get("damaged") else ""))
     return done
+
+
+def _refuse_if_a_damaged_container_stands_on(reference: str, going: set[str]) -> None:
+    """A container whose record is damaged cannot say which image it uses; its overlay mount can (the
+    lower directories in /proc/self/mountinfo). Refuse to delete a layer one of them stands on, or when
+    one of them has no mount to tell by (it is not running here): when in doubt, nothing is deleted."""
+    if not going:
+        return  # no layer goes: what a container stands on stays
+    from stages.runtime import containers
+
+    for container_id, layers in containers.damaged_layers().items():
+        if layers is None:
+            raise ImageError(f"the record of container {container_id} is damaged, so stages cannot tell "
+                             f"whether it uses the layers of {reference}",
+                             f"remove that container first (stages rm -f {container_id}), then rmi again")
+        if going & {os.path.realpath(layer) for layer in layers}:
+            raise ImageError(f"the image {reference} is used by the container {container_id} (its record "
+                             "is damaged, but its overlay mount stands on the image's layers)",
+                             f"remove it first: stages rm -f {container_id}")
 
 
 __all__ = ["ImageError", "import_archive", "ensure_builtin", "resolve", "get", "list_images", "flatten",

@@ -11,8 +11,10 @@ it dies, ``stages ps`` says so (stopped, exit code unknown) and ``stages prune``
 
 ``run -d`` forks the monitor from itself (fork(2): no second Python to start, nothing imported twice);
 a caller with threads, which must not fork, starts ``python -m stages.runtime.monitor ID [READY_FD]``
-instead. Either way the monitor writes one byte into the *ready* pipe once the container runs, so that
-``run -d`` returns at that moment rather than at its next look at the record.
+instead (and ``python -m stages.runtime.monitor --watch PID STARTED ID`` is the watcher of a foreground
+run, :func:`stages.runtime.engine.watch`, for such a caller). Either way the monitor writes one byte
+into the *ready* pipe once the container runs, so that ``run -d`` returns at that moment rather than at
+its next look at the record.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from stages.steps import StepRecord
 def main(argv: list[str], ready: int | None = None) -> int:
     """Create, start and wait for the container ``argv[0]``; ``ready`` (or ``argv[1]``) is the write end
     of the ready pipe, if any."""
+    if argv[:1] == ["--watch"]:  # a foreground run's watcher, for a caller with threads (engine.watch)
+        client, started, container_id = argv[1:4]
+        engine.watch(int(client), None if started == "None" else int(started), container_id)
+        return 0
     container_id = argv[0]
     if ready is None and len(argv) > 1:
         ready = int(argv[1])

@@ -168,6 +168,10 @@ def _netns_inode(path: str) -> int:
     return os.stat(path).st_ino
 
 
+class _DamagedStateError(NetworkError):
+    """The network's state file is there but is not JSON: what it described must be found by name."""
+
+
 # == the manager ====================================================================================
 class NetworkManager:
     """The network of the containers on one bridge of one host.
@@ -222,6 +226,8 @@ class NetworkManager:
         active = steps_module.current()  # compared with None: an empty record is falsy (it has a len)
         self.record = record if record is not None else active if active is not None else \
             steps_module.StepRecord("network")
+        self.notes: list[str] = []  # what prune() did beyond the containers it names
+        self._written: str | None = None  # the state as the file has it (nothing rewritten for nothing)
 
     # -- where things are ------------------------------------------------------------------------
     @property
@@ -271,20 +277,30 @@ class NetworkManager:
         except FileNotFoundError:
             state = {}
         except ValueError:
-            raise NetworkError(f"{self.state_file} is not valid JSON",
-                               "remove it (the network state is rebuilt as containers start)") from None
+            state = None
+        if not isinstance(state, dict) or not isinstance(state.get("bridges", {}), dict) \
+                or not isinstance(state.get("containers", {}), dict):
+            raise _DamagedStateError(f"{self.state_file} is damaged (not the network's state)",
+                                     "`stages prune` removes the bridge and firewall rules it described, "
+                                     "found by their names, once no container is on the bridge")
         state.setdefault("bridges", {})
         state.setdefault("containers", {})
+        self._written = json.dumps(state, sort_keys=True)
         return state
 
     def _save(self, state: dict) -> None:
+        text = json.dumps(state, sort_keys=True)
+        if text == self._written:
+            return  # unchanged: nothing written (a full disk must not stop a detach that changes nothing)
         if not state["bridges"] and not state["containers"] and "ip_forward_was" not in state:
             with contextlib.suppress(FileNotFoundError):
                 self.state_file.unlink()
+            self._written = text
             return
         from stages.runtime.store import write_json
 
         write_json(self.state_file, state)  # rename(2) is atomic: readers see old or new, never half
+        self._written = text
 
     # -- recording -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -721,13 +737,48 @@ class NetworkManager:
         ``live_ids`` must name every container that exists, including one being created right now:
         prune cannot tell a container that is starting from one that is gone."""
         live = set(live_ids)
-        with self._locked() as state:
-            gone = sorted(cid for cid in state["containers"] if cid not in live)
-            for container_id in gone:
-                self._detach(state, container_id)
-            for bridge in list(state["bridges"]):
-                self._remove_bridge_if_unused(state, bridge)
+        try:
+            with self._locked() as state:
+                gone = sorted(cid for cid in state["containers"] if cid not in live)
+                for container_id in gone:
+                    self._detach(state, container_id)
+                for bridge in list(state["bridges"]):
+                    self._remove_bridge_if_unused(state, bridge)
+        except _DamagedStateError:
+            self._prune_by_names(live)
+            return []
         return gone
+
+    def _prune_by_names(self, live: set[str]) -> None:
+        """prune() when the state file is damaged: find what it described by name. The veths on our
+        bridge (if none of them is a living container's), then the bridge, its nft chains (the table
+        with the last of them) and its tagged iptables rules. The damaged file is kept beside, renamed:
+        what it said about the host's forwarding before stages (``ip_forward_was``) is lost with it."""
+        if self.host_netns and not os.path.exists(self.host_path):
+            return  # the stand-in host is gone, and everything in it
+        with open(self.directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self.state_file.exists():
+                return  # another prune did it meanwhile
+            with _rtnetlink(self.host_path) as ipr:
+                bridges = ipr.link_lookup(ifname=self.bridge)
+                on_bridge = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+                             if bridges and link.get_attr("IFLA_MASTER") == bridges[0]]
+                living = sorted({veth_name(cid) for cid in live if _CONTAINER_ID.match(cid)} & set(on_bridge))
+                if living:
+                    raise NetworkError(f"{self.state_file} is damaged, and containers are still on the "
+                                       f"bridge {self.bridge} ({', '.join(living)})",
+                                       "remove them (stages rm -f), then prune again")
+                for name in on_bridge:
+                    self._delete_link(ipr, name)
+            self._delete_rules(self._tag_bridge(self.bridge), self.firewall, bridge=self.bridge)
+            if bridges:
+                self._delete_host_link(self.bridge)
+            kept = self.state_file.with_name(self.state_file.name + ".damaged")
+            os.replace(self.state_file, kept)
+            self.notes.append(f"{self.state_file} was damaged: removed by name the bridge {self.bridge}, "
+                              f"{len(on_bridge)} veth(s) on it and its firewall rules; the file is kept as "
+                              f"{kept.name}")
 
 
 def _hint(code: int) -> str:
