@@ -20,6 +20,17 @@ splits the file into instructions (continuation lines, comments, the escape dire
 - ``COPY``/``ADD`` ``--chown=USER[:GROUP]`` (numbers, or names looked up in the stage's /etc/passwd and
   /etc/group) and ``--chmod=OCTAL`` set the owner and mode of what they copy.
 
+Each RUN runs under limits, in its container's cgroup: :data:`DEFAULT_PIDS_LIMIT` processes at once
+(``--pids-limit``) and :func:`default_memory` (``--memory``), so that a fork bomb or a runaway allocation
+in a Containerfile ends inside the build, not in the host's process table or memory.
+
+The file is read as Docker reads it: the words of ARG, ENV, LABEL, ADD, COPY, EXPOSE, FROM, USER and
+WORKDIR by BuildKit's shell-word rules (:func:`substitute`), the ignore file by Docker's pattern rules
+(:func:`ignored`), image names by Docker's reference grammar (:func:`stages.runtime.images.parse_reference`).
+Where Docker would guess (a ``[`` that starts a CMD but is not JSON, an ignore pattern Go cannot read),
+stages build refuses, with the line and what is wrong: what Docker does then only fails later, with a
+puzzling message.
+
 The cache: each step's key is the digest of the key before it (the base image's id first), the step's
 text after ARG/ENV substitution, and the digest of the files it copies; a step whose key is known and
 whose layer is still in the store is skipped ("--> cache hit"), as buildah does. A stage's first key is
