@@ -149,8 +149,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def python() -> str:
-    """An absolute interpreter path (the pyenv shim costs ~120 ms a start)."""
-    return os.path.realpath(sys.executable)
+    """An absolute interpreter path (the pyenv shim costs ~120 ms a start): the test's own, not the one its
+    symlink leads to, which would leave the virtualenv (and import stages from the current directory, or
+    not at all, as in workshop.sh's runs on the other Pythons)."""
+    return os.path.abspath(sys.executable)
 
 
 @pytest.fixture(scope="session")

@@ -226,13 +226,22 @@ def test_a_state_directory_on_a_noexec_filesystem_fails(tmp_path, monkeypatch):
 
 
 def test_the_init_check_names_the_init_a_run_will_use(tmp_path, monkeypatch):
-    """In this source tree no init is prebuilt: the first run compiles init.c (the doctor test-builds it),
-    later runs find the compiled copy, without a compiler a run has no init, and without init.c the
-    install is broken. Each answer is checked against what the runtime really does."""
+    """A prebuilt init (an installed wheel's) is used as it is; without one (a source tree), the first run
+    compiles init.c (the doctor test-builds it), later runs find the compiled copy, without a compiler a
+    run has no init, and without init.c the install is broken. Each answer is checked against what the
+    runtime really does."""
     from stages.runtime import overlay
 
     monkeypatch.setenv("STAGES_HOME", str(tmp_path))
-    assert not overlay.INIT_PREBUILT.exists()
+    prebuilt = tmp_path / "prebuilt" / "stages-init"
+    prebuilt.parent.mkdir()
+    shutil.copy(shutil.which("true"), prebuilt)
+    monkeypatch.setattr(overlay, "INIT_PREBUILT", prebuilt)
+    check = doctor.check_init()
+    assert check.ok and check.detail == f"{prebuilt} (prebuilt when the wheel was built)"
+    assert overlay.init_program(tmp_path) == str(prebuilt)
+    prebuilt.unlink()
+
     compiler = shutil.which("cc") or shutil.which("gcc")
     check = doctor.check_init()
     assert check.ok and f"compiles init.c with {compiler}" in check.detail

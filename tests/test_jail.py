@@ -346,7 +346,7 @@ def test_a_command_on_a_noexec_mount_inside_the_rootfs(scratch_rootfs, python):
 
 
 NOT_ROOT = """
-import os, sys
+import locale, os, sys  # locale: argparse's gettext imports it late, where nobody may not read pyenv's /root
 from stages import cli, jail, rootfs
 import stages.commands.jail
 os.seteuid(65534)  # nobody: the kernel takes root's capabilities away with the effective uid
