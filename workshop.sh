@@ -28,7 +28,8 @@ fi
 
 # -- Debian packages ------------------------------------------------------------------------------
 packages=(busybox-static iproute2 iptables nftables procps util-linux)
-# stage 3's container init (stages/runtime/init.c) is built static on first use: a C compiler, libc.a
+# stage 3's container init (stages/runtime/init.c) is built static (into a wheel, or on first use from
+# a clone): a C compiler, libc.a
 packages+=(gcc libc6-dev)
 if [[ $job == test || $job == setup ]]; then
     # the cgroup v2 VM (tests/vm): QEMU software emulation, debootstrap, the initramfs tools
