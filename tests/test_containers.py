@@ -327,6 +327,10 @@ def test_a_dead_monitor_shows_as_stopped_with_an_unknown_exit_and_prune_cleans_u
     stages("run", "-d", "--name", "orphan", "--network", "none", "busybox", "sleep", "30")
     info = inspect(stages, "orphan")
     os.kill(info["monitor_pid"], signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{info['monitor_pid']}"))
+    # its init still runs: Up (the OCI runtime's state knows its PID and start time), and prune keeps it
+    assert "Up" in stages("ps").stdout and "orphan" not in stages("prune").stdout
+    os.kill(info["pid"], signal.SIGKILL)
     wait_for(lambda: "unknown" in inspect(stages, "orphan")["state"]["description"])
     assert "Exited (unknown: its monitor died)" in stages("ps", "-a").stdout
     assert "orphan" in stages("prune").stdout
@@ -339,10 +343,13 @@ def test_sigkill_of_a_foreground_run_then_prune_leaves_nothing(stages, python):
     process = subprocess.Popen([python, "-m", "stages.cli", "run", "--name", "killed", "--network", "none",
                                 "busybox", "sleep", "30"], env=stages.env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    wait_for(lambda: "killed" in stages("ps").stdout)
+    wait_for(lambda: "Up" in stages("ps").stdout)
     process.kill()
     process.wait()
-    assert "Exited (unknown: its monitor died)" in stages("ps", "-a").stdout
+    # its watcher is its monitor now (engine.watch): it runs on, Up, until it ends or is removed
+    assert "Up" in stages("ps").stdout
+    stages("stop", "-t", "1", "killed")
+    assert "Exited (143)" not in stages("ps", "-a").stdout  # the exit code went with the killed client
     stages("prune")
     assert stages("ps", "-a", "-q").stdout.strip() == ""
     assert not list((stages.home / "containers").glob("*/upper"))
