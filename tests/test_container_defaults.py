@@ -193,9 +193,13 @@ def test_privileged_turns_off_what_contains_root(stages):
     assert "Read-only file system" in default.stderr and " ro," in default.stdout.split("sysfs", 1)[1]
 
 
-def test_privileged_is_explained_in_the_help(stages):
+def test_privileged_is_explained_in_the_help_and_the_record(stages):
     text = " ".join(stages("run", "--help").stdout.split())
     assert "--privileged" in text and "no seccomp filter, no device allowlist" in text
+    explained = run(stages, "--explain", "--privileged", "busybox", "true")
+    assert "# --privileged: every capability, no seccomp filter, no device allowlist" in explained.stderr
+    assert "seccomp" not in explained.stderr.split("--privileged:", 1)[0]  # no filter step before it
+    assert "--privileged" not in run(stages, "--explain", "busybox", "true").stderr
 
 
 # -- 4. masked and read-only /proc paths -------------------------------------------------------------------

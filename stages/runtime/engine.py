@@ -221,6 +221,9 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         config = flags.build_config(options, info["image_config"], str(rootfs), info["args"], init,
                                     info["limits"])
         config["linux"]["cgroupsPath"] = f"stages-{container_id}"
+        turned_off = flags.turned_off(options)
+        if turned_off:
+            record.add(_note(f"# {turned_off}", "a default of Docker's left out, as asked"))
         # /etc/hosts, /etc/hostname, /etc/resolv.conf: the container's own, bound over the image's
         if host_files:
             config["mounts"] += hostfiles.mounts(hostfiles.write(where, config["hostname"], options.network),

@@ -257,6 +257,20 @@ def parse_security_options(options: Options) -> dict | None:
     return profile
 
 
+def turned_off(options: Options) -> str | None:
+    """What ``--privileged`` or ``--security-opt`` took away from Docker's defaults, in a line for the
+    step record (None: nothing)."""
+    if options.privileged:
+        return ("--privileged: every capability, no seccomp filter, no device allowlist (any device node "
+                "opens), nothing of /proc masked or read-only, /sys writable")
+    if _unconfined(options):
+        return "--security-opt seccomp=unconfined: no seccomp filter"
+    custom = [item for item in options.security_opt if item.startswith("seccomp=")]
+    if custom:
+        return f"--security-opt {custom[-1]}: that seccomp profile instead of Docker's"
+    return None
+
+
 def _unconfined(options: Options) -> bool:
     return options.privileged or any(item == "seccomp=unconfined" for item in options.security_opt)
 
