@@ -122,8 +122,11 @@ class RunWatcher:
 
 
 def test_every_run_has_a_pids_and_a_memory_limit_by_default_and_the_flags_set_them(stages, context, home):
-    from stages.isolate.cgroups import machine_memory
+    from stages.isolate.cgroups import detect, machine_memory
 
+    missing = {"pids", "memory"} - set(detect().controllers)
+    if missing:
+        pytest.skip(f"this machine has no {' or '.join(sorted(missing))} controller: the default is none then")
     (context / "Containerfile").write_text("FROM busybox\nRUN sleep 2; echo default\n")
     with RunWatcher(home) as watcher:
         result = stages("build", "-t", "limited", str(context))
@@ -139,6 +142,19 @@ def test_every_run_has_a_pids_and_a_memory_limit_by_default_and_the_flags_set_th
         result = stages("build", "-t", "limited", "--pids-limit", "77", "--memory", "256M", str(context))
     assert result.returncode == 0, result.stdout + result.stderr
     assert watcher.limits.get("pids") in ("77", "78") and watcher.limits.get("memory") == str(256 << 20)
+
+
+def test_a_run_past_its_memory_limit_is_killed_inside_the_build_and_the_build_says_so(stages, context, home):
+    """200 MB held by tail (its last "line" of /dev/zero never ends) under --memory 32M: the kernel's OOM
+    killer ends it in the RUN's own cgroup. (Without a limit it ends by itself, having used 200 MB.)"""
+    (context / "Containerfile").write_text(
+        "FROM busybox\nRUN set -o pipefail; head -c 200000000 /dev/zero | tail -n 1 | wc -c\n")
+    result = stages("build", "-t", "hungry", "--memory", "32M", str(context))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Containerfile line 2: `RUN set -o pipefail;" in result.stderr
+    assert "the kernel's OOM killer ended the command" in result.stderr and "32M of memory" in result.stderr
+    assert "--memory" in result.stderr and "Traceback" not in result.stderr
+    assert "hungry:latest" not in images.repositories() and _left_behind(home) == []
 
 
 @pytest.mark.parametrize("flags, problem", [

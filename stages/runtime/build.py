@@ -824,7 +824,7 @@ class Builder:
         self.stage: Stage | None = None  # the one being built
         self.done: dict[int, State] = {}  # the stages built so far
         self.roots: dict[int | str, Path] = {}  # COPY --from's sources, flattened once per build
-        self.limits = {"pids": DEFAULT_PIDS_LIMIT, "memory": None}  # a RUN's (set by build())
+        self.limits: dict[str, int | None] = {"pids": None, "memory": None}  # a RUN's (set by build())
         self.cache: dict | None = None  # the build cache as it was when it was first needed
         self.remembered: dict[str, dict] = {}  # what this build adds to it (written by save_cache)
 
@@ -1286,7 +1286,8 @@ class Builder:
         # limits: a cgroup with pids.max and a memory limit, so that a fork bomb or a runaway allocation
         # stays inside the RUN (cgroups(7); the kernel's pids and memory controllers)
         options = Options(image=self.state.base["id"], command=args, network=self.network, init=False,
-                          pids_limit=self.limits["pids"], memory=str(self.limits["memory"]))
+                          pids_limit=self.limits["pids"],
+                          memory=None if self.limits["memory"] is None else str(self.limits["memory"]))
         record = {"id": containers.new_id(), "image": f"build step {step.line}",
                   "image_id": self.state.base["id"],
                   "layers": lower, "image_config": config, "args": args, "options": options.to_dict(),
@@ -1307,16 +1308,22 @@ class Builder:
             if code != 0:
                 from stages.isolate.cgroups import format_bytes
 
-                limits = (f"a RUN may have {self.limits['pids']} processes at once and "
-                          f"{format_bytes(self.limits['memory'])} of memory")
-                if code == 137:
-                    raise _error(step, "the command was killed (exit 137, SIGKILL): the kernel's OOM killer "
-                                 f"does that when a RUN reaches its memory limit ({limits})",
+                pids, memory = self.limits["pids"], self.limits["memory"]
+                parts = ([f"{pids} processes at once"] if pids is not None else []) + (
+                    [f"{format_bytes(memory)} of memory"] if memory is not None else [])
+                limits = "a RUN may have " + " and ".join(parts) if parts else "a RUN has no limits here"
+                try:  # (the engine asked the memory cgroup, as Docker does for OOMKilled)
+                    oom_killed = bool(containers.read(info["id"]).get("oom_killed"))
+                except StagesError:
+                    oom_killed = False
+                if oom_killed:
+                    raise _error(step, "the kernel's OOM killer ended the command: it reached the RUN's "
+                                 f"memory limit ({limits})",
                                  "give the build more with --memory, or make the command use less")
                 raise _error(step, f"the command exited with {code}",
                              f"fix the command; try it with: stages run -it IMAGE sh ({limits}: a command "
                              "that cannot fork (\"Resource temporarily unavailable\") needs a larger "
-                             "--pids-limit)")
+                             "--pids-limit, one killed (exit 137) maybe a larger --memory)")
             upper = containers.directory(info["id"]) / "upper"
             blob = self.work / f"run-{info['id']}.tar"
             tar_upper(upper, blob)
@@ -1342,18 +1349,26 @@ def build(context: str | os.PathLike, tag: str, containerfile: str | os.PathLike
     pids.max and memory limit), by default :data:`DEFAULT_PIDS_LIMIT` processes and
     :func:`default_memory` bytes (``memory`` as ``--memory`` takes it: 512M, 2G)."""
     from stages.errors import LimitError
-    from stages.isolate.cgroups import parse_memory, parse_pids
+    from stages.isolate.cgroups import detect, parse_memory, parse_pids
 
     context = Path(context)
     name = images.parse_reference(tag)
     if network not in NETWORKS:
         raise BuildError(f"--network {network!r} is not a network a build can use",
                          "use --network none (the default), bridge or host")
-    limits = {"pids": DEFAULT_PIDS_LIMIT, "memory": None}
-    for flag, given, parser in (("--pids-limit", pids_limit, parse_pids), ("--memory", memory, parse_memory)):
+    limits: dict[str, int | None] = {}
+    available = None
+    for flag, key, given, parser, default in (
+            ("--pids-limit", "pids", pids_limit, parse_pids, lambda: DEFAULT_PIDS_LIMIT),
+            ("--memory", "memory", memory, parse_memory, default_memory)):
+        if given is None:
+            # the default only where this machine has the controller (a limit asked for and impossible
+            # is refused by the runtime, with the reason)
+            available = detect().controllers if available is None else available
+            limits[key] = default() if key in available else None
+            continue
         try:
-            limits["pids" if flag == "--pids-limit" else "memory"] = parser(given) if given is not None else (
-                DEFAULT_PIDS_LIMIT if flag == "--pids-limit" else default_memory())
+            limits[key] = parser(given)
         except LimitError as error:
             raise BuildError(f"{flag} {given}: {error.message}", error.hint) from None
     if not context.is_dir():
