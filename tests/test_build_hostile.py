@@ -126,7 +126,7 @@ def test_every_run_has_a_pids_and_a_memory_limit_by_default_and_the_flags_set_th
 
     missing = {"pids", "memory"} - set(detect().controllers)
     if missing:
-        pytest.skip(f"this machine has no {' or '.join(sorted(missing))} controller: the default is none then")
+        pytest.skip(f"no {' or '.join(sorted(missing))} controller on this machine: no default limit then")
     (context / "Containerfile").write_text("FROM busybox\nRUN sleep 2; echo default\n")
     with RunWatcher(home) as watcher:
         result = stages("build", "-t", "limited", str(context))
