@@ -150,7 +150,7 @@ def _owner_alive(work: Path) -> bool | None:
 
 
 def prune_scratch() -> list[str]:
-    """Remove the scratch directories (images/tmp/*) whose build or import is gone: their owner process
+    """Remove the scratch directories (``images/tmp/*``) whose build or import is gone: their owner process
     died (SIGKILL, a crash), or they have no owner file and are old. Returns their names."""
     import shutil
     import time
