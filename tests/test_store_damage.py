@@ -137,6 +137,20 @@ def test_a_damaged_record_is_listed_kept_by_rmi_and_prune_and_removed_by_rm(stag
     assert stages("ps", "-a", "-q").stdout.strip() == ""
 
 
+def test_rm_f_finds_a_damaged_containers_cgroup_by_name_when_its_runtime_state_is_gone_too(stages, home):
+    import shutil
+
+    container_id = stages("run", "-d", "--network", "none", "busybox", "sleep", "120").stdout.strip()
+    init = inspect(stages, container_id)["pid"]
+    (home / "containers" / container_id / "container.json").write_text("[")
+    shutil.rmtree(Path(stages.env["STAGES_RUN"]) / "oci" / container_id)
+    assert container_id[:12] in stages("ps", "-a").stdout
+    stages("rm", "-f", container_id)
+    wait_for(lambda: not alive(init), 5, "its init killed")
+    assert cgroups_named(f"stages-{container_id}") == []
+    assert mounts_below(home / "containers") == [] and container_dirs(home) == []
+
+
 def test_rmi_refuses_when_a_damaged_records_layers_cannot_be_learnt(stages, home):
     stages("run", "--name", "stopped-one", "--network", "none", "busybox", "true")
     container_id = inspect(stages, "stopped-one")["id"]

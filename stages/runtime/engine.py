@@ -801,6 +801,14 @@ def remove(name: str, force: bool = False, base: Path | None = None) -> dict:
                 kill(info["id"], "KILL", base)
             wait_stopped(info["id"], 10.0, base)
     _finish(info["id"], base, mark_stopped=False)
+    if info.get("damaged"):
+        # its runtime state may be gone too: the cgroup is found by its name (cgroupsPath stages-ID), and
+        # removing it kills what is left in it
+        from stages.errors import CgroupError
+        from stages.isolate.cgroups import Cgroup
+
+        with contextlib.suppress(CgroupError, OSError):
+            Cgroup.open(f"stages-{info['id']}").remove()
     where = containers.directory(info["id"], base)
     # out of sight in one rename(2) first, so that nobody lists a half-removed container as damaged
     going = where.with_name(f".removing-{info['id']}")
