@@ -12,6 +12,8 @@
         iso.mount_proc()                   # mount -t proc proc /proc
         iso.pivot_root()                   # the rootfs becomes /
         print(iso.run(["ps", "ax"]).stdout)    # PID 1 is the holder
+        iso.harden()                       # Docker's defences: /proc/sys read-only, device allowlist,
+                                           # capabilities, no_new_privs, seccomp
     print(iso.record.script())             # the whole sequence, as a person would type it
 
 The namespaces are held by a child process, the *holder* (:mod:`stages.isolate.holder`), never by the
@@ -649,11 +651,19 @@ class Isolate:
         done: dict = {}
         keep = list(DEFAULT_CAPS)
         if self.devices is None:
-            if cgroups.detect().hierarchy("devices").version == 2:
-                keep.remove("mknod")
-                done["devices"] = "cgroup v2: no device allowlist in stage 2, so CAP_MKNOD is dropped instead"
-            else:
+            devices = cgroups.detect().extras.get("devices")
+            if devices is not None and devices.version == 1:
                 done["devices"] = self.limit_devices()
+            else:
+                # cgroup v2's allowlist is a BPF program (stage 3 loads one); without any allowlist a node
+                # made by mknod opens whatever it names, so no node may be made at all
+                keep.remove("mknod")
+                why = ("cgroup v2 has no devices.allow (a BPF program decides, which stage 2 does not build)"
+                       if devices is not None else "this machine has no devices controller")
+                with self.record.step(f"# {why}: CAP_MKNOD goes instead", where="outside",
+                                      what="no device allowlist, so no device node may be made"):
+                    pass
+                done["devices"] = f"{why}, so CAP_MKNOD is dropped instead"
         if self.proc_protected != self.mounted["proc"]:
             done["protect_proc"] = self.protect_proc()
         if self.capabilities is None or set(self.capabilities) - set(keep):

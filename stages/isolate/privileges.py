@@ -8,7 +8,9 @@ takes (capabilities(7), prctl(2) PR_SET_NO_NEW_PRIVS, seccomp(2)):
   setuid program; we keep :data:`DEFAULT_CAPS` (Docker's default list) and drop the rest;
 - *no_new_privs* makes execve(2) never grant anything: setuid bits and file capabilities are ignored;
 - a *seccomp* filter makes chosen system calls fail with EPERM. We build it through libseccomp (ctypes)
-  when the library is installed, and say so clearly when it is not.
+  when the library is installed, and say so clearly when it is not. :data:`HARDENED_DENY` with
+  :data:`NAMESPACE_FLAGS` refuses what Docker's default profile refuses: among them a new user namespace,
+  whose root would hold every capability again (``unshare -U -r``), which no capability stops.
 """
 
 from __future__ import annotations
