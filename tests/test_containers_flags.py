@@ -83,7 +83,7 @@ def test_each_flag_lands_in_its_field(tmp_path):
     resources = config["linux"]["resources"]
     assert resources["memory"]["limit"] == 64 << 20
     assert resources["cpu"] == {"quota": 50_000, "period": 100_000}
-    assert resources["pids"] == {"limit": 21}  # and one for the runtime's setup process
+    assert resources["pids"] == {"limit": 20}
     assert {"destination": "/data", "type": "bind", "source": str(volume),
             "options": ["rbind", "rprivate", "ro"]} in config["mounts"]
 
@@ -100,7 +100,8 @@ def test_each_flag_lands_in_its_field(tmp_path):
     ({"volumes": ["/tmp:/data:rx"]}, StagesError, "is not ro or rw"),
     ({"workdir": "tmp"}, StagesError, "is not an absolute path"),
     ({"env": ["=x"]}, StagesError, "does not name a variable"),
-    ({"pids_limit": 1}, LimitError, "the container's init (PID 1) and the command are two processes"),
+    ({"pids_limit": 2}, LimitError, "the container's init (PID 1) and the command are three processes"),
+    ({"pids_limit": 1, "init": False}, LimitError, "the runtime's setup process and the command are two"),
     ({"hostname": "x" * 65}, StagesError, "the kernel keeps at most 64"),
     ({"hostname": "a b"}, StagesError, "is not a host name"),
     ({"volumes": ["/tmp:/"]}, StagesError, "a volume cannot be mounted on /"),

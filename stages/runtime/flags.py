@@ -172,17 +172,19 @@ def check(options: Options) -> dict:
     if options.cpus is not None:
         limits["cpus"] = parse_cpus(options.cpus)
     if options.pids_limit is not None:
-        # The container's init (PID 1, which reaps and forwards signals) is a process, and so is the
-        # command it starts: with one slot, the init's fork(2) fails with EAGAIN (pids.max). (The runtime's
-        # setup process is not counted: build_config gives it a slot of its own.)
-        needed = 2 if options.init else 1
+        # Every process in the container's cgroup counts (pids.max): the runtime's setup process (it waits,
+        # outside the container's PID namespace, to pass on how PID 1 ended, as unshare --fork does), the
+        # container's init (PID 1, which reaps and forwards signals) and the command. With fewer slots a
+        # fork(2) fails with EAGAIN before the command runs.
+        needed = 3 if options.init else 2
         if int(options.pids_limit) < needed:
-            raise LimitError(f"--pids-limit {options.pids_limit} leaves no room for the command"
-                             + (": the container's init (PID 1) and the command are two processes"
-                                if options.init and int(options.pids_limit) == 1 else ""),
+            counted = ("the runtime's setup process, the container's init (PID 1) and the command are three"
+                       if options.init else "the runtime's setup process and the command are two")
+            raise LimitError(f"--pids-limit {options.pids_limit} leaves no room for the command: {counted} "
+                             "processes in the container's cgroup",
                              f"give {needed} or more, for instance --pids-limit 20"
-                             + (", or run the command as PID 1 itself with --no-init" if options.init
-                                else ""))
+                             + (", or run the command as PID 1 itself with --no-init (then 2 will do)"
+                                if options.init else ""))
         limits["pids"] = int(options.pids_limit)
     if options.hostname is not None:
         check_hostname(options.hostname)
@@ -334,9 +336,7 @@ def build_config(options: Options, image_config: dict, rootfs: str, args: list[s
     if "cpus" in limits:
         resources["cpu"] = {"quota": int(limits["cpus"] * CPU_PERIOD), "period": CPU_PERIOD}
     if "pids" in limits:
-        # one more than asked for: the runtime's setup process waits in the container's cgroup for PID 1
-        # to end (as unshare --fork does), outside its PID namespace; it is ours, not the command's
-        resources["pids"] = {"limit": limits["pids"] + 1}
+        resources["pids"] = {"limit": limits["pids"]}
     linux = config["linux"]
     if options.privileged:
         # Docker's --privileged: every capability (above), no seccomp filter, no device allowlist, nothing
