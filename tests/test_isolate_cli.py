@@ -75,6 +75,7 @@ def test_bad_input_is_one_sentence_and_a_hint_never_a_traceback(python, env, ope
         ((str(open_rootfs), "--publish", "80", "--namespaces", "uts", "--", "true"),
          "need the net namespace"),
         ((str(open_rootfs), "--", "no-such-program"), "cannot run inside"),
+        ((str(open_rootfs), "--harden", "--namespaces", "uts", "--", "true"), "--harden needs the mount"),
     ]:
         result = cli(python, env, *args)
         assert result.returncode != 0

@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
     if (args.net or ports) and "net" not in names:
         raise StagesError("--net and --publish need the net namespace",
                           f"add it: --namespaces {','.join([*names, 'net'])}")
+    if args.harden and "mount" not in names:
+        raise StagesError("--harden needs the mount namespace: it makes the isolate's /proc/sys read-only, "
+                          "which only a mount table of the isolate's own can do",
+                          f"add it: --namespaces {','.join([*names, 'mount'])}")
     from stages import rootfs
 
     def terminated(number, frame):  # SIGTERM: release everything, as for Ctrl-C
