@@ -32,7 +32,7 @@ def run(args) -> int:
                      "" if info.get("damaged") else network.get("address") or network.get("mode") or "",
                      ",".join(p.replace(":", "->") for p in network.get("ports") or []), info["name"]))
     for info in damaged:
-        print(f"stages ps: container {info['id']}: its record {info['damaged'].split(' ', 1)[1]}; "
+        print(f"stages ps: container {info['id']}: its record {info['damaged']}; "
               f"`stages rm -f {info['id']}` removes it", file=sys.stderr)
     if args.quiet:
         return 0

@@ -839,7 +839,7 @@ def prune(base: Path | None = None, notes: list[str] | None = None) -> list[str]
         if info.get("damaged"):
             running = containers.status(info) != "stopped"
             notes.append(f"left container {info['id']} alone{' (it runs)' if running else ''}: its record "
-                         f"{info['damaged'].split(' ', 1)[1]}: `stages rm -f {info['id']}` removes it")
+                         f"{info['damaged']}: `stages rm -f {info['id']}` removes it")
         elif containers.status(info) == "stopped":
             with contextlib.suppress(containers.NoSuchContainerError):  # (removed meanwhile: by its --rm)
                 remove(info["id"], force=True, base=base)
