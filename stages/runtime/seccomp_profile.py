@@ -29,7 +29,7 @@ import errno
 import json
 import os
 
-#: System calls every container may make, whatever its capabilities (Docker's first rule).
+# System calls every container may make, whatever its capabilities (Docker's first rule).
 ALLOWED = """
     accept accept4 access adjtimex alarm bind brk cachestat capget capset chdir chmod chown chown32
     clock_adjtime clock_adjtime64 clock_getres clock_getres_time64 clock_gettime clock_gettime64
@@ -147,8 +147,8 @@ RULES = [
     _with_cap("CAP_PERFMON", "perf_event_open"),
 ]
 
-#: Each machine's own architecture and the older ones its kernel also runs (a 64-bit x86 kernel runs
-#: 32-bit and x32 programs: a filter for x86_64 alone would let them through by another system call table)
+# Each machine's own architecture and the older ones its kernel also runs (a 64-bit x86 kernel runs
+# 32-bit and x32 programs: a filter for x86_64 alone would let them through by another system call table)
 ARCH_MAP = [
     {"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]},
     {"architecture": "SCMP_ARCH_AARCH64", "subArchitectures": ["SCMP_ARCH_ARM"]},
@@ -158,11 +158,12 @@ ARCH_MAP = [
     {"architecture": "SCMP_ARCH_LOONGARCH64", "subArchitectures": []},
 ]
 
-#: The whole default profile, in Docker's profile-file format.
+# The whole default profile, in Docker's profile-file format (plain comments, not #:, so that the API
+# page does not print the list).
 DEFAULT = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": errno.EPERM, "archMap": ARCH_MAP,
            "syscalls": RULES}
 
-#: uname(2)'s machine -> (libseccomp's name for it, the word Docker's profiles use in ``arches``)
+# uname(2)'s machine -> (libseccomp's name for it, the word Docker's profiles use in ``arches``)
 _MACHINES = {"x86_64": ("SCMP_ARCH_X86_64", "amd64"), "aarch64": ("SCMP_ARCH_AARCH64", "arm64"),
              "armv7l": ("SCMP_ARCH_ARM", "arm"), "i686": ("SCMP_ARCH_X86", "x86"),
              "ppc64le": ("SCMP_ARCH_PPC64LE", "ppc64le"), "s390x": ("SCMP_ARCH_S390X", "s390x"),
