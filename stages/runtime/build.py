@@ -687,7 +687,10 @@ def ignored(relative: str, patterns: list[tuple[bool, str]]) -> bool:
 # other builds wrote meanwhile): one write per step rewrote the whole file each time, which made a
 # Containerfile of n steps cost n^2 (10000 ENV lines: minutes).
 def _cache() -> dict:
-    return store.read_json(store.images_dir() / CACHE_FILE, {})
+    try:
+        return store.read_json(store.images_dir() / CACHE_FILE, {})
+    except store.DamagedFileError:
+        return {}  # a cache cut short is an empty cache: the steps run again, and the end rewrites it
 
 
 def _digest(*parts: str) -> str:
