@@ -174,6 +174,8 @@ def host_lacks() -> dict[str, str]:
         lacks["sysrq"] = "no /proc/sysrq-trigger (CONFIG_MAGIC_SYSRQ)"
     if not os.path.exists("/proc/modules"):
         lacks["kernel_module"] = "no module support (CONFIG_MODULES)"
+    if not os.path.exists("/sys/class/tty/tty1"):
+        lacks["host_tty"] = "no virtual console tty1 (CONFIG_VT)"
     return lacks
 
 

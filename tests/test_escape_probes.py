@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import escape_probes as probes
@@ -37,9 +40,20 @@ def expect(open_doors: set[str]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def box(tmp_path_factory) -> Path:
-    """A rootfs of this module's own (the probes make and remove nodes in it)."""
-    return Path(rootfs.build(tmp_path_factory.mktemp("probes") / "box", source="busybox"))
+def box(tmp_path_factory) -> Iterator[Path]:
+    """A rootfs of this module's own (the probes make and remove nodes in it), on a filesystem that allows
+    device nodes: a jail on a ``nodev`` /tmp (Debian 13 mounts one) could open none, and the stage-1 probes
+    would show the mount option, not the jail."""
+    top = tmp_path_factory.mktemp("probes")
+    made = None
+    if os.statvfs(top).f_flag & os.ST_NODEV:
+        top = made = Path(tempfile.mkdtemp(prefix="stages-probes-", dir="/var/tmp"))
+    assert not os.statvfs(top).f_flag & os.ST_NODEV, f"{top} is on a nodev filesystem"
+    try:
+        yield Path(rootfs.build(top / "box", source="busybox"))
+    finally:
+        if made is not None:
+            shutil.rmtree(made)
 
 
 @pytest.fixture
