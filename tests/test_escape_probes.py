@@ -92,9 +92,11 @@ def test_stage_1_a_chroot_jail_leaves_every_door_open(box, host):
 
 def test_stage_2_a_default_isolate_closes_proc_sys_but_not_the_devices_or_user_namespaces(box, host):
     netns, targets = host
-    result = in_host(netns, "isolate", str(box), "--", "sh", "-c", probes.script(targets))
+    result = in_host(netns, "isolate", str(box), "--explain", "--", "sh", "-c", probes.script(targets))
     # /proc/sys read-only by default (core_pattern, sysrq: finding 3); what only --harden closes is open
     assert verdicts_of(result) == expect({"raw_disk", "host_tty", "nested_userns"}), result.stdout
+    assert re.search(r"remount \S*/proc/sys\n", result.stderr), result.stderr  # --explain shows the step
+    assert "# seccomp" not in result.stderr and "devices.deny" not in result.stderr
 
 
 @pytest.mark.skipif(not seccomp_available(), reason="libseccomp is not installed")
