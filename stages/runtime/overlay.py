@@ -183,8 +183,8 @@ def _say_once(directory: Path, why: str) -> None:
         return
     print(f"stages: running containers without an init ({why}): the command is PID 1 itself, as with "
           "--no-init, so orphaned processes stay zombies and a command without a SIGTERM handler ignores "
-          "`stages stop` until its SIGKILL, 10 s later. Fix: apt-get install -y gcc libc6-dev, or install stages "
-          "from a wheel built with a compiler. (Said once; `stages doctor` says it every time.)",
+          "`stages stop` until its SIGKILL, 10 s later. Fix: apt-get install -y gcc libc6-dev, or install "
+          "stages from a wheel built with a compiler. (Said once; `stages doctor` says it every time.)",
           file=sys.stderr)
     with contextlib.suppress(OSError):
         directory.mkdir(parents=True, exist_ok=True)
