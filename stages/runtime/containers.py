@@ -278,9 +278,18 @@ def write_steps(container_id: str, steps: list[dict], base: Path | None = None) 
     """
     where = directory(container_id, base)
     temporary = where / f".{STEPS_FILE}.{os.getpid()}.tmp"
-    with open(temporary, "w") as handle:
-        handle.write(json.dumps(steps))
-    os.replace(temporary, where / STEPS_FILE)
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(json.dumps(steps))
+        os.replace(temporary, where / STEPS_FILE)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        if error.errno in (28, 122):  # ENOSPC, EDQUOT
+            from stages.runtime.store import no_space
+
+            raise no_space(error) from None
+        raise
 
 
 def read_steps(container_id: str, base: Path | None = None) -> list[dict]:

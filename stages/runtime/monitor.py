@@ -53,6 +53,12 @@ def main(argv: list[str], ready: int | None = None) -> int:
                                    "hint": error.hint})
             return 1
         except OSError as error:
+            from stages.runtime.store import is_full, no_space
+
+            if is_full(error):  # the one sentence for a full STAGES_HOME, as `stages run` says it
+                full = no_space(error)
+                _report(container_id, {"type": "NoSpaceError", "message": full.message, "hint": full.hint})
+                return 1
             _report(container_id, {"type": "StagesError", "message": str(error),
                                    "hint": "run it in the foreground with --explain to see the step"})
             return 1
