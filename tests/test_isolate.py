@@ -438,6 +438,27 @@ def test_limits_the_memory_hog_is_killed_and_the_fork_bomb_stopped(open_rootfs):
         assert "can't fork" in bomb.stderr or "Resource temporarily unavailable" in bomb.stderr
 
 
+def test_limit_devices_the_kernel_refuses_a_device_the_allowlist_leaves_out(open_rootfs):
+    # cgroup v1's devices.deny/devices.allow here, cgroup v2's BPF program in the VM: the same observable
+    # effect. Only /dev/null is allowed, so /dev/zero (made by mount_dev, a node that worked a moment ago)
+    # can no longer be opened, nor any node made.
+    with Isolate(open_rootfs) as iso:
+        iso.unshare("mount", "pid")
+        iso.mount_dev()
+        iso.mount_proc()
+        assert iso.run("head -c 3 /dev/zero | wc -c").stdout.strip() == "3"
+        shown = iso.limit_devices([("c", 1, 3, "rwm", "/dev/null")])
+        assert shown == ["c 1:3 rwm"]
+        assert iso.run("echo x > /dev/null").ok
+        refused = iso.run("head -c 3 /dev/zero")
+        assert not refused.ok and "Operation not permitted" in refused.stderr
+        made = iso.run("mknod /tmp/zero c 1 5")
+        assert not made.ok and "Operation not permitted" in made.stderr
+        version = iso.cgroup.versions["devices"]
+    script = iso.record.script()
+    assert ("devices.deny" in script) if version == 1 else ("BPF_PROG_ATTACH" in script), script
+
+
 def test_cleanup_leaves_a_living_isolate_alone(open_rootfs, run_dir):
     with Isolate(open_rootfs) as iso:
         iso.limit(pids=16)

@@ -72,22 +72,6 @@ CPU_PERIOD_US = 100_000
 #: The kernel refuses a CFS quota below 1 ms (sched-bwc.rst).
 MINIMUM_QUOTA_US = 1_000
 
-#: The device allowlist of a container (runc's and Docker's defaults), after "deny everything":
-#: (type, major, minor, access, what it is); "*" is any number. mknod of any node is allowed because
-#: creating a node is harmless while opening it is refused (the kernel asks the cgroup at open(2) too).
-DEVICE_RULES = (
-    ("c", "*", "*", "m", "mknod of any character device (opening it is another matter)"),
-    ("b", "*", "*", "m", "mknod of any block device"),
-    ("c", 1, 3, "rwm", "/dev/null"),
-    ("c", 1, 5, "rwm", "/dev/zero"),
-    ("c", 1, 7, "rwm", "/dev/full"),
-    ("c", 1, 8, "rwm", "/dev/random"),
-    ("c", 1, 9, "rwm", "/dev/urandom"),
-    ("c", 5, 0, "rwm", "/dev/tty"),
-    ("c", 5, 2, "rwm", "/dev/ptmx"),
-    ("c", 136, "*", "rwm", "/dev/pts/*, the isolate's terminals"),
-)
-
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -746,28 +730,34 @@ class Cgroup:
                         what=f"move process {pid} in here too", where="outside")
         return self.directories[controller]
 
-    def allow_devices(self, rules=DEVICE_RULES) -> list[str]:
-        """Deny every device, then allow each of ``rules`` (:data:`DEVICE_RULES` by default): cgroup v1's
-        ``echo a > devices.deny`` and ``echo 'c 1:3 rwm' > devices.allow`` (the kernel's
-        admin-guide/cgroup-v1/devices.rst). Returns the allowlist as the kernel shows it (devices.list).
+    def allow_devices(self, rules=None) -> list[str]:
+        """Deny every device, then allow each of ``rules``, ``(type, major, minor, access, what)`` with
+        ``"*"`` or :data:`stages.isolate.devices.ALL` for any number (Docker's list,
+        :data:`stages.isolate.devices.DEFAULT_RULES`, by default). Returns the allowlist as the kernel
+        keeps it, one ``c 1:3 rwm`` line each.
 
         Without it, root in a container with CAP_MKNOD may ``mknod /tmp/disk b 8 0`` and read the host's
-        disk: a device node is only a number, and /dev's contents are no protection. cgroup v2 has no such
-        files (a BPF program answers, which stage 3's runtime loads): there :class:`CgroupError` says so.
+        disk: a device node is only a number, and /dev's contents are no protection. cgroup v1: ``echo a >
+        devices.deny``, then ``echo 'c 1:3 rwm' > devices.allow`` per rule (admin-guide/cgroup-v1/
+        devices.rst), read back from devices.list. cgroup v2 has no such files: a BPF program attached to
+        the cgroup answers each open(2) and mknod(2) (cgroup-v2.rst, "Device controller"), assembled by hand
+        in :mod:`stages.isolate.devices`.
         """
+        from stages.isolate import devices
+
+        number = lambda n: devices.ALL if n == "*" else int(n)  # noqa: E731
+        listed = [[False, "a", devices.ALL, devices.ALL, "rwm"]] + [
+            [True, kind, number(major), number(minor), access]
+            for kind, major, minor, access, _what in (devices.DEFAULT_RULES if rules is None else rules)]
         directory = self.add_controller("devices")
         if self.versions["devices"] == 2:
-            raise CgroupError(
-                "cgroup v2 has no devices.allow: there the device allowlist is a BPF program attached to the "
-                "cgroup (cgroup-v2.rst, 'Device controller'), which stage 2 does not build",
-                "keep CAP_MKNOD out instead (drop_capabilities without 'mknod'), or see stage 3: "
-                "stages run loads the program (stages.runtime.oci.devices)",
-            )
-        self._write(os.path.join(directory, "devices.deny"), "a",
-                    what="no device may be opened or created ...")
-        for kind, major, minor, access, what in rules:
-            self._write(os.path.join(directory, "devices.allow"), f"{kind} {major}:{minor} {access}",
-                        what=f"... but {what}")
+            if self.record is not None:
+                with self.record.active():
+                    devices.attach_program(directory, listed)
+            else:
+                devices.attach_program(directory, listed)
+            return [rule.line() for rule in devices.reduce(listed)[1]]
+        devices.write_v1(self, listed)
         return _read(os.path.join(directory, "devices.list")).split("\n")[:-1]
 
     # -- processes ----------------------------------------------------------------------------------

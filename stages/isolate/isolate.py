@@ -615,18 +615,16 @@ class Isolate:
 
     def limit_devices(self, rules=None) -> list[str]:
         """From outside, let the isolate open and create only the device nodes it needs: deny everything,
-        then allow null, zero, full, random, urandom, tty, ptmx, its terminals, and mknod (harmless then)
-        (:data:`stages.isolate.cgroups.DEVICE_RULES`, Docker's list), in its cgroup (cgroup v1's
-        devices.deny and devices.allow). Returns the allowlist as the kernel shows it.
+        then allow null, zero, full, random, urandom, tty, ptmx, its terminals, /dev/net/tun, and mknod
+        (harmless then) (:data:`stages.isolate.devices.DEFAULT_RULES`, Docker's list), in its cgroup:
+        cgroup v1's devices.deny and devices.allow, or on cgroup v2 a BPF program attached to it
+        (:meth:`stages.isolate.cgroups.Cgroup.allow_devices`). Returns the allowlist.
 
         A device node is only a number: root with CAP_MKNOD may ``mknod /tmp/disk b 8 0`` anywhere and
-        read the host's disk, whatever /dev holds. On cgroup v2 the allowlist is a BPF program, which stage
-        2 does not build: :class:`stages.errors.CgroupError` says so (:meth:`harden` drops CAP_MKNOD then).
+        read the host's disk, whatever /dev holds.
         """
-        from stages.isolate import cgroups
-
         cgroup = self._cgroup(devices=True)
-        self.devices = cgroup.allow_devices(cgroups.DEVICE_RULES if rules is None else rules)
+        self.devices = cgroup.allow_devices(rules)
         return self.devices
 
     def harden(self) -> dict:
@@ -634,7 +632,7 @@ class Isolate:
         the device allowlist (from outside), :meth:`protect_proc`, :meth:`drop_capabilities`,
         :meth:`set_no_new_privs`, then :meth:`seccomp` (last: it refuses mount to the holder too).
 
-        Where the device allowlist cannot be made (cgroup v2: it is a BPF program there), CAP_MKNOD is
+        Where the machine has no device cgroup at all (neither v1's controller nor v2), CAP_MKNOD is
         dropped too, so that no device node can be made at all. Returns what each step did.
         """
         from stages.isolate import cgroups
@@ -652,14 +650,12 @@ class Isolate:
         keep = list(DEFAULT_CAPS)
         if self.devices is None:
             devices = cgroups.detect().extras.get("devices")
-            if devices is not None and devices.version == 1:
+            if devices is not None:
                 done["devices"] = self.limit_devices()
             else:
-                # cgroup v2's allowlist is a BPF program (stage 3 loads one); without any allowlist a node
-                # made by mknod opens whatever it names, so no node may be made at all
+                # without any allowlist a node made by mknod opens whatever it names, so no node may be made
                 keep.remove("mknod")
-                why = ("cgroup v2 has no devices.allow (a BPF program decides, which stage 2 does not build)"
-                       if devices is not None else "this machine has no devices controller")
+                why = "this machine has no devices cgroup"
                 with self.record.step(f"# {why}: CAP_MKNOD goes instead", where="outside",
                                       what="no device allowlist, so no device node may be made"):
                     pass
