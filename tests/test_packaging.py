@@ -8,8 +8,9 @@ nothing of the tree can be imported: a stage 1 jail, a stage 2 isolate, a stage 
 Offline, and provably so: every build and install runs in a network namespace of its own with nothing but
 a loopback device (``unshare --net``), so a download would fail rather than happen. pip gets
 ``--no-index --find-links`` a directory of the dependencies' wheels, which this test packs from the
-distributions already installed in the test's own environment (psutil, dockerfile-parse, and setuptools
-for the sdist's isolated build); its configuration files are switched off (PIP_CONFIG_FILE=/dev/null).
+distributions already installed in the test's own environment (psutil, dockerfile-parse, pyroute2, and
+setuptools for the sdist's isolated build); its configuration files are switched off
+(PIP_CONFIG_FILE=/dev/null).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def pack_installed(name: str, directory: Path) -> Path:
 def dependencies(built) -> Path:
     directory = built["top"] / "dependencies"
     directory.mkdir()
-    for name in ("psutil", "dockerfile-parse", "setuptools"):
+    for name in ("psutil", "dockerfile-parse", "pyroute2", "setuptools"):
         pack_installed(name, directory)
     return directory
 

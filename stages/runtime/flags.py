@@ -131,8 +131,10 @@ def parse_user(text: str, rootfs: str | None = None) -> tuple[int, int]:
                                   f"give a number from 0 to {MAX_ID}, e.g. -u 1000:1000")
             return number
         if rootfs:
+            from stages.rootfs import resolve  # the image's /etc/passwd, never the host's through a link
+
             try:
-                with open(os.path.join(rootfs, "etc", file)) as handle:
+                with open(resolve(rootfs, f"/etc/{file}")) as handle:
                     for line in handle:
                         fields = line.strip().split(":")
                         if len(fields) > 2 and fields[0] == word:
