@@ -39,6 +39,7 @@ class Mount:
     propagation: str  # "shared:N", "master:N", "" (private) ...
     fstype: str
     source: str
+    super_options: str = ""  # the filesystem's own options (an overlay's lowerdir=, upperdir= ...)
 
 
 def _unescape(field: str) -> str:
@@ -52,11 +53,11 @@ def mounts(pid: int | str = "self") -> list[Mount]:
         for line in handle:
             left, _, right = line.rstrip("\n").partition(" - ")
             fields = left.split(" ")
-            fstype, source, *_ = right.split(" ")
+            fstype, source, *rest = right.split(" ")
             result.append(Mount(
                 mount_id=int(fields[0]), parent_id=int(fields[1]), root=_unescape(fields[3]),
                 target=_unescape(fields[4]), options=fields[5], propagation=" ".join(fields[6:]),
-                fstype=fstype, source=_unescape(source),
+                fstype=fstype, source=_unescape(source), super_options=rest[0] if rest else "",
             ))
     return result
 
