@@ -31,6 +31,8 @@ packages=(busybox-static iproute2 iptables nftables procps util-linux)
 # stage 3's container init (stages/runtime/init.c) is built static (into a wheel, or on first use from
 # a clone): a C compiler, libc.a
 packages+=(gcc libc6-dev)
+# the notebooks' pictures (stages.diagrams) are drawn by graphviz's dot; without it they are text
+packages+=(graphviz)
 if [[ $job == test || $job == setup ]]; then
     # the cgroup v2 VM (tests/vm): QEMU software emulation, debootstrap, the initramfs tools
     packages+=(qemu-system-x86 debootstrap cpio e2fsprogs)
