@@ -15,7 +15,7 @@ decorator::
     @tour.section(3, "the same container, automated")
     def automated(t: tour.Tour) -> tour.Section:
         ...
-        return tour.Section(findings=[tour.Finding("hostname", "web", isolated=True)], record=record)
+        return tour.Section(findings=[tour.Finding("hostname", "web", holds=True)], record=record)
 
 Every section releases what it made (a temporary canary file, the isolate, its network namespace, its
 cgroups, the container), whether it ends well, fails or is interrupted.
@@ -42,20 +42,41 @@ WIDTH = 100
 """Where the tour wraps its text."""
 
 
+VERDICTS = {
+    "isolation": ("isolated", "SHARED"),
+    "power": ("held back", "HOST ROOT'S POWER"),
+    "limit": ("limited", "UNLIMITED"),
+    "cleanup": ("cleaned up", "LEFT BEHIND"),
+    "host": ("untouched", "CHANGED"),
+}
+"""The words a finding's verdict is printed with, by kind, (holds, fails): a limit is not isolation
+(what a process may use is not what it may see, cgroups(7) vs namespaces(7)), and neither is a clean-up."""
+
+
 @dataclass
 class Finding:
-    """One thing a section observed. ``isolated`` is True when the jail or isolate saw something else
-    than the host, False when it saw the host's, None for a plain fact."""
+    """One thing a section observed. ``holds`` is what was measured: True when the jail or isolate saw
+    something else than the host (or, by ``kind``, root was refused, the limit held, nothing was left,
+    the host was untouched), False when it did not, None for a plain fact. ``kind`` picks the words the
+    verdict is printed with (:data:`VERDICTS`); every verdict is computed by the section, never written in."""
 
     subject: str
     text: str
-    isolated: bool | None = None
+    holds: bool | None = None
     why: str = ""
     verbatim: bool = False  # print the lines as they are (a script), never wrapped
+    kind: str = "isolation"
+
+    @property
+    def isolated(self) -> bool | None:
+        """The verdict of an isolation finding (None for a limit, a clean-up... or a plain fact)."""
+        return self.holds if self.kind == "isolation" else None
 
     @property
     def mark(self) -> str:
-        return {True: "isolated", False: "SHARED", None: ""}[self.isolated]
+        if self.holds is None:
+            return ""
+        return VERDICTS[self.kind][0 if self.holds else 1]
 
 
 @dataclass
@@ -219,13 +240,17 @@ def stage1_rootfs(t: Tour) -> Section:
     record = StepRecord("look inside the rootfs")
     inside = jail.run(t.rootfs, ["ls", "/"], record=record)
     commands = len(os.listdir(rootfs.resolve(t.rootfs, "/bin")))
+    names = sorted(name for name in os.listdir(t.rootfs) if not name.startswith("."))
+    jailed = sorted(name for name in inside.stdout.split() if not name.startswith(".")) == names
     return Section(
         lesson="A container's files are a directory on the host. This one holds a static busybox, which "
                "is sh, ls, ps, ip and a few hundred other commands at once.",
         findings=[
             Finding("rootfs", f"{info['path']}: {info['size']} in {info['files']} files and "
                               f"{info['symlinks']} symbolic links ({commands} entries in /bin)"),
-            Finding("ls /", f"inside the jail: {' '.join(inside.stdout.split())}"),
+            Finding("ls /", f"inside the jail: {' '.join(inside.stdout.split())}"
+                            + ("" if jailed else f"; not the rootfs's names ({' '.join(names)}): no chroot"),
+                    holds=jailed, why="chroot(2): / of the jailed process is the rootfs"),
         ],
         record=record,
     )
@@ -243,7 +268,7 @@ def stage1_observations(t: Tour) -> Section:
     findings = []
     for fact in facts:
         findings.append(Finding(fact.name, f"host: {fact.host_value}\njail: {fact.jail_value}",
-                                isolated=fact.isolated, why=fact.explanation))
+                                holds=fact.isolated, why=fact.explanation))
     t.facts["stage1 observations"] = {fact.name: fact for fact in facts}
     hidden = [fact.name for fact in facts if fact.isolated]
     shared = [fact.name for fact in facts if not fact.isolated]
@@ -276,18 +301,18 @@ def stage1_escape(t: Tour) -> Section:
         Finding("canary", f"made {path} on the host, holding {token}"),
         Finding("by its path", "the jail could not read it by name: chroot hides it"
                 if not result.visible_in_jail else "the jail read it by name: chroot did not hide it",
-                isolated=not result.visible_in_jail),
+                holds=not result.visible_in_jail),
     ]
     if result.escaped:
         findings.append(Finding("the escape", f"climbed {result.levels} levels with chroot + cd ..\n"
                                               f"read the canary: {(result.content or '').strip()}",
-                                isolated=False,
+                                holds=not result.escaped,
                                 why="chroot(2) does not change the working directory, and root may chroot "
                                     "again: a chroot below the working directory leaves it outside the "
                                     "root, where `cd ..` never stops."))
     else:
         findings.append(Finding("the escape", f"failed: {result.error or 'the canary was not read'}",
-                                isolated=True))
+                                holds=not result.escaped))
     return Section(
         lesson="Root inside the jail keeps every capability, including CAP_SYS_CHROOT: it chroots into a "
                "directory below itself without cd, climbs with cd .. to the real root, and reads a host "
@@ -328,6 +353,61 @@ def _since(iso, start: int, title: str) -> StepRecord:
     return record
 
 
+@contextlib.contextmanager
+def _owned_by_host_root(root: Path) -> Iterator[Path]:
+    """A file of the host's uid 0, mode 0644, at the top of ``root``, removed however the block ends: what
+    root of a user namespace (a nobody on the host) must not be able to change."""
+    path = Path(root) / f".stages-tour-{secrets.token_hex(4)}"
+    path.write_text("the host's root owns this file\n")
+    try:
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o644)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _host_root_mount() -> tuple[str, str]:
+    """``(major:minor, root)`` of the host's / (proc(5), mountinfo's fields 3 and 4)."""
+    with open("/proc/self/mountinfo") as handle:
+        fields = next(line.split() for line in handle if line.split()[4] == "/")
+    return fields[2], fields[3]
+
+
+def _measure_pivot_root(iso, root: Path, listing: list[str]) -> Finding:
+    """Whether / inside is the rootfs and the host's root is gone from the isolate's mount table, looked at
+    from inside (/proc/self/mountinfo), not assumed from the call having returned."""
+    device, host_root = _host_root_mount()
+    table = iso.run(["cat", "/proc/self/mountinfo"]).stdout.splitlines()
+    fields = [line.split() for line in table if len(line.split()) > 4]
+    host_root_there = [f[4] for f in fields if f[2] == device and f[3] == host_root]
+    same_listing = sorted(listing) == sorted(os.listdir(root))
+    text = (f"/ inside lists {' '.join(listing)}" + (", the rootfs's names" if same_listing else
+                                                     ", not the rootfs's names"))
+    if host_root_there:
+        text += (f"; the host's root ({device}, {host_root}) is still mounted inside at "
+                 f"{', '.join(host_root_there)}: the old root was not unmounted (umount -l after pivot_root)")
+    else:
+        text += f"; the host's root ({device}) is in none of the {len(fields)} mounts of the isolate's table"
+    return Finding("pivot_root", text, holds=same_listing and not host_root_there,
+                   why="pivot_root(2) moves the old root aside, and only unmounting it takes the host's "
+                       "files out of the mount namespace")
+
+
+def _measure_user(iso, uid_map: str, probe: Path) -> Finding:
+    """Root of the user namespace tries to change a file of the host's root: the claim of the user row."""
+    before = probe.read_text()
+    tried = iso.run(["sh", "-c", f"echo changed >> /{probe.name}"])
+    changed = probe.read_text() != before
+    said = (tried.stderr.strip() or f"exit {tried.returncode}").splitlines()[-1]
+    return Finding("user", f"uid_map {uid_map}: root inside is uid {uid_map.split()[1]} on the host; it "
+                           f"tried to append to /{probe.name}, a file of the host's root: "
+                           + ("the file changed" if changed else f"refused ({said})"),
+                   holds=not changed and tried.returncode != 0, kind="power",
+                   why="capabilities in a user namespace act only on what that namespace owns "
+                       "(user_namespaces(7)): the host's files are not its root's")
+
+
 @section(2, "one namespace at a time")
 def stage2_namespaces(t: Tour) -> Section:
     from stages.isolate import ISOLATES, Isolate
@@ -341,10 +421,13 @@ def stage2_namespaces(t: Tour) -> Section:
     findings = [Finding("holder", f"process {iso.pid} will hold the namespaces; the tour (pid {os.getpid()}) "
                                   "never leaves the host's")]
     before = iso.run(["hostname"]).stdout.strip()
-    findings.append(Finding("hostname", f"before any unshare the holder sees the host's: {before}",
-                            isolated=False))
+    import socket
+
+    findings.append(Finding("hostname", f"before any unshare the holder sees {before}, the host's is "
+                                        f"{socket.gethostname()}", holds=before != socket.gethostname()))
     wanted = ["uts", "ipc", "net", "mount", "cgroup", "pid"]
     skipped = ""
+    user = False
     if _reachable_by_anyone(t.rootfs):
         try:
             views = iso.unshare("user")
@@ -352,9 +435,8 @@ def stage2_namespaces(t: Tour) -> Section:
             skipped = f"the user namespace: {error.message} (see stages doctor)"
         else:
             uid_map = " ".join(iso.map_user().split())
-            findings.append(Finding("user", f"uid_map {uid_map}: root inside is uid {uid_map.split()[1]} on "
-                                            "the host, with no power over the host's files or processes",
-                                    isolated=views["user"].own))
+            user = views["user"].own
+            t.facts["stage2 uid_map"] = uid_map
     else:
         skipped = (f"the user namespace: {t.rootfs} is below a directory only root may enter, and root of "
                    "a user namespace is a nobody on the host (make each parent directory mode 0755)")
@@ -369,17 +451,58 @@ def stage2_namespaces(t: Tour) -> Section:
     for kind in wanted:
         view = views[kind]
         findings.append(Finding(kind, f"namespace {view.host} -> {view.inside}: isolates {ISOLATES[kind]}",
-                                isolated=view.own))
+                                holds=view.own))
     iso.set_hostname(ISOLATE_HOSTNAME)
     iso.mount_proc()
     iso.mount_tmp()
-    listing = iso.pivot_root()
-    findings.append(Finding("pivot_root", f"/ inside is the rootfs ({' '.join(listing)}); the host's root "
-                                          "is unmounted from the isolate's mount table", isolated=True))
+    if not iso.namespaces()["user"].own:
+        # Without a user namespace root inside is the host's root (user_namespaces(7)): what holds it back
+        # is what Docker does, /proc/sys read-only (its files need only uid 0, no capability) and a
+        # bounding set without CAP_SYS_ADMIN, CAP_SYS_NICE... (capabilities(7)); after pivot_root, which
+        # needs CAP_SYS_ADMIN itself.
+        iso.protect_proc()
+    with _owned_by_host_root(t.rootfs) as probe:
+        listing = iso.pivot_root()
+        if not iso.namespaces()["user"].own:
+            dropped = iso.drop_capabilities()["dropped"]
+            findings.append(Finding("defences", f"no user namespace: /proc/sys made read-only, and "
+                                                f"{len(dropped)} capabilities dropped from the bounding set "
+                                                f"(Docker's {len(iso.capabilities or [])} kept)"))
+        findings.append(_measure_pivot_root(iso, t.rootfs, listing))
+        if user:
+            findings.append(_measure_user(iso, t.facts["stage2 uid_map"], probe))
     return Section(
         lesson="An isolate is a process (the holder) moved into new namespaces one unshare(2) at a time. "
                "Each step is one call; the inode of each namespace, host -> isolate, shows it is a new one.",
         findings=findings, record=_since(iso, 0, "one namespace at a time"), skipped=skipped)
+
+
+POWER_PROBES = {
+    "raise its priority (CAP_SYS_NICE)": "renice -n -5 -p $$",
+    "write /proc/sys/kernel/core_pattern":
+        "cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern",
+}
+"""Privileged acts root may do on the host, each harmless: a shell's own priority raised (the shell then
+ends), and the host's core_pattern written back with the value it holds (core(5))."""
+
+
+def _measure_power(iso) -> tuple[bool, str, str]:
+    """Each :data:`POWER_PROBES` act tried on the host (by this root process, with the rootfs's busybox) and
+    inside the isolate: held back when every act the host may do is refused inside."""
+    import subprocess
+
+    from stages import rootfs
+
+    busybox = rootfs.find_busybox()
+    host, inside, held = [], [], True
+    for act, command in POWER_PROBES.items():
+        on_host = subprocess.run([busybox, "sh", "-c", command], capture_output=True, text=True, timeout=30)
+        there = iso.run(["sh", "-c", command])
+        host.append(f"{act}: " + ("allowed" if on_host.returncode == 0 else "refused"))
+        said = (there.stderr.strip() or f"exit {there.returncode}").splitlines()[-1]
+        inside.append(f"{act}: " + ("ALLOWED" if there.returncode == 0 else f"refused ({said})"))
+        held = held and on_host.returncode == 0 and there.returncode != 0
+    return held, "; ".join(host), "; ".join(inside)
 
 
 @section(2, "the same looks, now isolated")
@@ -393,11 +516,13 @@ def stage2_observations(t: Tour) -> Section:
     findings = []
     jail_facts = t.facts.get("stage1 observations", {})
 
-    def compare(subject: str, host: str, inside: str, isolated: bool, why: str = "") -> None:
+    def compare(subject: str, host: str, inside: str, holds: bool, why: str = "",
+                kind: str = "isolation") -> None:
         earlier = jail_facts.get(subject) if isinstance(jail_facts, dict) else None
         jail_line = ("\njail (stage 1): " + ("isolated" if earlier.isolated else "shared with the host")
                      if earlier is not None else "")
-        findings.append(Finding(subject, f"host: {host}\nisolate: {inside}{jail_line}", isolated, why))
+        findings.append(Finding(subject, f"host: {host}\nisolate: {inside}{jail_line}",
+                                holds, why, kind=kind))
 
     with canary("canary") as (path, _):
         seen = iso.run(["cat", str(path)])
@@ -436,10 +561,13 @@ def stage2_observations(t: Tour) -> Section:
         listed = queue in [line.split()[1] for line in table.splitlines()[1:] if len(line.split()) > 1]
         compare("System V IPC", f"message queue {queue} made on the host (ipcmk -Q)",
                 f"/proc/sysvipc/msg {'lists' if listed else 'does not list'} queue {queue}", not listed)
-    power = iso.run(["kill", "-0", str(mine)])
-    compare("root's power", f"pid {mine} is the tour, on the host",
-            f"kill -0 {mine} exited {power.returncode}: {power.stderr.strip() or 'allowed'}",
-            power.returncode != 0)
+    held, host_text, inside_text = _measure_power(iso)
+    compare("root's power", host_text, inside_text, held,
+            "root of a user namespace holds capabilities only over what its namespace owns, and the "
+            "host's /proc/sys files only let the host's uid 0 write (user_namespaces(7))"
+            if iso.namespaces()["user"].own else "without a user namespace root inside is the host's "
+            "root: only a read-only /proc/sys and a bounding set without CAP_SYS_NICE hold it back",
+            kind="power")
     if "time" in iso.unshared:
         uptime_inside = float(iso.run(["cat", "/proc/uptime"]).stdout.split()[0])
         with open("/proc/uptime") as handle:
@@ -465,18 +593,26 @@ def stage2_escape(t: Tour) -> Section:
     iso = _isolate(t)
     start = len(iso.record.steps)
     with canary("canary") as (path, token):
+        refused = ""
         try:
             content = iso.call(jail.climb_out, str(path))
         except FileNotFoundError:
             content = None
-    t.facts["stage2 escaped"] = content is not None
-    if content is None:
+        except PermissionError as error:  # out, at the host's root, but its files are not root's to read
+            content, refused = None, str(error)
+    t.facts["stage2 escaped"] = content is not None or bool(refused)
+    if refused:
+        finding = Finding("the escape", f"climbed out to the host's root and found {path}, but reading it "
+                                        f"was refused ({refused}): the old root is still there",
+                          holds=False, why="the user namespace held, not the mount namespace: pivot_root(2) "
+                                           "moves the old root aside, and it must be unmounted too")
+    elif content is None:
         finding = Finding("the escape", f"the same chroot + cd .. climb ended at the isolate's own root, "
-                                        f"where {path} does not exist", isolated=True,
+                                        f"where {path} does not exist", holds=content is None,
                           why="pivot_root(2) swapped the root of the mount namespace and the old root was "
                               "unmounted: there is nothing above the rootfs to climb to.")
     else:
-        finding = Finding("the escape", f"read the canary: {content.strip()}", isolated=False)
+        finding = Finding("the escape", f"read the canary: {content.strip()}", holds=content is None)
     return Section(
         lesson=f"Root inside runs the very climb that broke out of the jail, after a canary ({token}) was "
                "made on the host.",
@@ -502,7 +638,8 @@ def stage2_limit(t: Tour) -> Section:
         Finding("memory", "a shell collecting 64 MB under a 24 MB limit "
                           + (f"was killed (exit {hog.returncode}); the kernel counted {stats.oom_kills} "
                              "OOM kill(s)" if killed else f"survived: {hog.stdout.strip()}"),
-                isolated=killed, why="the OOM killer acts inside the cgroup only: the host never noticed"),
+                holds=killed, kind="limit",
+                why="the OOM killer acts inside the cgroup only: the host never noticed"),
         Finding("peak", f"{(stats.memory_peak or 0) / (1 << 20):.1f} MB at most, of {stats.memory_max} bytes "
                         "allowed"),
     ]
@@ -555,7 +692,7 @@ def stage2_network(t: Tour) -> Section:
     findings.append(Finding("the real host", f"its interfaces are the same before and after "
                             f"({', '.join(host_devices)}): the host side was the network namespace "
                             f"{host_netns}, removed again" if untouched else
-                            "its interfaces changed during the network part", isolated=untouched))
+                            "its interfaces changed during the network part", holds=untouched, kind="host"))
     return Section(
         lesson="A new network namespace has only a loopback device. A veth pair is a cable with two ends: "
                "one is pushed into the isolate and named eth0, the other plugged into a bridge on the host "
@@ -639,6 +776,13 @@ def limit_file(pid: int, controller: str, v1_name: str, v2_name: str) -> str:
     if hierarchy.mount_root != "/" and path.startswith(hierarchy.mount_root):
         path = path[len(hierarchy.mount_root):]
     return os.path.normpath(f"{hierarchy.mountpoint}/{path.lstrip('/')}/{name}")
+
+
+def _megabytes(value: str | None) -> int | None:
+    """Bytes of a ``--memory`` value the tour gives (``64M``), None for none."""
+    if not value or value[-1] not in "mM" or not value[:-1].isdigit():
+        return None
+    return int(value[:-1]) << 20
 
 
 class _LookFromHost:
@@ -729,26 +873,29 @@ def stage3_run(t: Tour) -> Section:
     findings = [Finding("command", line, verbatim=True),
                 Finding("exit", f"{info['name']} ran for {seconds:.2f} s and exited {code}")]
     findings.append(Finding("hostname", f"host: {host}\ncontainer: {inside.get('hostname', '?')}",
-                            isolated=inside.get("hostname") == CONTAINER_HOSTNAME != host))
+                            holds=inside.get("hostname") == CONTAINER_HOSTNAME != host))
     own_pid = inside.get("self", "")
     findings.append(Finding("PID 1", f"inside: PID 1 is {inside.get('pid1', '?')} and the command's shell "
                                      f"is pid {own_pid or '?'}; on the host that PID 1 is pid "
                                      f"{seen.get('pid', '?')}",
-                            isolated=own_pid.isdigit() and int(own_pid) <= 2,
+                            holds=own_pid.isdigit() and int(own_pid) <= 2,
                             why="the engine's init is PID 1 (Docker's --init): it reaps orphans and passes "
                                 "signals on, and the command is its child" if own_pid != "1" else
                                 "without a C compiler there is no init: the command itself is PID 1"))
     links = inside.get("links", "").split()
     findings.append(Finding("network", f"container: {', '.join(links) or 'none'} (--network none); the host "
                                        f"has {', '.join(sorted(os.listdir('/sys/class/net')))}",
-                            isolated=links == ["lo"]))
+                            holds=links == ["lo"]))
     if "memory limit" in seen:
-        limit = int(seen["memory limit"])
+        # v2 says "max" where there is no limit, v1 a number near 2**63 (cgroups(7))
+        limit = int(seen["memory limit"]) if seen["memory limit"].isdigit() else 0
         short = os.path.join("...", *Path(seen["memory file"]).parts[-2:])
-        findings.append(Finding("memory", f"{short} holds {limit} ({limit >> 20} MB), read on the host "
+        asked = _megabytes(options.memory)
+        findings.append(Finding("memory", f"{short} holds {seen['memory limit']} ({limit >> 20} MB; "
+                                          f"--memory {options.memory or 'not given'}), read on the host "
                                           f"while it ran; inside, /proc/self/cgroup says "
                                           f"{inside.get('cgroup', '?')}",
-                                isolated=limit == 64 << 20,
+                                holds=asked is not None and limit == asked, kind="limit",
                                 why="a cgroup namespace shows the container its own cgroup as the root "
                                     "(cgroup_namespaces(7))"))
         shared = sorted(set(observe.namespace_inodes()) - set(seen["new namespaces"]))
@@ -756,7 +903,8 @@ def stage3_run(t: Tour) -> Section:
                                               f"host: {', '.join(shared)}"))
     else:
         findings.append(Finding("from the host", f"the container was not looked at while it ran: "
-                                                 f"{seen.get('error', 'it was never seen running')}"))
+                                                 f"{seen.get('error', 'it was never seen running')}",
+                                holds=False, kind="limit"))
     # --rm: nothing of it may be left, which is what `stages rm` would otherwise have to do.
     left = []
     try:
@@ -772,7 +920,8 @@ def stage3_run(t: Tour) -> Section:
     if seen.get("memory file") and os.path.exists(os.path.dirname(seen["memory file"])):
         left.append(os.path.dirname(seen["memory file"]))
     findings.append(Finding("--rm", "gone: its record, directory, overlay mount and cgroup" if not left
-                            else f"left behind: {', '.join(left)}", isolated=not left))
+                            else f"left behind: {', '.join(left)}", holds=not left,
+                            kind="cleanup"))
     return Section(
         lesson="One command does what stage 2 took a step per call for: the engine checks the flags, mounts "
                "the image's layers with overlayfs, writes config.json and hands it to its OCI runtime, which "

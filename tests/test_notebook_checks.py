@@ -74,3 +74,17 @@ def run_broken(notebook: str, replace: dict[str, str], *, check: str, timeout: i
     assert first is not None, f"the check cell {check} of {notebook} passed with the step broken"
     assert first == check, f"cell {first} raised before the check cell: {errors[first]}"
     return errors[check]
+
+
+# -- notebook 00 ----------------------------------------------------------------------------------------
+NO_CHROOT = """
+from stages import kernel
+kernel.chroot = lambda path, what="": None   # broken: the jail's chroot is skipped
+"""
+
+
+def test_00_check_fails_without_the_chroot():
+    error = run_broken("00-why-containers.ipynb",
+                       {"4dae5709": patched(cell_source("00-why-containers.ipynb", "4dae5709"), NO_CHROOT)},
+                       check="021b64a3")
+    assert "the jailed shell's root should be the rootfs" in error and "no chroot?" in error, error

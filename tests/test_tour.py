@@ -106,18 +106,28 @@ def test_the_whole_tour_shows_the_jail_leak_and_the_isolate_hold(python, stages_
     assert "[isolated]" in processes and "PID 1 is" in processes
     assert "isolate: lo" in lines_about(looks, "network interfaces")
     assert "[SHARED]" in lines_about(looks, "kernel")  # still one kernel
+    # Root's power is measured: acts the host's root may do (renice -5, write core_pattern back) are
+    # refused inside, by the user namespace.
+    power = lines_about(looks, "root's power")
+    assert "[held back]" in power and power.count("allowed") == 2 and power.count("refused (") == 2, power
+    # 2.1 measured pivot_root (the host's root is not in the isolate's mount table) and the user row.
+    namespaces = stage2.split("-- 2.1")[1].split("-- 2.2")[0]
+    assert "[isolated]" in lines_about(namespaces, "pivot_root")
+    assert "is in none of the" in lines_about(namespaces, "pivot_root")
+    user = lines_about(namespaces, "user")
+    assert "[held back]" in user and "refused (" in user and "Permission denied" in user, user
     # The stage 1 escape fails after pivot_root.
     escape = lines_about(stage2.split("-- 2.3")[1], "the escape")
     assert "[isolated]" in escape and "does not exist" in escape
     # The memory hog was killed by the kernel, inside the cgroup only.
     memory = lines_about(stage2, "memory")
-    assert "[isolated]" in memory and "was killed" in memory
+    assert "[limited]" in memory and "was killed" in memory  # a limit, not isolation
     # The network: a veth pair to a stand-in host (a network namespace the tour made), pinged both ways.
     wired = stage2.split("-- 2.5")[1].split("-- 2.6")[0]
     assert "veth pair" in wired and "eth0" in wired
     assert "answered" in lines_about(wired, "isolate -> host")
     assert "answered" in lines_about(wired, "host -> isolate")
-    assert "[isolated]" in lines_about(wired, "the real host")
+    assert "[untouched]" in lines_about(wired, "the real host")
     # The record, as a script, and the teardown that followed.
     assert "unshare --user" in stage2 and "pivot_root . ." in stage2
     assert "and its cgroup are gone" in lines_about(stage2, "teardown")
@@ -131,9 +141,9 @@ def test_the_whole_tour_shows_the_jail_leak_and_the_isolate_hold(python, stages_
     assert "[isolated]" in lines_about(run, "PID 1") and "exited 0" in lines_about(run, "exit")
     assert "[isolated] container: lo (--network none)" in lines_about(run, "network")
     memory = lines_about(run, "memory")
-    assert "[isolated]" in memory and f"holds {64 << 20} (64 MB)" in memory
+    assert "[limited]" in memory and f"holds {64 << 20} (64 MB; --memory 64M)" in memory
     assert "new: cgroup, ipc, mount, net, pid, uts" in lines_about(run, "namespaces")
-    assert "[isolated] gone:" in lines_about(run, "--rm")
+    assert "[cleaned up] gone:" in lines_about(run, "--rm")
     script = stage3.split("-- 3.2")[1].split("-- 3.3")[0]
     assert "unshare --mount --uts --ipc --pid --net" in script and "pivot_root . ." in script
     assert f"echo {64 << 20} > " in script
@@ -187,6 +197,12 @@ def test_a_rootfs_nobody_may_enter_skips_the_user_namespace_and_says_so(python, 
     assert "skipped: the user namespace" in " ".join(result.stdout.split())
     users = lines_about(result.stdout.split("-- 2.2")[1], "users")
     assert "[SHARED]" in users and "uid_map 0 0 4294967295" in users
+    # Without a user namespace root inside is the host's root: the tour drops capabilities and makes
+    # /proc/sys read-only, and root's power is held back by those.
+    out = " ".join(result.stdout.split())
+    assert "no user namespace: /proc/sys made read-only, and" in out and "capabilities dropped" in out
+    power = lines_about(result.stdout.split("-- 2.2")[1], "root's power")
+    assert "[held back]" in power and power.count("refused (") == 2, power
 
 
 def test_ctrl_c_in_stage_2_releases_the_isolate(python, stages_home, tmp_path):
@@ -226,7 +242,7 @@ def test_stage_3_alone_runs_its_container_and_says_the_comparison_needs_stage_2(
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "== stage 1" not in out and "== stage 2" not in out
-    assert "[isolated] gone: its record, directory, overlay mount and cgroup" in lines_about(out, "--rm")
+    assert "[cleaned up] gone: its record, directory, overlay mount and cgroup" in lines_about(out, "--rm")
     assert "skipped: the comparison with stage 2: stage 2 did not run in this tour" in " ".join(out.split())
     seconds = float(lines_about(out, "exit").split("ran for ")[1].split()[0])
     assert seconds < 5, seconds  # the container's part of the tour stays quick
@@ -265,7 +281,7 @@ def test_sections_return_their_findings_and_a_later_stage_can_add_itself(tmp_pat
     @tour.section(99, "a stage added later")
     def later(t: tour.Tour) -> tour.Section:
         seen.append(t.facts["stage1 escape"].escaped)
-        return tour.Section(findings=[tour.Finding("hello", "from stage 99", isolated=True)])
+        return tour.Section(findings=[tour.Finding("hello", "from stage 99", holds=True)])
 
     try:
         out = io.StringIO()
