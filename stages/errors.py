@@ -49,6 +49,12 @@ class CommandNotFoundError(StagesError):
     exit_code = 127
 
 
+class CommandNotRunnableError(StagesError):
+    """The command exists inside the root filesystem but cannot be executed (execve(2)'s EACCES)."""
+
+    exit_code = 126
+
+
 class StepOrderError(StagesError):
     """A stage-2 step was called before a step it depends on: the error is the lesson."""
 

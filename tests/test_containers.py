@@ -297,7 +297,7 @@ def test_exec_joins_the_same_namespaces(stages):
         lines = result.stdout.split("\n")
         assert lines[0] == "inside"
         assert lines[1] == "42"  # the container's own files
-        assert lines[2].startswith("/.stages-init -- sh -c")  # it sees the container's PID 1
+        assert lines[2].startswith("/dev/.stages-init -- sh -c")  # it sees the container's PID 1
         assert stages("exec", "host-of-exec", "sh", "-c", "exit 4", check=False).returncode == 4
     finally:
         stages("rm", "-f", "host-of-exec")

@@ -206,7 +206,7 @@ def run_each_stage(venv: Path, home: Path) -> None:
     # Stage 3: a container; its PID 1 is the init the package brought, running the command.
     container = stages(venv, "run", "--rm", "--network", "none", "busybox", "cat", "/proc/1/cmdline",
                        home=home)
-    assert container.stdout.split("\0")[:3] == ["/.stages-init", "--", "cat"], container.stdout
+    assert container.stdout.split("\0")[:3] == ["/dev/.stages-init", "--", "cat"], container.stdout
 
 
 def test_a_wheel_installed_with_pip_runs_all_three_stages(wheel_venv, tmp_path):
@@ -234,7 +234,7 @@ def test_without_a_compiler_stage_3_runs_with_the_prebuilt_init_then_without_one
 
     # The wheel's prebuilt init: nothing to compile.
     ran = stages(venv, *command, home=home, path=path)
-    assert ran.stdout.split("\0")[:2] == ["/.stages-init", "--"]
+    assert ran.stdout.split("\0")[:2] == ["/dev/.stages-init", "--"]
     assert doctor_init(venv, home, path)["ok"]
     assert not (home / "init").exists()  # no compiled copy was made
 
@@ -253,7 +253,7 @@ def test_without_a_compiler_stage_3_runs_with_the_prebuilt_init_then_without_one
 
     # With a compiler back on PATH, the first run compiles init.c: PID 1 is the init again.
     compiled = stages(venv, *command, home=home)
-    assert compiled.stdout.split("\0")[:2] == ["/.stages-init", "--"]
+    assert compiled.stdout.split("\0")[:2] == ["/dev/.stages-init", "--"]
 
     # A broken install (init.c gone too, and no cached copy): the error names what is missing and the fix.
     shutil.rmtree(home / "init")

@@ -71,12 +71,29 @@ def relay(sources: dict[int, int | None], log: int | None = None, stdin: tuple[i
     targets = dict(sources)
     for source in targets:
         selector.register(source, selectors.EVENT_READ)
+    unpolled = None  # our input when epoll(7) cannot watch it (/dev/null, a regular file): EPERM
     if stdin is not None:
-        selector.register(stdin[0], selectors.EVENT_READ)
+        try:
+            selector.register(stdin[0], selectors.EVENT_READ)
+        except PermissionError:
+            # Such a file is always "ready" (a read never waits, select(2) says so too): read it a chunk
+            # at a time between the container's output, as podman does with `-i </dev/null`.
+            unpolled = stdin[0]
     try:
         while targets:
-            for key, _ in selector.select():
-                fd = key.fd
+            events = [(key.fd, mask) for key, mask in selector.select(0 if unpolled is not None else None)]
+            if unpolled is not None:
+                try:
+                    data = os.read(unpolled, CHUNK)
+                except OSError:
+                    data = b""
+                if not data:
+                    unpolled = None
+                    if on_input_end is not None:
+                        on_input_end()
+                elif not _write_all(stdin[1], data):
+                    unpolled = None
+            for fd, _ in events:
                 try:
                     data = os.read(fd, CHUNK)
                 except BlockingIOError:
@@ -196,6 +213,11 @@ class Terminal:
         self.name = ""
         self.log = open_log(log_path) if log_path is not None else None
         self._size_from = stdin if stdin is not None and os.isatty(stdin) else stdout
+        if stdin is not None and not os.isatty(stdin):
+            # podman's words and podman's way (Docker refuses): -t with an input that is no terminal runs,
+            # its input passed on as typed keys would be; a file or /dev/null ends it with Ctrl-D
+            os.write(2, b"stages: warning: the input device is not a TTY; the --tty and --interactive "
+                        b"flags might not work properly\n")
         self._saved = None
         self._thread: threading.Thread | None = None
         self._previous_handler = None

@@ -29,8 +29,12 @@ from dataclasses import asdict, dataclass, field
 
 from stages.errors import LimitError, StagesError
 
-#: Where the init program is bound inside the container (docker-init lives at /sbin/docker-init).
-INIT_PATH = "/.stages-init"
+#: Where the init program is bound inside the container. Docker binds docker-init at /sbin/docker-init,
+#: which makes an empty file there in the image's tree (or fails: /sbin may be a link, as in merged-/usr
+#: images, or missing). Ours goes into the container's own /dev, the tmpfs the runtime mounts for it
+#: (and which it fills with device nodes anyway): nothing is added to the user's files, a directory
+#: listing of / shows nothing of it, and whatever the image holds at /dev is covered.
+INIT_PATH = "/dev/.stages-init"
 CPU_PERIOD = 100_000  # µs: the kernel's default CFS period (cgroups(7), cpu.cfs_period_us)
 #: The largest user or group ID; 4294967295, (uid_t) -1, is setresuid(2)'s "no change" (credentials(7))
 MAX_ID = 4294967294
@@ -147,7 +151,25 @@ def parse_user(text: str, rootfs: str | None = None) -> tuple[int, int]:
     uid = lookup(user, "passwd", "user")
     if group:
         return uid, lookup(group, "group", "group")
-    return uid, uid if uid else 0
+    # No group given: the user's primary group in the image's /etc/passwd, else 0 (root's group), as
+    # Docker does (`docker run -u 1000` of an image without user 1000 runs as uid=1000 gid=0)
+    return uid, _primary_group(uid, rootfs)
+
+
+def _primary_group(uid: int, rootfs: str | None) -> int:
+    """The GID field of ``uid``'s entry in the image's /etc/passwd (passwd(5)), or 0 without one."""
+    if rootfs:
+        from stages.rootfs import resolve
+
+        try:
+            with open(resolve(rootfs, "/etc/passwd")) as handle:
+                for line in handle:
+                    fields = line.strip().split(":")
+                    if len(fields) > 3 and fields[2] == str(uid) and fields[3].isdigit():
+                        return int(fields[3])
+        except (OSError, ValueError):
+            pass
+    return 0
 
 
 def parse_publish(text: str) -> tuple[int, int]:
@@ -174,18 +196,17 @@ def check(options: Options) -> dict:
     if options.cpus is not None:
         limits["cpus"] = parse_cpus(options.cpus)
     if options.pids_limit is not None:
-        # Every process in the container's cgroup counts (pids.max): the runtime's setup process (it waits,
-        # outside the container's PID namespace, to pass on how PID 1 ended, as unshare --fork does), the
-        # container's init (PID 1, which reaps and forwards signals) and the command. With fewer slots a
-        # fork(2) fails with EAGAIN before the command runs.
-        needed = 3 if options.init else 2
+        # pids.max counts the container's own processes only (the runtime's setup process leaves the
+        # cgroup once the init is in, and the limit is set then, as runc does): the command, and before
+        # it the container's init (PID 1, which reaps and forwards signals) when there is one. With
+        # fewer, fork(2) fails with EAGAIN before the command runs.
+        needed = 2 if options.init else 1
         if int(options.pids_limit) < needed:
-            counted = ("the runtime's setup process, the container's init (PID 1) and the command are three"
-                       if options.init else "the runtime's setup process and the command are two")
-            raise LimitError(f"--pids-limit {options.pids_limit} leaves no room for the command: {counted} "
-                             "processes in the container's cgroup",
+            counted = ("the container's init (PID 1) and the command are two processes" if options.init
+                       else "the command is one process")
+            raise LimitError(f"--pids-limit {options.pids_limit} leaves no room for the command: {counted}",
                              f"give {needed} or more, for instance --pids-limit 20"
-                             + (", or run the command as PID 1 itself with --no-init (then 2 will do)"
+                             + (", or run the command as PID 1 itself with --no-init (then 1 will do)"
                                 if options.init else ""))
         limits["pids"] = int(options.pids_limit)
     if options.hostname is not None:
@@ -304,17 +325,48 @@ def _bounding_set() -> int:
     return 0
 
 
+#: The options of Docker's default mounts where they differ from ``runc spec``'s (moby's
+#: oci/defaults.go, DefaultLinuxSpec): /proc nosuid,noexec,nodev; devpts with gid=5 (the tty group, so
+#: that a terminal is group tty as on a host, pts(4)); /dev/shm without runc's size (Docker sizes it by
+#: --shm-size, 64 MiB by default, as here); /dev is the same as runc's: nosuid,strictatime,mode=755,
+#: size=65536k (no noexec: Docker has none there either). And the container's cgroups at /sys/fs/cgroup,
+#: read-only (writable with --privileged, as Docker).
+DOCKER_MOUNT_OPTIONS = {
+    "/proc": ["nosuid", "noexec", "nodev"],
+    "/dev/pts": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+}
+
+
+def docker_mounts(mounts: list[dict], cgroup_mount: dict) -> list[dict]:
+    """runc spec's mounts with Docker's options, and the cgroup mount after /sys (in Docker's order)."""
+    result = []
+    for mount in mounts:
+        mount = dict(mount)
+        if mount["destination"] in DOCKER_MOUNT_OPTIONS:
+            mount["options"] = list(DOCKER_MOUNT_OPTIONS[mount["destination"]])
+        result.append(mount)
+        if mount["destination"] == "/sys":
+            result.append({**cgroup_mount, "options": list(cgroup_mount["options"])})
+    return result
+
+
 def build_config(options: Options, image_config: dict, rootfs: str, args: list[str],
                  init_program: str | None, limits: dict) -> dict:
     """The config.json for one container: Docker's defaults (every namespace but user, /proc, /dev,
     Docker's capability set, no_new_privs, the device allowlist, the seccomp profile, masked and
     read-only /proc paths) and the flags on top. ``--privileged`` takes the last four away."""
     from stages.runtime.oci import default_spec
+    from stages.runtime.oci.spec import CGROUP_MOUNT
 
     namespaces = ["pid", "ipc", "uts", "mount", "cgroup"] + ([] if options.network == "host" else ["network"])
-    config = default_spec(args, rootfs=rootfs, hostname=options.hostname or "container",
+    hostname = options.hostname or "container"
+    # Docker's daemon puts HOSTNAME first, under the image's and the user's variables (which win); HOME
+    # it leaves to the runtime, which reads the user's home in the image's /etc/passwd (as runc does).
+    config = default_spec(args, rootfs=rootfs, hostname=hostname,
                           readonly=options.read_only, namespaces=tuple(namespaces),
-                          env=merge_env(image_config.get("Env") or [], parse_env(options.env)))
+                          env=merge_env([f"HOSTNAME={hostname}", *(image_config.get("Env") or [])],
+                                        parse_env(options.env)))
+    config["mounts"] = docker_mounts(config["mounts"], CGROUP_MOUNT)
     process = config["process"]
     process["capabilities"] = _capabilities(options)
     process["cwd"] = options.workdir or image_config.get("WorkingDir") or "/"
@@ -345,7 +397,7 @@ def build_config(options: Options, image_config: dict, rootfs: str, args: list[s
         # of /proc masked or read-only, /sys writable. The container can do what root on the host can.
         linux["maskedPaths"], linux["readonlyPaths"] = [], []
         for mount in config["mounts"]:
-            if mount["destination"] == "/sys":
+            if mount["destination"] in ("/sys", "/sys/fs/cgroup"):
                 mount["options"] = [word for word in mount["options"] if word != "ro"] + ["rw"]
     else:
         from stages.runtime.oci import devices

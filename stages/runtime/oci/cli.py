@@ -487,13 +487,20 @@ def do_exec(args, log: Log) -> int:
     try:
         result = oci.exec_process(args.id, process, root=args.root, record=record, detach=args.detach,
                                   **options)
+    except StagesError as error:
+        if type(error).__name__ == "ContainerNotFoundError":
+            raise  # said in runc's words, which podman looks for
+        # runc exec's own failures (no such command, not executable, a bad process.json) end with 255,
+        # kept apart from the 0-254 a command itself may return; podman reads 255 as "exec failed"
+        log.error(error.message + (f"; hint: {error.hint}" if error.hint else ""))
+        return 255
     finally:
         log.steps(record)
     if args.detach:
         if args.pid_file and "pid_file" not in options:
             from stages.runtime.oci import statefile
 
-            statefile.write_text(os.path.abspath(args.pid_file), f"{result}\n")
+            statefile.write_text(os.path.abspath(args.pid_file), str(result))  # no newline, as runc
         return 0
     if result is None:
         return 0
@@ -763,7 +770,9 @@ def do_spec(args, log: Log) -> int:
     path = os.path.join(os.path.abspath(args.bundle), "config.json")
     if os.path.exists(path):
         raise StagesError(f"{path} exists already", "remove it first, or write into another --bundle")
-    _oci().write_bundle(args.bundle, _oci().default_spec(["sh"]))
+    from stages.runtime.oci.spec import runc_spec
+
+    _oci().write_bundle(args.bundle, runc_spec(["sh"]))
     return 0
 
 

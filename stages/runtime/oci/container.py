@@ -250,8 +250,6 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             cgroup.set_memory(plan.memory, swap=plan.memory_swap)
         if plan.cpus is not None:
             cgroup.set_cpus(plan.cpus)
-        if plan.pids is not None:
-            cgroup.set_pids(plan.pids)
         if plan.devices is not None:  # before any process of the container is in the cgroup
             oci_devices.apply(cgroup, plan.devices)
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
@@ -291,11 +289,20 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
                 process.send(channel, {"go": True})
             if "pid" in message:
                 pid = message["pid"]
+                # The init is in the cgroup now (a child inherits it): its setup process goes back to
+                # ours, so that it counts in none of the container's limits, as runc's own helpers do
+                # not (they have ended by then; this one stays, to pass on how the init ended).
+                _leave_cgroup(setup_pid, cgroup, record)
             paused = paused or bool(message.get("hooks"))
             if paused and pid and not resumed:  # the hooks read its host PID: wait for both messages
                 oci_hooks.resume_init(channel, plan.hooks, data, pid, where, record)
                 resumed = True
             created = created or bool(message.get("created"))
+        if plan.pids is not None:
+            # Set once the container holds its own processes only, as runc sets the limits once its
+            # init is ready: pids.max counts every task in the cgroup (pids.rst), so --pids-limit 1 is
+            # the init alone, as under runc.
+            cgroup.set_pids(plan.pids)
         data.update(status="created", pid=pid)
         data["stages"]["init_started"] = oci_state.start_time(pid)
         if detach:
@@ -422,6 +429,33 @@ def _error_class(name: str) -> type:
 
     found = getattr(errors, name, None) or getattr(oci_spec, name, None) or getattr(oci_hooks, name, None)
     return found if isinstance(found, type) and issubclass(found, StagesError) else StagesError
+
+
+def _leave_cgroup(pid: int, cgroup, record: StepRecord) -> None:
+    """Move process ``pid`` out of the container's ``cgroup``, into our own cgroup in each hierarchy
+    (where the process came from: it was forked from us). A hierarchy whose own cgroup we cannot find
+    (a cgroup namespace hides it) leaves the process where it is."""
+    from stages.isolate import cgroups
+
+    layout = cgroups.detect()
+    hierarchies = {}
+    for controller in cgroup.directories:
+        with contextlib.suppress(StagesError):
+            hierarchy = layout.hierarchy(controller)
+            hierarchies[os.path.normpath(hierarchy.mountpoint)] = hierarchy.own_directory
+    for directory in cgroup.unique_directories():
+        mountpoint = max((point for point in hierarchies if directory.startswith(point + "/")), key=len,
+                         default=None)
+        if mountpoint is None:
+            continue
+        procs = os.path.join(hierarchies[mountpoint], "cgroup.procs")
+        with record.step(f"echo {pid} > {procs}", where="outside",
+                         what="the setup process leaves the container's cgroup: only the container counts"):
+            try:
+                with open(procs, "w") as handle:
+                    handle.write(str(pid))
+            except ProcessLookupError:  # detached, it may have ended already: nothing to move
+                return
 
 
 def _end_setup(pid: int) -> None:
@@ -778,12 +812,20 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
                 _pass_console(fds, reply["console"], console_socket, console, record)
             if "error" in reply:
                 failed = [item["shell"] for item in reply.get("steps", []) if not item["ok"]]
+                if pid is not None:
+                    # The process was forked into the container and ends now (127): its helper, its
+                    # parent, must live to reap it. Killed first, it would leave the zombie to the host's
+                    # PID 1 (the reaper of the *parent's* PID namespace, pid_namespaces(7)), and the
+                    # container's cgroup would not empty until then (the next stop waits for it).
+                    undo.pop_all()
+                    if _reap(helper, 5.0) is None:
+                        _end_setup(helper)
                 raise _rebuild(reply["error"], failed[-1] if failed else None)
             pid = reply.get("pid", pid)
         if pid is None:
             raise _died(helper, None)
         if pid_file is not None:
-            oci_state.write_text(os.fspath(pid_file), f"{pid}\n")
+            oci_state.write_text(os.fspath(pid_file), str(pid))  # no newline: runc writes none
         undo.pop_all()
     if started is not None:
         started(pid)

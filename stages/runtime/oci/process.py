@@ -35,7 +35,7 @@ import termios
 from collections.abc import Callable
 
 from stages import kernel, steps
-from stages.errors import CommandNotFoundError, StagesError, error_reply
+from stages.errors import CommandNotFoundError, CommandNotRunnableError, StagesError, error_reply
 from stages.isolate import cgroups as host_cgroups
 from stages.isolate import filesystem
 from stages.rootfs import Root
@@ -282,6 +282,13 @@ def init_process(sock: socket.socket, plan: Plan, fifo: int, release: int | None
                 with steps.record("# prctl(PR_SET_PDEATHSIG, 0)", where="inside",
                                   what="detached: the init is reparented to the caller's subreaper"):
                     kernel.set_parent_death_signal(0)
+                if not plan.process.terminal:  # with a terminal, attach_terminal made the session
+                    # As runc's init (nsexec.c): a session and process group of its own, so that a
+                    # supervisor's kill(-pgid) (conmon's --timeout) reaches the container, not the
+                    # supervisor that shared its group (setsid(2), credentials(7) "Sessions").
+                    with steps.record("setsid", where="inside",
+                                      what="detached: the container's own session and process group"):
+                        os.setsid()
         send(sock, {"created": True, "steps": record.to_dicts()})
         sock.close()
         if release is not None:
@@ -324,7 +331,13 @@ def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) 
             with open("/proc/sys/kernel/domainname", "w") as handle:  # our UTS namespace's value
                 handle.write(plan.domainname)
     # 2. the root filesystem, while the host's files are still reachable
-    kernel.mount(None, "/", None, plan.rootfs_propagation,
+    # Recursively slave or private first, whatever rootfsPropagation says: then no mount event made in
+    # here crosses to the host's namespace (mount_namespaces(7)); shared or unbindable is set on the new
+    # / only after pivot_root(2), which refuses a shared root (EINVAL), and a shared mount made from a
+    # slave one propagates to a peer group of its own, inside this namespace, never to its master.
+    first = kernel.MS_REC | (kernel.MS_SLAVE if plan.rootfs_propagation & (kernel.MS_SLAVE | kernel.MS_SHARED)
+                             else kernel.MS_PRIVATE)
+    kernel.mount(None, "/", None, first,
                  what="no mount event crosses from the container to the host (mount_namespaces(7))")
     filesystem.bind_on_itself(plan.rootfs)
     # The rootfs is hostile input: every path written below it (mount targets, the files and directories
@@ -341,11 +354,18 @@ def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) 
             filesystem.make_device_links("/dev", root=root)
         for node in plan.device_nodes:
             make_device_node(node, plan.in_user_namespace, root)
+        if not root.is_directory(process.cwd):
+            # runc and Docker make a missing working directory (-w /does/not/exist), before the rootfs
+            # may turn read-only; inside the rootfs, as every path here
+            root.make_directories(process.cwd, 0o755)
     if before_pivot_root is not None:
         # prestart, createRuntime (the runtime) and createContainer hooks (here) run now: the container's
         # environment exists and the host's paths are still in reach (config.md, "POSIX-platform Hooks")
         before_pivot_root()
     filesystem.pivot_root(plan.rootfs, bind=False)
+    if plan.rootfs_propagation != first:
+        kernel.mount(None, "/", None, plan.rootfs_propagation,
+                     what="linux.rootfsPropagation, on the new root")
     # 3. what /proc and /sys may show and change. From here on the rootfs is / and the old root is
     # detached: an absolute link starts at the rootfs and '..' stops there, so sysctl, maskedPaths and
     # readonlyPaths cannot reach a host path whatever the image's links say (path_resolution(7)).
@@ -374,6 +394,7 @@ def init_chain(plan: Plan, before_pivot_root: Callable[[], None] | None = None) 
         os.umask(process.umask)
     with steps.record(f"cd {process.cwd}", where="inside"):
         os.chdir(process.cwd)
+    set_home(process)
     executable = find_program(process.args[0], process.env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
     if plan.seccomp is not None and not process.no_new_privileges:
         # Without no_new_privs, loading a filter takes CAP_SYS_ADMIN (seccomp(2)): so now, before
@@ -505,15 +526,73 @@ def mount_one(item: Mount, in_user_namespace: bool, root: Root) -> None:
             root.mount(None, target, None, kernel.MS_BIND | kernel.MS_REMOUNT | extra | _locked(target, root),
                        what="apply the options to the bind mount")
     else:
+        # tmpcopyup: hold the directory the tmpfs will cover, to copy from it once it is covered
+        lower = root.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if item.copy_up else -1
         try:
-            root.mount(item.source, target, item.type, item.flags, item.data, what=f"{item.destination}")
-        except PermissionError:
-            if item.type != "sysfs" or not in_user_namespace:
-                raise
-            # sysfs needs a network namespace owned by our user namespace; borrow the host's, read-only
-            filesystem.mount_sys(target, root=root)
+            try:
+                root.mount(item.source, target, item.type, item.flags, item.data, what=f"{item.destination}")
+            except PermissionError:
+                if item.type != "sysfs" or not in_user_namespace:
+                    raise
+                # sysfs needs a network namespace owned by our user namespace; borrow the host's, read-only
+                filesystem.mount_sys(target, root=root)
+            if lower >= 0:
+                upper = root.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    with steps.record(f"cp -a {item.destination}/. <the new tmpfs>", where="inside",
+                                      what="tmpcopyup: the tmpfs starts with the image's files there"):
+                        _copy_tree(lower, upper)
+                finally:
+                    os.close(upper)
+        finally:
+            if lower >= 0:
+                os.close(lower)
     if item.propagation:
         root.mount(None, target, None, item.propagation)
+
+
+def _copy_tree(source: int, target: int) -> None:
+    """Copy the directory open at ``source`` into the one at ``target`` (``cp -a``: modes, owners, times,
+    links as links). Every call is relative to a descriptor (openat(2) and friends, O_NOFOLLOW), so a
+    link in the image is copied, never followed out of it."""
+    for entry in os.scandir(source):
+        name = entry.name
+        info = os.stat(name, dir_fd=source, follow_symlinks=False)
+        kind = stat.S_IFMT(info.st_mode)
+        if kind == stat.S_IFDIR:
+            os.mkdir(name, 0o700, dir_fd=target)
+            directory = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            below = os.open(name, directory, dir_fd=source)
+            try:
+                into = os.open(name, directory, dir_fd=target)
+                try:
+                    _copy_tree(below, into)
+                finally:
+                    os.close(into)
+            finally:
+                os.close(below)
+        elif kind == stat.S_IFLNK:
+            os.symlink(os.readlink(name, dir_fd=source), name, dir_fd=target)
+        elif kind == stat.S_IFREG:
+            reading = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=source)
+            try:
+                writing = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  0o600, dir_fd=target)
+                try:
+                    while os.sendfile(writing, reading, None, 1 << 20):
+                        pass
+                finally:
+                    os.close(writing)
+            finally:
+                os.close(reading)
+        elif kind in (stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK):
+            os.mknod(name, kind | 0o600, info.st_rdev, dir_fd=target)
+        else:
+            continue  # a socket: whoever listened on it is not in the copy
+        os.chown(name, info.st_uid, info.st_gid, dir_fd=target, follow_symlinks=False)
+        if kind != stat.S_IFLNK:
+            os.chmod(name, stat.S_IMODE(info.st_mode), dir_fd=target)
+        os.utime(name, ns=(info.st_atime_ns, info.st_mtime_ns), dir_fd=target, follow_symlinks=False)
 
 
 def make_device_node(node: dict, in_user_namespace: bool, root: Root) -> None:
@@ -552,12 +631,43 @@ def make_device_node(node: dict, in_user_namespace: bool, root: Root) -> None:
                what=f"linux.devices: {path}")
 
 
+def home_directory(uid: int, passwd: str = "/etc/passwd") -> str:
+    """The home directory of ``uid`` in the container's passwd(5) ("/" when it has none, as runc's
+    user lookup says). Read after pivot_root(2) or setns(2): / is the container's, so is the file."""
+    try:
+        with open(passwd, errors="replace") as handle:
+            for line in handle:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 6 and fields[2] == str(uid) and fields[5]:
+                    return fields[5]
+    except OSError:
+        pass
+    return "/"
+
+
+def set_home(process: Process) -> None:
+    """``HOME`` from the container's /etc/passwd when process.env has none, as runc does (so a Dockerfile's
+    ``RUN mkdir -p $HOME/.config`` makes /root/.config, not /.config)."""
+    if "HOME" not in process.env:
+        home = home_directory(process.uid)
+        with steps.record(f"export HOME={home}", where="inside",
+                          what=f"no HOME in process.env: user {process.uid}'s home in /etc/passwd"):
+            process.env["HOME"] = home
+
+
 def find_program(name: str, path: str) -> str:
     """The file ``execvp`` would run for ``name``, looked up now so that a typo fails at ``create``."""
     candidates = [name] if "/" in name else [os.path.join(d or ".", name) for d in path.split(":")]
+    denied = None
     for candidate in candidates:
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = denied or candidate
+    if denied is not None:
+        # execve(2) would fail with EACCES: runc says "permission denied", and podman and Docker exit 126
+        raise CommandNotRunnableError(f"exec {denied}: permission denied: the file is not executable",
+                                      f"make it executable (chmod +x {denied}), or run another program")
     raise CommandNotFoundError(f"{name} was not found in the container's rootfs (PATH={path})",
                                "check process.args[0] and process.env's PATH in config.json")
 
@@ -694,6 +804,7 @@ def _exec_child(sock: socket.socket, process: Process, detach: bool = False,
                 os.umask(process.umask)
             with steps.record(f"cd {process.cwd}", where="inside"):
                 os.chdir(process.cwd)
+            set_home(process)
             executable = find_program(process.args[0],
                                       process.env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
             if seccomp is not None and not process.no_new_privileges:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import resource
+import stat
 from dataclasses import asdict, dataclass, field
 
 from stages import kernel
@@ -128,6 +129,9 @@ class Mount:
     data: str | None
     propagation: int = 0
     bind: bool = False
+    #: ``tmpcopyup`` (runc's option, which podman gives --tmpfs and --read-only's tmpfs): the new tmpfs
+    #: starts with a copy of what the image has in the directory it covers
+    copy_up: bool = False
 
 
 @dataclass
@@ -386,14 +390,25 @@ def _device_nodes(linux: dict, rootfs: str) -> list[dict]:
             raise refuse(where, "a character or block device needs its major and minor numbers",
                          "look them up with ls -l on the host (for instance /dev/fuse is c 10 229)")
         mode = _typed(item.get("fileMode"), int, f"{where}.fileMode", 0o666)
-        if not 0 <= mode <= 0o7777:
-            raise refuse(f"{where}.fileMode", f"{mode} is not a file mode", "for instance 438 (0666)")
+        # podman (and runc's own libcontainer/devices) write st_mode whole: the file-type bits beside the
+        # permissions (0o20666 for a character device, inode(7)). runc takes the permissions and checks
+        # nothing else; we check that the type bits, if given, say what "type" says.
+        file_type = stat.S_IFMT(mode)
+        if mode < 0 or mode & ~0o177777 or (
+                file_type and file_type != _DEVICE_TYPES["c" if kind == "u" else kind]):
+            raise refuse(f"{where}.fileMode", f"{mode} ({oct(mode)}) is not a file mode for a device of type "
+                         f"{kind!r}", "for instance 438 (0o666), or 8630 (0o20666: a character device)")
+        mode &= 0o7777
         nodes.append({"path": path, "target": str(resolve(rootfs, path)),
                       "type": "c" if kind == "u" else kind, "major": numbers[0] or 0,
                       "minor": numbers[1] or 0, "mode": mode,
                       "uid": _typed(item.get("uid"), int, f"{where}.uid", 0),
                       "gid": _typed(item.get("gid"), int, f"{where}.gid", 0)})
     return nodes
+
+
+#: linux.devices' type -> the file-type bits of st_mode (inode(7))
+_DEVICE_TYPES = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
 
 
 def _seccomp(linux: dict, cache: str | None = None) -> dict | None:
@@ -515,9 +530,11 @@ def _mount(item, index: int, rootfs: str, bundle: str) -> Mount:
     options = _typed(item.get("options"), list, f"{name}.options", [])
     for word in options:
         _typed(word, str, f"{name}.options")
-    for unsupported in ("idmap", "ridmap", "tmpcopyup"):
+    for unsupported in ("idmap", "ridmap"):
         if unsupported in options:
             raise refuse(f"{name}.options", f"{unsupported!r} is not supported by this runtime")
+    copy_up = "tmpcopyup" in options
+    options = [word for word in options if word != "tmpcopyup"]  # ours, not mount(2)'s
     for field_name in ("uidMappings", "gidMappings"):
         if item.get(field_name):
             raise refuse(f"{name}.{field_name}",
@@ -538,8 +555,11 @@ def _mount(item, index: int, rootfs: str, bundle: str) -> Mount:
         kind = None
     elif not kind:
         raise refuse(f"{name}.type", "is missing (proc, tmpfs, sysfs, devpts, mqueue ... or bind)")
+    if copy_up and kind != "tmpfs":
+        raise refuse(f"{name}.options", f"'tmpcopyup' copies a directory into a new tmpfs; this mount is "
+                     f"{kind or 'a bind mount'}", "leave tmpcopyup out, or make it a tmpfs mount")
     return Mount(destination=destination, target=str(resolve(rootfs, destination)), type=kind, source=source,
-                 flags=flags, data=data, propagation=propagation, bind=bind)
+                 flags=flags, data=data, propagation=propagation, bind=bind, copy_up=copy_up)
 
 
 def _process(config: dict, uid_mappings, gid_mappings) -> Process:
@@ -736,6 +756,30 @@ def default_spec(args: list[str] | None = None, *, rootfs: str = "rootfs", hostn
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
+
+
+#: The cgroup mount runc spec and Docker give every container: its own cgroups, read-only
+CGROUP_MOUNT = {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+
+
+def runc_spec(args: list[str] | None = None) -> dict:
+    """The config.json ``runc spec`` writes (runc 1.1), field for field but ``ociVersion``: a terminal,
+    three capabilities (ambient too), no HOME (the runtime takes it from /etc/passwd), hostname "runc",
+    devpts with gid=5 (the tty group), the container's cgroups at /sys/fs/cgroup, and the device rule
+    that denies every device but the spec's defaults. ``stages-oci spec`` writes it."""
+    config = default_spec(args, hostname="runc", capabilities=["audit_write", "kill", "net_bind_service"],
+                          env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                               "TERM=xterm"])
+    process = config["process"]
+    process["terminal"] = True
+    process["capabilities"]["ambient"] = list(process["capabilities"]["bounding"])
+    for mount in config["mounts"]:
+        if mount["type"] == "devpts":
+            mount["options"].append("gid=5")
+    config["mounts"].append(json.loads(json.dumps(CGROUP_MOUNT)))
+    config["linux"]["resources"] = {"devices": [{"allow": False, "access": "rwm"}]}
+    return config
 
 
 def write_bundle(directory: str | os.PathLike, config: dict) -> str:
