@@ -88,3 +88,12 @@ def test_00_check_fails_without_the_chroot():
                        {"4dae5709": patched(cell_source("00-why-containers.ipynb", "4dae5709"), NO_CHROOT)},
                        check="021b64a3")
     assert "the jailed shell's root should be the rootfs" in error and "no chroot?" in error, error
+
+
+# -- notebook 05 ----------------------------------------------------------------------------------------
+def test_05_check_fails_when_memory_is_dropped_from_the_explained_run():
+    source = cell_source("05-automated-runtime.ipynb", "dd924647")
+    assert '"--memory", "64m",' in source
+    error = run_broken("05-automated-runtime.ipynb", {"dd924647": source.replace('"--memory", "64m",', "")},
+                       check="84a4b58f")
+    assert "--explain should show --memory 64m" in error, error
