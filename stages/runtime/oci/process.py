@@ -668,7 +668,9 @@ def find_program(name: str, path: str) -> str:
         # execve(2) would fail with EACCES: runc says "permission denied", and podman and Docker exit 126
         raise CommandNotRunnableError(f"exec {denied}: permission denied: the file is not executable",
                                       f"make it executable (chmod +x {denied}), or run another program")
-    raise CommandNotFoundError(f"{name} was not found in the container's rootfs (PATH={path})",
+    # runc's words, which podman reads to tell "not found" (127) from other failures (execvp(3))
+    where = "no such file or directory" if "/" in name else f"executable file not found in $PATH ({path})"
+    raise CommandNotFoundError(f"{name} was not found in the container's rootfs: {where}",
                                "check process.args[0] and process.env's PATH in config.json")
 
 
