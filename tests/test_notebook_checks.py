@@ -97,3 +97,36 @@ def test_05_check_fails_when_memory_is_dropped_from_the_explained_run():
     error = run_broken("05-automated-runtime.ipynb", {"dd924647": source.replace('"--memory", "64m",', "")},
                        check="84a4b58f")
     assert "--explain should show --memory 64m" in error, error
+
+
+def test_05_check_fails_when_the_orphans_run_with_the_init():
+    source = cell_source("05-automated-runtime.ipynb", "c5e1a002")
+    assert '(("--no-init", ["--no-init"]),' in source
+    error = run_broken("05-automated-runtime.ipynb",
+                       {"c5e1a002": source.replace('(("--no-init", ["--no-init"]),', '(("--no-init", []),')},
+                       check="84a4b58f")
+    assert "with --no-init the 3 orphans stay zombies" in error, error
+
+
+# -- notebook 01 ----------------------------------------------------------------------------------------
+def test_01_check_fails_without_the_chroot():
+    error = run_broken("01-chroot-jail.ipynb",
+                       {"9eeeaa72": patched(cell_source("01-chroot-jail.ipynb", "9eeeaa72"), NO_CHROOT)},
+                       check="8216b8cc")
+    assert "the record shows chroot" in error, error
+
+
+# -- notebook 07 ----------------------------------------------------------------------------------------
+# what the form printed, whatever the flags
+FIXED_MOUNTS = ('    lines += ["mount -t proc proc /proc",\n'
+                '              "mount -t tmpfs tmpfs /dev   # and the device nodes",\n'
+                '              "pivot_root . .", "umount -l ."]\n')
+
+
+def test_07_check_fails_when_the_form_prints_fixed_mounts():
+    source = cell_source("07-manual-vs-automated.ipynb", "667b0088")
+    start = source.index("    # the mounts config.json asks for")
+    end = source.index("    if config[\"root\"].get(\"readonly\"):")
+    broken = source[:start] + FIXED_MOUNTS + source[end:]
+    error = run_broken("07-manual-vs-automated.ipynb", {"667b0088": broken}, check="85097239")
+    assert "one mount step per mount of config.json" in error, error

@@ -64,6 +64,28 @@ def test_stage_1_without_the_chroot_says_the_jail_sees_the_host(python, stages_h
     assert "[SHARED]" in files, files
 
 
+def test_stage_1_escape_without_the_last_chroot_fails(python, stages_home, tmp_path):
+    out = run_broken_tour(python, stages_home, tmp_path, """
+        import subprocess
+        from stages import kernel
+        real_chroot, real_run = kernel.chroot, subprocess.run
+        def chroot(path, what=""):
+            if what.startswith("make the real root our root"):   # the climb's last `chroot .`: skipped
+                return None
+            return real_chroot(path, what=what)
+        kernel.chroot = chroot
+        def run(argv, *arguments, **options):
+            # the escape's child is `python -S -c CODE`: without site, it loads this module only if asked
+            if isinstance(argv, list) and "-S" in argv and "_escape_child" in argv[argv.index("-c") + 1]:
+                at = argv.index("-c") + 1
+                argv = [*argv[:at], "import sitecustomize; " + argv[at], *argv[at + 1:]]
+            return real_run(argv, *arguments, **options)
+        subprocess.run = run
+        """, "--stage", "1")
+    escape = lines_about(section(out, "1.3"), "the escape")
+    assert "[isolated] failed" in escape, escape
+
+
 def test_stage_2_without_the_old_root_unmount(python, stages_home, tmp_path):
     out = run_broken_tour(python, stages_home, tmp_path, """
         import sys
