@@ -43,6 +43,8 @@ if [[ $job == test || $job == setup ]]; then
     packages+=(podman conmon runc crun)
     # the runtime spec's JSON schemas (tests/test_oci_cli.py checks `stages-oci state` against them)
     packages+=(golang-github-opencontainers-specs-dev)
+    # the OCI runtime conformance suite (tests/test_conformance.py) is Go, built from ../shared/conformance
+    packages+=(golang-go)
     # The notebooks in a real browser (tests/test_browser.py) drive Debian's chromium deb (Ubuntu ships
     # chromium only as a snap); vagrant too comes from Debian. Elsewhere those tests skip, saying why.
     if grep -qsx 'ID=debian' /etc/os-release; then

@@ -546,7 +546,7 @@ def set_field(config: dict, dotted: str, value) -> None:
 
 
 @pytest.mark.parametrize("field, value, named", [
-    ("linux.resources.memory.disableOOMKiller", True, None),
+    ("linux.resources.blockIO.throttleReadBpsDevice", [{"major": 8, "minor": 0, "rate": 1}], None),
     ("linux.resources.memory.useHierarchy", False, None),
     ("linux.resources.cpu.burst", 1000, None),
     ("linux.memoryPolicy", {"mode": "MPOL_BIND", "nodes": "0"}, None),

@@ -433,6 +433,9 @@ class Cgroup:
     layout: Layout | None = field(default=None, repr=False)
     managed_parents: list[str] = field(default_factory=list, repr=False)  # stages parents to tidy when empty
     removed: bool = False
+    #: directories :meth:`create_path` made on the way down to the cgroup (cgroupsPath ``/a/b``: ``/a``),
+    #: removed with it when nothing else is left in them
+    made_parents: list[str] = field(default_factory=list, repr=False)
 
     # -- making and finding ----------------------------------------------------------------------
     @classmethod
@@ -566,6 +569,69 @@ class Cgroup:
                      "cgroup, as the workshop VM does"),
                 ) from cause
             raise
+
+    @classmethod
+    def create_path(cls, path: str, *, controllers: Iterable[str], record: StepRecord | None = None,
+                    enable: Iterable[str] | None = None) -> Cgroup:
+        """The cgroup at ``path`` as the OCI runtime spec reads ``linux.cgroupsPath``: an absolute path is
+        relative to each hierarchy's mount point as our cgroup namespace shows it (cgroup_namespaces(7)),
+        a relative one is below our own cgroup. Directories missing on the way are made (and removed with
+        the cgroup when empty); an existing cgroup at ``path`` is joined, as the spec asks ("consistently
+        attach to the same place"). ``controllers`` this machine lacks are left out (see
+        :func:`find_hierarchy`). On cgroup v2 only ``enable`` (default: the memory, pids and cpu among
+        ``controllers``) are switched on for the children on the way down: each costs the "no internal
+        processes" rule (cgroups(7)) at every level, so a controller nobody limits is left off."""
+        parts = [part for part in path.split("/") if part]
+        if not parts or any(part in (".", "..") for part in parts):
+            raise CgroupError(f"{path!r} is not a cgroup path",
+                              "give a path such as /machine/web-1 or web-1, without '..'")
+        layout = detect()
+        # stages/stages-NAME, relative, is where Cgroup.create("NAME") puts it: the same name, for open()
+        same = not path.startswith("/") and len(parts) == 2 and parts[0] == PARENT \
+            and parts[1].startswith(PREFIX)
+        cgroup = cls(parts[1] if same else path, {}, {}, record=record, layout=layout)
+        wanted = [c for c in dict.fromkeys(controllers) if find_hierarchy(c, layout) is not None]
+        switched = [c for c in wanted if c in CONTROLLERS] if enable is None else list(enable)
+        v2 = [_V2_NAMES.get(c, c) for c in wanted if find_hierarchy(c, layout).version == 2
+              and c not in EXTRA_CONTROLLERS and c in switched]
+        try:
+            made: dict[str, str] = {}
+            for controller in wanted:
+                hierarchy = find_hierarchy(controller, layout)
+                if hierarchy.mountpoint not in made:
+                    base = (os.path.normpath(hierarchy.mountpoint) if path.startswith("/")
+                            else hierarchy.own_directory)
+                    made[hierarchy.mountpoint] = cgroup._make_path(base, parts, hierarchy, v2)
+                    if not path.startswith("/") and parts[0] == PARENT and len(parts) > 1:
+                        # the shared stages parent: whoever leaves it empty removes it (Cgroup.create's)
+                        cgroup.managed_parents.append(os.path.join(base, PARENT))
+                cgroup.directories[controller] = made[hierarchy.mountpoint]
+                cgroup.versions[controller] = hierarchy.version
+        except BaseException:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    def _make_path(self, base: str, parts: list[str], hierarchy: Hierarchy, v2: list[str]) -> str:
+        directory = base
+        for index, part in enumerate(parts):
+            parent, directory = directory, os.path.join(directory, part)
+            if hierarchy.version == 2:
+                available = set(_read(os.path.join(parent, "cgroup.controllers")).split())
+                self._enable(parent, [c for c in v2 if c in available],
+                             ours=parent != hierarchy.own_directory)
+            if os.path.isdir(directory):
+                continue
+            last = index == len(parts) - 1
+            self._mkdir(directory, what="" if last else "a parent on the way to cgroupsPath")
+            if index < len(parts) - 1 and not (index == 0 and part == PARENT):
+                self.made_parents.insert(0, directory)  # deepest first, for remove()
+            if hierarchy.version == 1 and "cpuset" in _hierarchy_options(hierarchy):
+                # a v1 cpuset takes no process until it has CPUs and memory nodes: the parent's (cpuset(7))
+                for knob in ("cpuset.cpus", "cpuset.mems"):
+                    value = _read(os.path.join(parent, knob)).strip()
+                    self._write(os.path.join(directory, knob), value, what="the parent's, to start with")
+        return directory
 
     @classmethod
     def open(cls, name: str, *, parent: Cgroup | None = None, record: StepRecord | None = None) -> Cgroup:
@@ -710,6 +776,82 @@ class Cgroup:
             self._write(self.file("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US), what="the period")
             self._write(self.file("cpu", "cpu.cfs_quota_us"), str(quota), what=what)
         return number
+
+    def set_cpu_quota(self, quota: int, period: int) -> None:
+        """CFS bandwidth as the OCI runtime spec gives it: ``quota`` microseconds (-1: no limit) of CPU time
+        every ``period`` microseconds. v2 ``cpu.max``; v1 ``cpu.cfs_period_us`` then ``cpu.cfs_quota_us``."""
+        what = f"{quota} us of CPU time every {period} us" if quota > 0 else "no CPU quota"
+        if self.versions.get("cpu") == 2:
+            self._write(self.file("cpu", "cpu.max"), f"{quota if quota > 0 else 'max'} {period}", what=what)
+        else:
+            self._write(self.file("cpu", "cpu.cfs_period_us"), str(period), what="the period")
+            self._write(self.file("cpu", "cpu.cfs_quota_us"), str(quota if quota > 0 else -1), what=what)
+
+    def set_cpu_shares(self, shares: int) -> int:
+        """A relative CPU weight, used only when CPUs are contended: v1 ``cpu.shares`` (2..262144, 1024 the
+        default); v2 ``cpu.weight`` (1..10000, 100 the default) by runc's and crun's conversion,
+        ``1 + (shares - 2) * 9999 // 262142``. Returns the number written."""
+        if self.versions.get("cpu") == 2:
+            weight = 1 + (max(2, min(shares, 262144)) - 2) * 9999 // 262142
+            self._write(self.file("cpu", "cpu.weight"), str(weight),
+                        what=f"CPU weight {weight} (the OCI shares {shares}, converted)")
+            return weight
+        self._write(self.file("cpu", "cpu.shares"), str(shares), what=f"CPU weight {shares} (1024: default)")
+        return shares
+
+    def set_realtime(self, runtime: int | None, period: int | None) -> None:
+        """Real-time bandwidth (v1 ``cpu.rt_period_us``, ``cpu.rt_runtime_us``; sched(7)); v2 has none."""
+        if self.versions.get("cpu") == 2:
+            raise LimitError("cgroup v2 has no real-time CPU bandwidth (cpu.rt_*)",
+                             "leave realtimeRuntime and realtimePeriod out")
+        if period:
+            self._write(self.file("cpu", "cpu.rt_period_us"), str(period), what="the real-time period")
+        if runtime is not None:
+            self._write(self.file("cpu", "cpu.rt_runtime_us"), str(runtime), what="real-time time per period")
+
+    def set_cpuset(self, cpus: str | None = None, mems: str | None = None) -> None:
+        """Which CPUs and memory nodes the processes may use (``cpuset.cpus``, ``cpuset.mems``, the same
+        names on v1 and v2; cpuset(7)), as lists like ``0-1,3``."""
+        for knob, value in (("cpuset.cpus", cpus), ("cpuset.mems", mems)):
+            if value:
+                self._write(self.file("cpuset", knob), value, what=f"only {knob.split('.')[1]} {value}")
+
+    def set_memory_reservation(self, number: int) -> None:
+        """A soft memory limit (-1: none): v1 ``memory.soft_limit_in_bytes``, reclaimed back to first under
+        memory pressure; v2 ``memory.low``, memory protected from reclaim up to it (runc's mapping)."""
+        if self.versions["memory"] == 2:
+            value, name = ("max" if number == -1 else str(number)), "memory.low"
+        else:
+            value, name = str(number), "memory.soft_limit_in_bytes"
+        self._write(self.file("memory", name), value, what="the soft limit")
+
+    def set_swappiness(self, value: int) -> None:
+        """v1 ``memory.swappiness`` (0..100: how readily this cgroup's pages are swapped); v2 has none."""
+        if self.versions["memory"] == 2:
+            raise LimitError("cgroup v2 has no per-cgroup swappiness", "leave swappiness out")
+        self._write(self.file("memory", "memory.swappiness"), str(value), what="swappiness")
+
+    def disable_oom_killer(self) -> None:
+        """v1 ``memory.oom_control`` 1: at the limit the processes wait instead of being killed; v2 has no
+        such switch."""
+        if self.versions["memory"] == 2:
+            raise LimitError("cgroup v2 cannot turn the OOM killer off", "leave disableOOMKiller out")
+        self._write(self.file("memory", "memory.oom_control"), "1", what="no OOM kill: wait at the limit")
+
+    def set_block_io_weight(self, weight: int) -> None:
+        """A relative block I/O weight (10..1000): v1 ``blkio.weight`` (or ``blkio.bfq.weight``); v2
+        ``io.bfq.weight`` or ``io.weight``, 1..10000, by runc's conversion ``1 + (w - 10) * 9999 // 990``."""
+        directory = self.directory("blkio")
+        if self.versions["blkio"] == 2:
+            candidates = [("io.bfq.weight", str(weight)), ("io.weight", str(1 + (weight - 10) * 9999 // 990))]
+        else:
+            candidates = [("blkio.weight", str(weight)), ("blkio.bfq.weight", str(weight))]
+        for name, value in candidates:
+            if os.path.exists(os.path.join(directory, name)):
+                self._write(os.path.join(directory, name), value, what="the block I/O weight")
+                return
+        raise LimitError("this kernel has no block I/O weight (no BFQ or CFQ scheduler's weight file)",
+                         "leave blockIO.weight out")
 
     # -- devices: which device nodes the processes may open or create ---------------------------------
     def add_controller(self, controller: str) -> str:
@@ -902,6 +1044,12 @@ class Cgroup:
         self.removed = True
         for parent in self.managed_parents:
             _remove_empty_parent(self, parent)
+        for parent in self.made_parents:
+            try:
+                if not any(entry.is_dir() for entry in os.scandir(parent)):
+                    _rmdir(self, parent)
+            except (OSError, CgroupError):
+                pass  # gone already, or another cgroup lives there now: it stays
 
     def __enter__(self) -> Cgroup:
         return self
@@ -991,6 +1139,46 @@ def is_frozen(directory: str, version: int) -> bool:
         return _freezer_state(directory, version) != "THAWED"
     except OSError:
         return False
+
+
+#: a v1 controller's name on cgroup v2, where it differs
+_V2_NAMES = {"blkio": "io"}
+
+
+def find_hierarchy(controller: str, layout: Layout | None = None) -> Hierarchy | None:
+    """The hierarchy holding ``controller`` for us, for the ones :func:`detect` knows and for the others a
+    container runtime may use (cpuset, blkio, cpuacct ...): a v1 hierarchy with it among its options,
+    or the v2 tree where our cgroup's cgroup.controllers lists it. None if there is none."""
+    layout = layout if layout is not None else detect()
+    if controller in layout.controllers:
+        return layout.controllers[controller]
+    if controller in layout.extras:
+        return layout.extras[controller]
+    own: dict[str, str] = {}
+    for line in _read("/proc/self/cgroup").splitlines():
+        _, names, path = line.split(":", 2)
+        for name in names.split(",") if names else [""]:
+            own[name] = path
+    mounts = _cgroup_mounts()
+    for target, fstype, root, options in mounts:
+        if fstype == "cgroup" and controller in options and controller in own:
+            return Hierarchy(1, target, own[controller], (controller,), root)
+    for target, fstype, root, _ in mounts:
+        if fstype == "cgroup2" and "" in own:
+            hierarchy = Hierarchy(2, target, own[""], (controller,), root)
+            try:
+                available = _read(os.path.join(hierarchy.own_directory, "cgroup.controllers")).split()
+            except OSError:
+                return None
+            return hierarchy if _V2_NAMES.get(controller, controller) in available else None
+    return None
+
+
+def _hierarchy_options(hierarchy: Hierarchy) -> set[str]:
+    for target, _, _, options in _cgroup_mounts():
+        if target == hierarchy.mountpoint:
+            return options
+    return set()
 
 
 def _enabled_v2(wanted: list[str], layout: Layout) -> list[str]:

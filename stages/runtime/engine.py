@@ -220,7 +220,8 @@ def execute(container_id: str, *, base: Path | None = None, stdio=None, record: 
         init = overlay.init_program(base or containers.home()) if options.init else None
         config = flags.build_config(options, info["image_config"], str(rootfs), info["args"], init,
                                     info["limits"])
-        config["linux"]["cgroupsPath"] = f"stages-{container_id}"
+        # relative: below our own cgroup, in the stages parent, where Cgroup.open("stages-ID") finds it
+        config["linux"]["cgroupsPath"] = f"stages/stages-{container_id}"
         turned_off = flags.turned_off(options)
         if turned_off:
             record.add(_note(f"# {turned_off}", "a default of Docker's left out, as asked"))

@@ -194,6 +194,7 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     import datetime
 
     from stages import kernel
+    from stages.isolate import cgroups
     from stages.isolate.cgroups import Cgroup
     from stages.runtime.oci import devices as oci_devices
     from stages.runtime.oci import hooks as oci_hooks
@@ -222,7 +223,7 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
     state_file = os.path.join(where, oci_state.STATE_FILE)
     data = {"ociVersion": config["ociVersion"], "id": container_id, "status": "creating", "pid": 0,
             "bundle": plan.bundle, "annotations": plan.annotations,
-            "stages": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "stages": {"created": oci_state.rfc3339(datetime.datetime.now(datetime.timezone.utc)),
                        "rootfs": plan.rootfs, "cgroup": None, "setup_pid": 0,
                        "runtime_pid": os.getpid(), "runtime_started": oci_state.start_time(os.getpid())}}
     data["stages"]["hooks"] = plan.hooks  # start and delete run the rest (config.json may change by then)
@@ -235,21 +236,33 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
         fifo = os.path.join(where, oci_state.FIFO)
         with record.step(f"mkfifo {fifo}", what="the init waits on it until start"):
             os.mkfifo(fifo, 0o600)
-        cgroup = Cgroup.create(_cgroup_name(container_id, plan.cgroups_path), record=record,
-                               controllers=_controllers(plan))
+        if ":" not in plan.cgroups_path:
+            # config-linux.md: an absolute cgroupsPath is relative to the cgroup mount point (as our cgroup
+            # namespace shows it), a relative one is below our own cgroup; `stages run` gives a relative one.
+            # None given: stages/stages-ID below our own, as Cgroup.create names it.
+            path = plan.cgroups_path or f"{cgroups.PARENT}/{cgroups.PREFIX}{_cgroup_name(container_id, '')}"
+            limited = [c for c in ("memory", "pids", "cpu") if c in _controllers(plan)]
+            limited += ["cpuset"] * any(k in plan.resources for k in ("cpu.cpus", "cpu.mems"))
+            limited += ["blkio"] * ("blockIO.weight" in plan.resources)
+            cgroup = Cgroup.create_path(path, record=record, enable=limited,
+                                        controllers=_controllers(plan) + list(_RUNTIME_HIERARCHIES))
+        else:  # systemd's slice:prefix:name, which only a systemd cgroup manager reads
+            cgroup = Cgroup.create(_cgroup_name(container_id, plan.cgroups_path), record=record,
+                                   controllers=_controllers(plan))
         undo.callback(cgroup.remove)
         data["stages"]["cgroup"] = cgroup.name
         # where it is, for the commands after this one: they may run in another cgroup than ours (conmon
         # creates, podman deletes), so looking it up below their own cgroup would not find it
         data["stages"].update(cgroup_directories=cgroup.directories, cgroup_versions=cgroup.versions,
-                              cgroup_parents=cgroup.managed_parents)
+                              cgroup_parents=cgroup.managed_parents, cgroup_made=cgroup.made_parents)
         if "freezer" in cgroup.directories:  # how statefile.status tells "paused" without detect()
             data["stages"]["freezer"] = [cgroup.directories["freezer"], cgroup.versions["freezer"]]
         oci_state.write(state_file, data)
         if plan.memory is not None:
             cgroup.set_memory(plan.memory, swap=plan.memory_swap)
-        if plan.cpus is not None:
+        if plan.cpus is not None and "cpu.quota" not in plan.resources:
             cgroup.set_cpus(plan.cpus)
+        set_resources(cgroup, plan.resources)
         if plan.devices is not None:  # before any process of the container is in the cgroup
             oci_devices.apply(cgroup, plan.devices)
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
@@ -317,7 +330,7 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
         oci_state.write(state_file, data)
         if pid_file is not None:
             undo.callback(_unlink, os.fspath(pid_file))  # a create cut short leaves no PID file either
-            oci_state.write_text(os.fspath(pid_file), f"{pid}\n")
+            oci_state.write_text(os.fspath(pid_file), str(pid))  # no newline: runc writes none
         channel.close()
         undo.pop_all()
     return oci_state.spec_state(data, root)
@@ -367,6 +380,63 @@ def _pass_console(fds: list[int], name: str, console_socket, console: Console | 
         for fd in fds:
             os.close(fd)
         fds.clear()
+
+
+#: hierarchies a container with a cgroupsPath joins beyond its limits' (as runc joins every one): where
+#: the cgroupsPath is looked for, by the container's tools and by the runtime spec's tests
+_RUNTIME_HIERARCHIES = ("cpuset", "cpuacct", "blkio", "devices", "freezer", "hugetlb", "net_cls", "net_prio",
+                        "perf_event")
+
+
+def set_resources(cgroup, resources: dict) -> None:
+    """Write the linux.resources that :func:`stages.runtime.oci.spec.plan` checked into ``resources``
+    (``create``, and ``update``): each a file of the cgroup, or a clear error where this kernel lacks it."""
+    from stages.errors import CgroupError
+
+    def needs(controller: str, field: str) -> None:
+        if controller not in cgroup.directories:
+            raise StagesError(f"config.json: linux.resources.{field}: this machine has no {controller} "
+                              "cgroup controller for the container", f"leave linux.resources.{field} out")
+
+    if "cpu.quota" in resources:
+        cgroup.set_cpu_quota(resources["cpu.quota"], resources["cpu.period"])
+    if "cpu.shares" in resources:
+        cgroup.set_cpu_shares(resources["cpu.shares"])
+    if "cpu.realtimePeriod" in resources or "cpu.realtimeRuntime" in resources:
+        cgroup.set_realtime(resources.get("cpu.realtimeRuntime"), resources.get("cpu.realtimePeriod"))
+    if "cpu.cpus" in resources or "cpu.mems" in resources:
+        needs("cpuset", "cpu.cpus")
+        cgroup.set_cpuset(resources.get("cpu.cpus"), resources.get("cpu.mems"))
+    if "memory.reservation" in resources:
+        cgroup.set_memory_reservation(resources["memory.reservation"])
+    if "memory.swappiness" in resources:
+        cgroup.set_swappiness(resources["memory.swappiness"])
+    if resources.get("memory.disableOOMKiller"):
+        cgroup.disable_oom_killer()
+    for field, name in (("memory.kernel", "memory.kmem.limit_in_bytes"),
+                        ("memory.kernelTCP", "memory.kmem.tcp.limit_in_bytes")):
+        if field not in resources:
+            continue
+        path = os.path.join(cgroup.directory("memory"), name)
+        if cgroup.versions["memory"] == 2 or not os.path.exists(path):
+            raise StagesError(f"config.json: linux.resources.{field}: this kernel has no {name} (cgroup v2 "
+                              "counts kernel memory in memory.max)", f"leave linux.resources.{field} out")
+        cgroup._write(path, str(resources[field]), what="the kernel memory limit")
+        with open(path) as handle:
+            taken = handle.read().strip()
+        # Linux 5.16 on deprecated the kernel memory limit (memcg's kmem.limit_in_bytes): a write
+        # succeeds and changes nothing; refused here as the kernel refuses it, not pretended
+        if resources[field] != -1 and taken != str(resources[field]):
+            raise StagesError(f"config.json: linux.resources.{field}: this kernel ignores {name} (Linux "
+                              "deprecated the kernel memory limit; memory.limit_in_bytes counts it)",
+                              f"leave linux.resources.{field} out: memory.limit covers kernel memory")
+    if "blockIO.weight" in resources:
+        needs("blkio", "blockIO.weight")
+        try:
+            cgroup.set_block_io_weight(resources["blockIO.weight"])
+        except CgroupError as error:
+            raise StagesError(f"config.json: linux.resources.blockIO.weight: {error}",
+                              "leave it out") from None
 
 
 def _controllers(plan: oci_spec.Plan) -> list[str]:
@@ -595,7 +665,8 @@ def _cgroup_of(data: dict, record: StepRecord | None = None):
     if directories:
         versions = private.get("cgroup_versions") or {}
         return Cgroup(name, directories, {controller: versions[controller] for controller in directories},
-                      record=record, managed_parents=list(private.get("cgroup_parents") or []))
+                      record=record, managed_parents=list(private.get("cgroup_parents") or []),
+                      made_parents=list(private.get("cgroup_made") or []))
     try:
         return Cgroup.open(name, record=record)  # a state file written before the directories were kept
     except CgroupError:

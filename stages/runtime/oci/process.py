@@ -140,9 +140,11 @@ def setup_process(sock: socket.socket, plan: Plan, fifo: int, stdio: list[int | 
         _take_stdio_ignore_keyboard(stdio)
         record = steps.StepRecord()
         with record.active():
-            # setns(2) before unshare(2), and a user namespace last: once in another user namespace we
-            # would hold no capability over the host's namespaces any more.
-            for word, path in sorted(plan.join_namespaces, key=lambda item: JOIN_ORDER.index(item[0])):
+            # setns(2) before unshare(2), and a joined user namespace first (as runc's nsexec): the others
+            # given by path are then checked against it, whose root we become (setns(2): the target's
+            # owner must grant CAP_SYS_ADMIN), and the new ones made after it are owned by it. setns into
+            # a user namespace needs a single-threaded process: this one is (forked, or started anew).
+            for word, path in sorted(plan.join_namespaces, key=lambda item: PATH_JOIN_ORDER.index(item[0])):
                 kernel.setns(path, kernel.NAMESPACES[word][0], what=f"join the {word} namespace at {path}")
                 if word == "user":
                     check_joined_maps(plan)
@@ -723,6 +725,10 @@ def become_user(process) -> None:
 #: The order to join a container's namespaces in (as nsenter(1)): the user namespace last, so that we
 #: join the others while we still hold the host's capabilities over them.
 JOIN_ORDER = ("cgroup", "ipc", "uts", "net", "pid", "time", "mount", "user")
+#: The order to join the namespaces config.json names by path in: a user namespace first (runc's
+#: nsexec, and the runtime spec's tests), so that the others, another container's, owned by it, are
+#: joined as its root; time before pid and mount (it applies to the children, as pid does).
+PATH_JOIN_ORDER = ("user", "cgroup", "ipc", "uts", "net", "time", "pid", "mount")
 
 
 def exec_process(sock: socket.socket, target: int, cgroup_files: list[str], process: Process,

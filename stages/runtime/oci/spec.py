@@ -77,24 +77,19 @@ _UNSUPPORTED = {
     "linux.personality": "execution domains (personality(2)) are not set by this runtime",
     "linux.intelRdt": "Intel RDT is not configured by this runtime",
     "linux.timeOffsets": "time namespace offsets are not set by this runtime",
-    "linux.resources.blockIO": "block I/O limits are not set by this runtime",
+    "linux.resources.blockIO.leafWeight": "block I/O leaf weights are not set by this runtime (cgroup v1's "
+                                          "CFQ only; Linux removed CFQ in 5.0)",
+    "linux.resources.blockIO.weightDevice": "per-device block I/O weights are not set by this runtime",
+    "linux.resources.blockIO.throttleReadBpsDevice": "block I/O throttling is not set by this runtime",
+    "linux.resources.blockIO.throttleWriteBpsDevice": "block I/O throttling is not set by this runtime",
+    "linux.resources.blockIO.throttleReadIOPSDevice": "block I/O throttling is not set by this runtime",
+    "linux.resources.blockIO.throttleWriteIOPSDevice": "block I/O throttling is not set by this runtime",
     "linux.resources.hugepageLimits": "huge page limits are not set by this runtime",
     "linux.resources.network": "network class IDs and priorities are not set by this runtime",
     "linux.resources.rdma": "RDMA limits are not set by this runtime",
     "linux.resources.unified": "raw cgroup v2 files are not written by this runtime",
-    "linux.resources.memory.reservation": "soft memory limits are not set by this runtime",
-    "linux.resources.memory.kernel": "kernel memory limits are deprecated and not set by this runtime",
-    "linux.resources.memory.kernelTCP": "kernel TCP memory limits are not set by this runtime",
-    "linux.resources.memory.swappiness": "swappiness is not set by this runtime",
-    "linux.resources.cpu.shares": "CPU shares (weights) are not set by this runtime; quota and period are",
-    "linux.resources.cpu.realtimeRuntime": "real-time CPU time is not set by this runtime",
-    "linux.resources.cpu.realtimePeriod": "real-time CPU time is not set by this runtime",
-    "linux.resources.cpu.cpus": "cpusets are not set by this runtime; quota and period are",
-    "linux.resources.cpu.mems": "cpusets are not set by this runtime",
     "linux.resources.cpu.idle": "SCHED_IDLE cgroups are not set by this runtime",
     "linux.resources.cpu.burst": "CPU burst is not set by this runtime; quota and period are",
-    "linux.resources.memory.disableOOMKiller": "the OOM killer is not turned off by this runtime: a "
-                                               "container over its memory limit is killed",
     "linux.memoryPolicy": "NUMA memory policies (set_mempolicy(2)) are not set by this runtime",
     "linux.netDevices": "moving network devices into the container is not done by this runtime",
     "process.commandLine": "a command line as one string is for Windows containers; give process.args",
@@ -177,6 +172,10 @@ class Plan:
     cpus: float | None = None
     pids: int | None = None
     cgroups_path: str = ""
+    #: the other linux.resources, checked: "memory.reservation", "memory.kernel", "memory.kernelTCP",
+    #: "memory.swappiness", "memory.disableOOMKiller", "cpu.shares", "cpu.quota" and "cpu.period",
+    #: "cpu.realtimeRuntime", "cpu.realtimePeriod", "cpu.cpus", "cpu.mems", "blockIO.weight" -> value
+    resources: dict = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     seccomp: dict | None = None  # linux.seccomp compiled (stages.runtime.oci.seccomp), None: no filter
     devices: list[list] | None = None  # the device allowlist, in order (stages.runtime.oci.devices)
@@ -315,16 +314,18 @@ def plan(config: dict, bundle: str, *, seccomp_cache: str | None = None) -> Plan
     hostname = _typed(config.get("hostname"), str, "hostname")
     domainname = _typed(config.get("domainname"), str, "domainname")
     for name, value in (("hostname", hostname), ("domainname", domainname)):
-        if value and "uts" not in new:
+        if value and not _owns(new, join, "uts"):
             raise refuse(name, "needs a UTS namespace of the container's own, or the host would be renamed",
-                         'add {"type": "uts"} to linux.namespaces')
+                         'add {"type": "uts"} to linux.namespaces (new, or another container\'s by path)')
 
     mounts = [_mount(item, index, rootfs, bundle)
               for index, item in enumerate(_typed(config.get("mounts"), list, "mounts", []))]
+    # any of the words: the init makes / recursively slave or private before it mounts anything, so that
+    # even "shared" propagates only inside the container's mount namespace (stages.runtime.oci.process)
     propagation = _typed(linux.get("rootfsPropagation"), str, "linux.rootfsPropagation", "rprivate")
-    if propagation not in ("private", "rprivate", "slave", "rslave"):
-        raise refuse("linux.rootfsPropagation", f"{propagation!r} is not supported here: mounts inside must "
-                     "never propagate to the host", 'use "rprivate" or "rslave"')
+    if propagation not in _PROPAGATION_OPTIONS:
+        raise refuse("linux.rootfsPropagation", f"{propagation!r} is not a propagation type",
+                     f"use one of {', '.join(_PROPAGATION_OPTIONS)} (mount_namespaces(7))")
 
     sysctl = {str(k): str(v) for k, v in _typed(linux.get("sysctl"), dict, "linux.sysctl", {}).items()}
     for key in sysctl:
@@ -335,7 +336,7 @@ def plan(config: dict, bundle: str, *, seccomp_cache: str | None = None) -> Plan
         if needed is None:
             raise refuse(f"linux.sysctl[{key!r}]", "is not namespaced: setting it would change the host",
                          "set only net.*, kernel.msg*/sem*/shm*, fs.mqueue.* or kernel.hostname")
-        if needed not in new:
+        if not _owns(new, join, needed):
             words = {v: k for k, v in NAMESPACE_TYPES.items()}
             raise refuse(f"linux.sysctl[{key!r}]",
                          f"needs a {words[needed]} namespace of the container's own",
@@ -454,6 +455,28 @@ def _namespaces(linux: dict) -> tuple[list[str], list[tuple[str, str]]]:
         else:
             new.append(word)
     return new, join
+
+
+def _owns(new: list[str], join: list[tuple[str, str]], word: str) -> bool:
+    """True if the container has a ``word`` namespace other than ours and the host's: a new one, or one
+    joined by path that is neither (its inode differs, namespaces(7)), so that changing a hostname or a
+    sysctl there changes neither this machine's nor the caller's."""
+    if word in new:
+        return True
+    path = next((p for w, p in join if w == word), None)
+    if path is None:
+        return False
+    proc = kernel.NAMESPACES[word][1]  # the file's name in /proc/PID/ns: "mnt" for mount
+    try:
+        joined = os.stat(path)
+        others = [os.stat(f"/proc/self/ns/{proc}")]
+    except OSError:
+        return False
+    try:
+        others.append(os.stat(f"/proc/1/ns/{proc}"))
+    except OSError:
+        pass  # PID 1 is out of our reach (ptrace access mode, proc(5)): ours is the one we would change
+    return all((joined.st_dev, joined.st_ino) != (other.st_dev, other.st_ino) for other in others)
 
 
 def _host_id(mappings, inside: int) -> int | None:
@@ -682,8 +705,45 @@ def _resources(linux: dict, result: Plan) -> None:
     if period < 0:
         raise refuse("linux.resources.cpu.period", f"{period} is not a period: give microseconds, at least 1",
                      "for instance 100000 (the kernel's default, 100 ms)")
-    if quota is not None and quota > 0:
-        result.cpus = quota / period
+    if quota is not None and quota > 0 or cpu.get("period") is not None:
+        # quota and period as given, not rounded to CPUs (the kernel takes 1 ms .. 1 s periods, cpu.max)
+        if not 1_000 <= period <= 1_000_000:
+            raise refuse("linux.resources.cpu.period", f"{period} us is outside the kernel's 1000 .. 1000000",
+                         "for instance 100000 (the kernel's default, 100 ms)")
+        if quota is not None and 0 < quota < 1_000:
+            raise refuse("linux.resources.cpu.quota", f"{quota} us is below the kernel's smallest, 1000",
+                         "give at least 1000 microseconds per period")
+        result.resources["cpu.quota"] = quota if quota and quota > 0 else -1
+        result.resources["cpu.period"] = period
+        if quota and quota > 0:
+            result.cpus = quota / period  # for the record and `stages ps`; the cgroup gets quota and period
+    for key, kind, low, high in (("shares", int, 2, 262144), ("realtimeRuntime", int, -1, None),
+                                 ("realtimePeriod", int, 1, None), ("cpus", str, None, None),
+                                 ("mems", str, None, None)):
+        value = _typed(cpu.get(key), kind, f"linux.resources.cpu.{key}")
+        if value is None or value == "" or key == "shares" and value == 0:
+            continue
+        if kind is int and (low is not None and value < low or high is not None and value > high):
+            raise refuse(f"linux.resources.cpu.{key}", f"{value} is outside {low} .. {high or 'any'}")
+        if kind is str and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value):
+            raise refuse(f"linux.resources.cpu.{key}", f"{value!r} is not a list like 0-3,5 (cpuset(7))")
+        result.resources[f"cpu.{key}"] = value
+    for key, kind in (("reservation", int), ("kernel", int), ("kernelTCP", int), ("swappiness", int),
+                      ("disableOOMKiller", bool)):
+        value = _typed(memory.get(key), kind, f"linux.resources.memory.{key}")
+        if value is None or value is False:
+            continue
+        if kind is int and key != "swappiness":
+            _no_negative(value, f"linux.resources.memory.{key}", "bytes")
+        if key == "swappiness" and not 0 <= value <= 100:
+            raise refuse("linux.resources.memory.swappiness", f"{value} is outside 0 .. 100 (the kernel's)")
+        result.resources[f"memory.{key}"] = value
+    block_io = _typed(resources.get("blockIO"), dict, "linux.resources.blockIO", {})
+    weight = _typed(block_io.get("weight"), int, "linux.resources.blockIO.weight")
+    if weight:
+        if not 10 <= weight <= 1000:
+            raise refuse("linux.resources.blockIO.weight", f"{weight} is outside 10 .. 1000")
+        result.resources["blockIO.weight"] = weight
     pids = _typed(resources.get("pids"), dict, "linux.resources.pids", {})
     pids_limit = _typed(pids.get("limit"), int, "linux.resources.pids.limit")
     _no_negative(pids_limit, "linux.resources.pids.limit", "processes")

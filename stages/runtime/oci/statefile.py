@@ -119,7 +119,25 @@ def spec_state(data: dict, root: str | os.PathLike | None = None) -> dict:
     for name in ("created", "rootfs"):
         if name in data.get("stages", {}):
             result[name] = data["stages"][name]
+    if isinstance(result.get("created"), str) and result["created"].endswith("+00:00"):
+        result["created"] = result["created"][:-6] + "Z"  # a state written before RFC 3339's Z
+    result["owner"] = owner(data.get("id", ""), root)
     return result
+
+
+def rfc3339(moment) -> str:
+    """A UTC datetime as RFC 3339 with ``Z``, as runc writes ``created`` (``2026-12-08T04:12:10.123456Z``)."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def owner(container_id: str, root: str | os.PathLike | None = None) -> str:
+    """The user who owns the container's state directory (runc's ``owner``), "" if unknown."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.stat(directory(container_id, root)).st_uid).pw_name
+    except (OSError, KeyError):
+        return ""
 
 
 def remove(container_id: str, root: str | os.PathLike | None = None) -> None:
