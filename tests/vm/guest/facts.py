@@ -39,4 +39,7 @@ print(json.dumps({
     "kernel": platform.release(),
     "python": platform.python_version(),
     "cpus": os.cpu_count(),
+    # seconds since this kernel booted, as the job starts (proc(5)): the VM's start time, which notebook 00
+    # shows beside a container's
+    "uptime": float(open("/proc/uptime").read().split()[0]),
 }, indent=2))
