@@ -372,6 +372,12 @@ def test_notebook_runs_in_the_browser(lab, notebook):
         assert len(numbered) == expected, f"{name}: {len(numbered)} of {expected} cells ran: {seen}"
         check_widgets(page, name, notebook.read_text())
         assert not tracebacks(page), f"{name}: a widget's callback failed: {tracebacks(page)}"
+        if notebook.stem[:2] in ("02", "04", "06") and shutil.which("dot"):
+            # stages.diagrams' pictures, drawn from the kernel's state, render as SVG in JupyterLab
+            pictures = page.locator(".jp-OutputArea-output.jp-RenderedSVG, .jp-RenderedSVG")
+            assert pictures.count() >= 1, f"{name}: no picture (stages.diagrams) rendered as SVG"
+            pictures.last.scroll_into_view_if_needed()
+            screenshot(page, f"{notebook.stem}-picture")
     finally:
         context.close()
         lab.shut_down_kernels()

@@ -136,6 +136,26 @@ def test_a_notebook_prints_its_check(site):
     assert "all checks passed" in _text(page)
 
 
+def test_pictures_drawn_from_the_kernel_are_in_the_pages(site):
+    """Notebooks 02, 04 and 06 draw namespaces, mount trees, the network and overlay layers with graphviz
+    (stages.diagrams) while the build runs them: each page holds those SVGs, inline or as local files."""
+    import shutil
+
+    if shutil.which("dot") is None:
+        pytest.skip("graphviz's dot is not installed: the pictures are text (apt-get install graphviz)")
+    titles = {"02-namespaces-by-hand": ["namespaces: host", "mount tree of pid"],
+              "04-networking-by-hand": ["network: devices, bridge, veth pairs, NAT"],
+              "06-images-and-builds": ["overlay on / of pid"]}
+    for stem, wanted in titles.items():
+        page = site / "notebooks" / f"{stem}.html"
+        html = page.read_text()
+        svgs = [html] if "<svg" in html else []
+        for source in re.findall(r'<img[^>]+src="([^"]+\.svg)"', html):
+            svgs.append((page.parent / source).read_text())
+        for title in wanted:
+            assert any(title in svg for svg in svgs), f"{stem}'s page has no picture titled {title!r}"
+
+
 def test_the_notebooks_run_in_the_notebooks_directory():
     """myst-nb runs a notebook in its source's directory: docs/notebooks must lead to notebooks/."""
     assert (DOCS / "notebooks").resolve() == (REPO / "notebooks").resolve()
@@ -188,8 +208,10 @@ def test_api_reference_lists_each_stage(site):
         "api/steps.html": ["stages.steps.StepRecord"],
         "api/errors.html": ["stages.errors.StagesError"],
         "api/observe.html": ["stages.observe.mounts"],
+        "api/diagrams.html": ["stages.diagrams.namespaces", "stages.diagrams.network"],
         "api/rootfs.html": ["stages.rootfs.build"],
         "api/doctor.html": ["stages.doctor.checks"],
+        "api/tour.html": ["stages.tour.Finding", "stages.tour.side_by_side"],
         "api/isolate.html": ["stages.isolate.isolate.Isolate", "stages.isolate.cgroups.Cgroup"],
     }
     for page, names in expected.items():
