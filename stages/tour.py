@@ -713,7 +713,7 @@ def stage2_script(t: Tour) -> Section:
     t.facts.pop("isolate", None)
     gone = not os.path.exists(f"/proc/{pid}") and not any(os.path.isdir(d) for d in directories)
     findings.append(Finding("teardown", f"closed: holder {pid} " + (
-        "and its cgroup are gone" if gone else "or its cgroup is still there")))
+        "and its cgroup are gone" if gone else "or its cgroup is still there"), holds=gone, kind="cleanup"))
     return Section(
         lesson="Every step above, in order, as the commands a person would type: what stage 3 automates.",
         findings=findings)
@@ -903,8 +903,7 @@ def stage3_run(t: Tour) -> Section:
                                               f"host: {', '.join(shared)}"))
     else:
         findings.append(Finding("from the host", f"the container was not looked at while it ran: "
-                                                 f"{seen.get('error', 'it was never seen running')}",
-                                holds=False, kind="limit"))
+                                                 f"{seen.get('error', 'it was never seen running')}"))
     # --rm: nothing of it may be left, which is what `stages rm` would otherwise have to do.
     left = []
     try:

@@ -130,6 +130,7 @@ def test_the_whole_tour_shows_the_jail_leak_and_the_isolate_hold(python, stages_
     assert "[untouched]" in lines_about(wired, "the real host")
     # The record, as a script, and the teardown that followed.
     assert "unshare --user" in stage2 and "pivot_root . ." in stage2
+    assert "[cleaned up] closed: holder" in lines_about(stage2, "teardown")
     assert "and its cgroup are gone" in lines_about(stage2, "teardown")
 
     # Stage 3: one `stages run --rm`, looked at from inside and from the host, then gone.

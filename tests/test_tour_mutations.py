@@ -157,6 +157,21 @@ def test_stage_2_without_the_cgroup_write_the_hog_survives(python, stages_home, 
     assert "[UNLIMITED]" in memory and "survived" in memory, memory
 
 
+def test_stage_2_without_the_bridge_the_pings_fail(python, stages_home, tmp_path):
+    out = run_broken_tour(python, stages_home, tmp_path, """
+        from stages.isolate import network
+        real = network.Wiring._outside
+        def outside(self, what, *args):
+            if "master" in args:   # the host end of the veth is never plugged into the bridge
+                return None
+            return real(self, what, *args)
+        network.Wiring._outside = outside
+        """, "--stage", "2")
+    wired = section(out, "2.5")
+    assert "failed" in lines_about(wired, "isolate -> host"), wired
+    assert "failed" in lines_about(wired, "host -> isolate"), wired
+
+
 def test_stage_2_teardown_that_leaves_the_holder_says_so(python, stages_home, tmp_path):
     out = run_broken_tour(python, stages_home, tmp_path, """
         import sys
@@ -171,7 +186,8 @@ def test_stage_2_teardown_that_leaves_the_holder_says_so(python, stages_home, tm
             return real(self)
         Isolate.close = close
         """, "--stage", "2")
-    assert "or its cgroup is still there" in lines_about(section(out, "2.6"), "teardown")
+    teardown = lines_about(section(out, "2.6"), "teardown")
+    assert "[LEFT BEHIND]" in teardown and "or its cgroup is still there" in teardown, teardown
 
 
 def test_stage_3_without_memory_and_rm(python, stages_home, tmp_path):
