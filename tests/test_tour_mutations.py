@@ -202,12 +202,17 @@ def test_stage_3_without_memory_and_rm(python, stages_home, tmp_path):
                 options.update(memory=None, remove=False)
             real(self, *arguments, **options)
         flags.Options.__init__ = init
-        """, "--stage", "3", leaves=True)
+        """, "--stage", "2", "--stage", "3", leaves=True)
     run = section(out, "3.1")
     memory = lines_about(run, "memory")
     assert "[UNLIMITED]" in memory and "--memory not given" in memory, memory
     left = lines_about(run, "--rm")
     assert "[LEFT BEHIND]" in left and "its record" in left, left
+    # 3.2's script has no memory write, and 3.3 counts one by hand and none automated
+    assert f"echo {64 << 20} > " not in section(out, "3.2")
+    rows = [line.split() for line in section(out, "3.3").split("side by side")[1].splitlines()]
+    memory_rows = [row[-2:] for row in rows if row[:1] == [">"] and row[1].startswith("memory.")]
+    assert memory_rows and all(row == ["1", "0"] for row in memory_rows), memory_rows
     # the stopped container the broken run left: removed as a person would
     name = lines_about(run, "command").split("--name ")[1].split()[0]
     removed = subprocess.run([python, "-m", "stages.cli", "rm", "-f", name], capture_output=True, text=True,
