@@ -183,3 +183,31 @@ def _with_args(tmp_path, config: dict, args: list[str]) -> str:
     config = json.loads(json.dumps(config))
     config["process"]["args"] = args
     return oci.write_bundle(tmp_path / "bundle-2", config)
+
+
+def test_file_mode_type_bits_must_agree_with_the_device_type(tmp_path, busybox_rootfs):
+    """What podman writes is taken (the permissions kept, mknod gets the type from "type"); type bits
+    that contradict "type" are refused by name, and so is tmpcopyup on what is not a tmpfs."""
+    import stat
+
+    from stages.runtime import oci
+    from stages.runtime.oci import spec
+
+    def plan(devices=(), mounts=()):
+        config = oci.default_spec(["true"], rootfs=str(busybox_rootfs))
+        config["linux"]["devices"] = list(devices)
+        config["mounts"] += list(mounts)
+        return spec.plan(config, str(tmp_path))
+
+    null = {"path": "/dev/other-null", "type": "c", "major": 1, "minor": 3}
+    assert plan([{**null, "fileMode": stat.S_IFCHR | 0o666}]).device_nodes[0]["mode"] == 0o666
+    assert plan([{**null, "fileMode": 0o640}]).device_nodes[0]["mode"] == 0o640
+    for wrong in (stat.S_IFBLK | 0o666, 0o1000000):
+        with pytest.raises(spec.SpecError, match=r"linux.devices\[0\].fileMode: .* type 'c'"):
+            plan([{**null, "fileMode": wrong}])
+    copied = plan(mounts=[{"destination": "/etc", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "tmpcopyup"]}]).mounts[-1]
+    assert copied.copy_up and copied.data is None  # ours, never passed to mount(2) as data
+    with pytest.raises(spec.SpecError, match="'tmpcopyup' copies a directory into a new tmpfs"):
+        plan(mounts=[{"destination": "/etc", "type": "bind", "source": str(tmp_path),
+                      "options": ["rbind", "tmpcopyup"]}])
