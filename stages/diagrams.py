@@ -236,6 +236,39 @@ def _nat_rules(prefix: list[str]) -> list[str]:
     return []
 
 
+def _nat_label(rule: str) -> str:
+    """An iptables-save rule shortened for a picture: its chain, its target and what it matches, without
+    the match modules' names and the comment (``POSTROUTING: MASQUERADE -s 10.200.1.0/24 ! -o stgbr...``)."""
+    import shlex
+
+    try:
+        words = shlex.split(rule)
+    except ValueError:
+        return rule[:60]
+    if not words or words[0] != "-A":
+        return rule[:60]  # nft's own syntax: as it is
+    chain, kept, target = words[1], [], ""
+    index = 2
+    while index < len(words):
+        word = words[index]
+        if word in ("-m", "--comment") and index + 1 < len(words):
+            index += 2
+            continue
+        if word == "-j" and index + 1 < len(words):
+            target = words[index + 1]
+            index += 2
+            continue
+        kept.append(word)
+        index += 1
+    text, lines = f"NAT {chain}: {target}", []
+    for word in kept:
+        if len(text) + len(word) > 40:
+            lines.append(text)
+            text = " "
+        text += " " + word
+    return "\n".join([*lines, text])
+
+
 def network(pids: dict[str, int], *, host_netns: str | None = None) -> Diagram:
     """The network as the kernel has it: the devices of the host (or of the network namespace
     ``host_netns`` standing in for it) and of each isolate in ``pids`` (a label -> a pid in it), their
@@ -284,6 +317,6 @@ def network(pids: dict[str, int], *, host_netns: str | None = None) -> Diagram:
                     diagram.edge(f"{host_label}/{peer['ifindex']}", f"{label}/{link['ifindex']}", "veth pair")
                     facts["veth pairs"].append((peer["ifname"], f"{label}/{link['ifname']}"))
     for number, rule in enumerate(facts["nat"]):
-        diagram.node(f"nat{number}", ("NAT: " + rule)[:90], group=host_label, style="shape=note")
+        diagram.node(f"nat{number}", _nat_label(rule), group=host_label, style="shape=note")
     diagram.facts = facts
     return diagram
