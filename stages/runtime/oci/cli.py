@@ -243,6 +243,20 @@ def build_parser(only: str | None = None) -> Parser:
     sub.add_argument("--keep", action="store_true", help="do not delete the container when it ends")
     sub.add_argument("--no-subreaper", action="store_true", help="accepted; we never become a subreaper")
     command("state", "print the container's state (runtime.md) as JSON", "id")
+    sub = command("update", "change a created or running container's cgroup limits", "id")
+    sub.add_argument("--resources", "-r", metavar="FILE",
+                     help="linux.resources of config.json as a JSON file ('-': standard input)")
+    for flag, what in (("--memory", "memory.limit"), ("--memory-reservation", "memory.reservation"),
+                       ("--memory-swap", "memory.swap"), ("--cpu-shares", "cpu.shares"),
+                       ("--cpu-quota", "cpu.quota"), ("--cpu-period", "cpu.period"),
+                       ("--pids-limit", "pids.limit"), ("--blkio-weight", "blockIO.weight")):
+        sub.add_argument(flag, type=int, metavar="N", help=f"linux.resources.{what}")
+    sub.add_argument("--cpuset-cpus", metavar="LIST", help="linux.resources.cpu.cpus, such as 0-1")
+    sub.add_argument("--cpuset-mems", metavar="LIST", help="linux.resources.cpu.mems")
+    sub = command("events", "print the container's cgroup statistics as runc's JSON", "id")
+    sub.add_argument("--stats", action="store_true", help="once, then end")
+    sub.add_argument("--interval", type=float, default=5.0, metavar="SECONDS",
+                     help="between two statistics while the container runs (default 5)")
     sub = command("kill", "send a signal to the container's init (default SIGTERM)", "id")
     sub.add_argument("signal", nargs="?", default="TERM", help="a number or a name: 9, KILL, SIGKILL")
     sub.add_argument("--all", "-a", action="store_true", help="signal every process in the container")
@@ -639,6 +653,90 @@ def do_ps(args, log: Log) -> int:
     return 0
 
 
+def do_update(args, log: Log) -> int:
+    """``runc update``: the limits given (as config.json's linux.resources, in a file or as options) are
+    checked as at create and written into the container's cgroup."""
+    import types
+
+    from stages.errors import StagesError
+    from stages.runtime.oci import container, statefile
+    from stages.runtime.oci import spec as oci_spec
+
+    resources: dict = {}
+    if args.resources:
+        text = sys.stdin.read() if args.resources == "-" else open(args.resources).read()
+        try:
+            resources = json.loads(text)
+        except ValueError as error:
+            raise StagesError(f"--resources: not JSON: {error}",
+                              "give linux.resources of config.json") from None
+    for option, dotted in (("memory", "memory.limit"), ("memory_reservation", "memory.reservation"),
+                           ("memory_swap", "memory.swap"), ("cpu_shares", "cpu.shares"),
+                           ("cpu_quota", "cpu.quota"), ("cpu_period", "cpu.period"),
+                           ("cpuset_cpus", "cpu.cpus"), ("cpuset_mems", "cpu.mems"),
+                           ("pids_limit", "pids.limit"), ("blkio_weight", "blockIO.weight")):
+        value = getattr(args, option)
+        if value is not None:
+            group, key = dotted.split(".")
+            resources.setdefault(group, {})[key] = value
+    if "devices" in resources:
+        raise StagesError("update: linux.resources.devices cannot be changed here (nor by runc update)",
+                          "leave devices out")
+    data = statefile.read(args.id, args.root)
+    if statefile.status(data, args.root) not in ("created", "running", "paused"):
+        raise StagesError(f"container {args.id!r} is stopped: there is no cgroup to update",
+                          f"delete {args.id} and create it again")
+    plan = types.SimpleNamespace(memory=None, memory_swap=None, cpus=None, pids=None, resources={},
+                                 devices=None)
+    oci_spec._resources({"resources": resources}, plan)
+    cgroup = container._cgroup_of(data)
+    if cgroup is None:
+        raise StagesError(f"container {args.id!r} has no cgroup any more", f"delete {args.id}")
+    if plan.memory is not None:
+        cgroup.set_memory(plan.memory, swap=plan.memory_swap)
+    if plan.pids is not None:
+        cgroup.set_pids(plan.pids)
+    container.set_resources(cgroup, plan.resources)
+    return 0
+
+
+def stats_of(container_id: str, root: str | None) -> dict:
+    """runc's ``events --stats`` object: ``{"type": "stats", "id": ID, "data": {"cpu": ..., "memory": ...,
+    "pids": ...}}``, from the container's cgroup (its kernel counters, cgroups(7))."""
+    from stages.runtime.oci import container, statefile
+
+    cgroup = container._cgroup_of(statefile.read(container_id, root))
+    data: dict = {"cpu": {"usage": {}, "throttling": {}}, "memory": {"usage": {}}, "pids": {},
+                  "blkio": {}, "hugetlb": {}}
+    if cgroup is not None:
+        found = cgroup.stats()
+        usage = found.cpu_usage_usec
+        data["cpu"]["usage"] = {"total": usage * 1000 if usage is not None else 0}
+        data["cpu"]["throttling"] = {"periods": found.cpu_periods or 0,
+                                     "throttledPeriods": found.cpu_throttled or 0,
+                                     "throttledTime": (found.cpu_throttled_usec or 0) * 1000}
+        data["memory"]["usage"] = {"usage": found.memory_current or 0, "max": found.memory_peak or 0,
+                                   "limit": found.memory_max or 0, "failcnt": found.memory_limit_hits or 0}
+        data["pids"] = {"current": found.pids_current or 0, "limit": found.pids_max or 0}
+    return {"type": "stats", "id": container_id, "data": data}
+
+
+def do_events(args, log: Log) -> int:
+    """``runc events``: with ``--stats`` one statistics object; without, one every ``--interval`` seconds
+    until the container stops."""
+    import time
+
+    from stages.runtime.oci import statefile
+
+    while True:
+        print(json.dumps(stats_of(args.id, args.root)), flush=True)
+        if args.stats:
+            return 0
+        time.sleep(max(args.interval, 0.05))
+        if statefile.status(statefile.read(args.id, args.root), args.root) == "stopped":
+            return 0
+
+
 def do_pause(args, log: Log) -> int:
     _lifecycle("pause", args)
     return 0
@@ -778,7 +876,8 @@ def do_spec(args, log: Log) -> int:
 
 HANDLERS = {"create": do_create, "start": do_start, "run": do_run, "state": do_state, "kill": do_kill,
             "delete": do_delete, "exec": do_exec, "ps": do_ps, "pause": do_pause, "resume": do_resume,
-            "list": do_list, "features": do_features, "spec": do_spec}
+            "list": do_list, "features": do_features, "spec": do_spec, "update": do_update,
+            "events": do_events}
 
 
 def version_text() -> str:
