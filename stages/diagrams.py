@@ -122,7 +122,7 @@ def namespaces(pid: int | str, other: int | str = "self", *, names: tuple[str, s
     share is one node with two edges; one of its own is a node of its own, drawn filled."""
     left, right = names or (f"host (pid {os.getpid() if other == 'self' else other})", f"isolate (pid {pid})")
     host, inside = observe.namespace_inodes(other), observe.namespace_inodes(pid)
-    diagram = Diagram(f"namespaces: {left} and {right}")
+    diagram = Diagram(f"namespaces: {left} and {right}", direction="TB")  # wide, not tall: one row
     diagram.node("left", left, style="shape=ellipse")
     diagram.node("right", right, style="shape=ellipse")
     shared, own = [], []
