@@ -329,7 +329,9 @@ def parse_tap(text: str) -> tuple[int, list[str], int]:
     return ok, failed, skipped
 
 
-_INSIDE = r"""
+#: in a new mount namespace: the cgroup hierarchies mounted again where they were, as the cgroup namespace
+#: we are in shows them (its root is our cgroup: cgroup_namespaces(7))
+MOUNT_HIERARCHIES = r"""
 set -e
 mount --make-rprivate /
 if [ -n "$TMPFS_CGROUP" ]; then mount -t tmpfs -o mode=755,nosuid,nodev,noexec cgroup "$TMPFS_CGROUP"; fi
@@ -339,6 +341,8 @@ for item in $HIERARCHIES; do
     if [ "$type" = cgroup2 ]; then mount -t cgroup2 cgroup2 "$target"
     else mount -t cgroup -o "$options" cgroup "$target"; fi
 done
+"""
+_INSIDE = MOUNT_HIERARCHIES + r"""
 ip link set lo up
 set +e
 cd "$SUITE"
@@ -346,16 +350,19 @@ exec timeout -k 5 "$PROGRAM_TIMEOUT" "$@"
 """
 
 
+def hierarchies_environment(cgroup: HarnessCgroup) -> dict[str, str]:
+    """What :data:`MOUNT_HIERARCHIES` reads: the hierarchies to mount, and our cgroup.procs files."""
+    below = any(os.path.dirname(m) == "/sys/fs/cgroup" for m, _, _ in cgroup.mounts)
+    return {"HIERARCHIES": " ".join(f"{m}={t}:{o}" for m, t, o in cgroup.mounts),
+            "TMPFS_CGROUP": "/sys/fs/cgroup" if below else "", "PROCS": " ".join(cgroup.procs_files())}
+
+
 def in_cgroup_namespace(cgroup: HarnessCgroup, args: list[str], cwd: str = "/", timeout: float = 60,
                         environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``args`` in ``cgroup``, in a cgroup namespace rooted there with the hierarchies mounted again,
     and in a private mount and network namespace: where an absolute cgroupsPath lands below ``cgroup``."""
-    hierarchies = " ".join(f"{m}={t}:{o}" for m, t, o in cgroup.mounts)
-    below = any(os.path.dirname(m) == "/sys/fs/cgroup" for m, _, _ in cgroup.mounts)
-    tmpfs = "/sys/fs/cgroup" if below else ""
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **(environment or {}),
-           "SUITE": cwd, "HIERARCHIES": hierarchies, "TMPFS_CGROUP": tmpfs,
-           "PROGRAM_TIMEOUT": str(int(timeout)), "PROCS": " ".join(cgroup.procs_files())}
+           "SUITE": cwd, "PROGRAM_TIMEOUT": str(int(timeout)), **hierarchies_environment(cgroup)}
     # the shell moves itself into our cgroups, then unshare(1) makes the cgroup namespace there
     enter = ('for f in $PROCS; do echo $$ > "$f"; done; '
              'exec unshare --cgroup --mount --net --propagation private sh -c "$0" inside "$@"')

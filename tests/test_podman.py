@@ -3,9 +3,10 @@
 Every podman here runs with state of its own in a temporary directory (``--root``, ``--runroot``,
 ``--tmpdir``, CONTAINERS_CONF, CONTAINERS_STORAGE_CONF, CONTAINERS_REGISTRIES_CONF, the XDG directories)
 and the configuration in tests/data/podman/: vfs storage (no overlay mounts on the host), file locks and
-events, and ``cgroups = "disabled"`` so that podman makes no cgroup of its own (no /libpod_parent at the
-root of every hierarchy); our runtime still makes each container's cgroup below its caller's. Nothing
-is pulled: the image is a ``podman import`` of the session's busybox rootfs.
+events, and podman's own cgroupfs manager. Every podman command runs in a cgroup namespace rooted at a
+cgroup of the tests' own (podman_sandbox.CgroupNamespace), so the /libpod_parent/... podman makes, and
+the absolute cgroupsPath it passes, land below that cgroup, never at the roots of the host's
+hierarchies. Nothing is pulled: the image is a ``podman import`` of the session's busybox rootfs.
 
 ``STAGES_PODMAN_RUNTIME=runc`` runs the same tests with runc instead (through a wrapper that drops the
 crun-only ``--cgroup-manager disabled``), to tell a podman problem from one of ours;
@@ -21,6 +22,7 @@ import os
 import re
 import select
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from podman_sandbox import sandbox, write_runc_wrapper
+from podman_sandbox import CgroupNamespace, sandbox, write_runc_wrapper
 
 from stages import observe
 
@@ -52,10 +54,11 @@ RUN = ["run", "--network", "none", *LIMITS]
 class Podman:
     """One podman installation in a temporary directory, driving ``runtime``."""
 
-    def __init__(self, base: Path, runtime: str):
+    def __init__(self, base: Path, runtime: str, namespace: CgroupNamespace):
         self.base = base
-        command, self.env = sandbox(base, [runtime])
-        self.command = [*command, "--runtime", runtime]
+        self.namespace = namespace
+        command, self.env = sandbox(base, [runtime], cgroups="enabled")
+        self.command = [*namespace.prefix, *command, "--runtime", runtime]
 
     def __call__(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([*self.command, *args], env=self.env, capture_output=True, text=True,
@@ -147,8 +150,17 @@ def _cgroup_tree() -> set[str]:
     return found
 
 
-def _mounts_below(path: Path) -> list[str]:
-    return [m.target for m in observe.mounts() if m.target == str(path) or m.target.startswith(f"{path}/")]
+def _mounts_below(podman: Podman) -> list[str]:
+    """podman's mounts below its directory, in the mount namespace where it runs (and in ours)."""
+    path = str(podman.base)
+    targets = podman.namespace.mountinfo() + [m.target for m in observe.mounts()]
+    return [target for target in targets if target == path or target.startswith(f"{path}/")]
+
+
+def _outside(podman: Podman, paths) -> list[str]:
+    """Of ``paths`` (cgroup directories), those outside the cgroup podman runs in."""
+    return [path for path in paths if not any(path == d or path.startswith(d + "/")
+                                              for d in podman.namespace.cgroup.directories)]
 
 
 def _processes_naming(ids: set[str]) -> list[str]:
@@ -176,20 +188,26 @@ def podman(runtime, busybox_rootfs):
     # a short path: conmon's sockets live below --tmpdir and --runroot (sun_path holds 108 bytes, unix(7))
     base = Path(tempfile.mkdtemp(prefix="stages-podman-", dir="/var/tmp"))
     cgroups_before = _cgroup_tree()
-    engine = Podman(base, runtime)
+    namespace = CgroupNamespace(f"stages-podman-{os.getpid()}")
+    engine = Podman(base, runtime, namespace)
     ids: set[str] = set()
+    mounted: list[str] = []
     try:
         archive = base / "busybox.tar"
         with tarfile.open(archive, "w") as tar:
             tar.add(busybox_rootfs, arcname=".")
         engine.ok("import", str(archive), IMAGE)
+        # podman's cgroupfs manager keeps /libpod_parent and /libpod_parent/conmon once made: made now, by
+        # a first container, so that each test's leak check sees only what that test leaves
+        engine.ok(*RUN, "--rm", IMAGE, "true")
         yield engine
         # whatever a failed test left: podman removes its containers, then we check the rest
         ids = engine.ids()
         engine("rm", "--all", "--force", "--time", "0")
+        mounted = _mounts_below(engine)
     finally:
-        mounted = _mounts_below(base)
-        for target in reversed(mounted):
+        namespace.close()  # kills what is left in podman's cgroup; its mount namespace goes with it
+        for target in reversed([m.target for m in observe.mounts() if m.target.startswith(f"{base}/")]):
             subprocess.run(["umount", "-l", target], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
     # podman's cgroups would be named libpod*, conmon, or after the container ID, anywhere in the tree
@@ -206,16 +224,18 @@ def settled(podman):
     be unmounting the container's /dev/shm below podman's directory."""
     yield
     deadline = time.monotonic() + 15
-    while _mounts_below(podman.base) or _processes_naming({str(podman.base)}):
+    while _mounts_below(podman) or _processes_naming({str(podman.base)}):
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert not _processes_naming({str(podman.base)}), "podman or conmon still runs"
-    assert not _mounts_below(podman.base), "podman left mounts below its directory"
+    assert not _mounts_below(podman), "podman left mounts below its directory"
 
 
-def _state_of(runtime: str, ident: str) -> subprocess.CompletedProcess:
-    return subprocess.run([runtime, "state", ident], capture_output=True, text=True, timeout=30)
+def _state_of(podman: Podman, runtime: str, ident: str) -> subprocess.CompletedProcess:
+    """The runtime's ``state``, run where podman runs it (the state's cgroup paths are that namespace's)."""
+    return subprocess.run([*podman.namespace.prefix, runtime, "state", ident], capture_output=True, text=True,
+                          timeout=30)
 
 
 def test_podman_run_returns_the_containers_exit_code(podman):
@@ -230,7 +250,8 @@ def test_podman_run_returns_the_containers_exit_code(podman):
     assert missing.returncode == 127 and "no-such-command" in missing.stderr, missing.stderr
     # --rm: podman removed every container, and none of them made a cgroup anywhere we did not
     assert podman.containers() == {}
-    new = [path for path in _cgroup_tree() - cgroups_before if "libpod" in path or "conmon" in path]
+    new = [path for path in _outside(podman, _cgroup_tree() - cgroups_before)
+           if "libpod" in path or "conmon" in path]
     assert not new, new
 
 
@@ -265,9 +286,14 @@ def test_podmans_limits_are_the_containers(podman):
     assert forks.returncode != 0 and "can't fork" in forks.stderr, forks.stderr
     # what our runtime refuses reaches podman's user as its one sentence and hint (podman: 126, the
     # runtime failed), and --rm still removes the container
-    refused = podman(*RUN, "--rm", "--memory", "64m", "--memory-swappiness", "10", IMAGE, "true")
+    # (block I/O throttling: linux.resources.blockIO.throttleReadBpsDevice, on any block device there is)
+    device = next((path for path in ("/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/loop0", "/dev/zram0")
+                   if os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)), None)
+    if device is None:
+        pytest.skip("no block device here for --device-read-bps")
+    refused = podman(*RUN, "--rm", "--memory", "64m", "--device-read-bps", f"{device}:1mb", IMAGE, "true")
     assert refused.returncode == 126, refused
-    assert "linux.resources.memory.swappiness" in refused.stderr and "hint:" in refused.stderr, refused.stderr
+    assert "throttleReadBpsDevice" in refused.stderr and "hint:" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
     assert podman.containers() == {}
 
@@ -295,7 +321,7 @@ def test_a_detached_container_exec_stop_and_rm(podman, runtime):
         assert entry["State"] == "running", entry
         # the runtime knows it under podman's ID, running, with the host PID podman reports
         pid = int(podman.ok("inspect", "--format", "{{.State.Pid}}", name))
-        state = _state_of(runtime, ident)
+        state = _state_of(podman, runtime, ident)
         assert state.returncode == 0, state.stderr
         assert json.loads(state.stdout)["status"] == "running"
         assert json.loads(state.stdout)["pid"] == pid
@@ -311,14 +337,14 @@ def test_a_detached_container_exec_stop_and_rm(podman, runtime):
         theirs, ours = observe.namespace_inodes(pid), observe.namespace_inodes()
         for kind in ("mount", "uts", "ipc", "pid", "net"):
             assert theirs[kind] != ours[kind], f"the container shares the host's {kind} namespace"
-        # podman made no cgroup (cgroups = "disabled"); our runtime made the container's, below the cgroup
-        # of its caller (conmon, in ours) in every hierarchy, and in none outside it
-        own, its = observe.cgroups_of(), observe.cgroups_of(pid)
-        moved = [hierarchy for hierarchy, path in its.items() if path != own[hierarchy]]
-        assert "pids" in moved, its
-        for hierarchy in moved:
-            assert its[hierarchy].startswith(own[hierarchy].rstrip("/") + "/"), (hierarchy, its, own)
-            assert ident[:32] in its[hierarchy] and "libpod" not in its[hierarchy], its  # named after it
+        # podman's cgroupfs manager asked for /libpod_parent/libpod-ID, an absolute cgroupsPath, which our
+        # runtime made from the root of podman's cgroup namespace: below the cgroup the tests gave podman,
+        # in every hierarchy the container has, and in none outside it
+        harness = os.path.basename(podman.namespace.cgroup.directories[0])
+        its = observe.cgroups_of(pid)
+        assert "pids" in its and f"/{harness}/libpod_parent/libpod-{ident}" in its["pids"], its
+        for hierarchy, path in its.items():
+            assert path == f"/{harness}" or f"/{harness}/" in path, (hierarchy, its)
         # ... and from inside: sleep is PID 1
         inside = podman(*["exec", name, "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; exit 4"])
         assert (inside.returncode, inside.stdout) == (4, "sleep 1000 "), inside.stderr
@@ -346,7 +372,7 @@ def test_a_detached_container_exec_stop_and_rm(podman, runtime):
     finally:
         podman("rm", "--force", "--time", "0", name)
     assert name not in podman.containers()
-    assert _state_of(runtime, ident).returncode != 0, "the runtime still has the container"
+    assert _state_of(podman, runtime, ident).returncode != 0, "the runtime still has the container"
 
 
 def test_podman_init_creates_and_start_starts(podman, runtime):
@@ -358,7 +384,7 @@ def test_podman_init_creates_and_start_starts(podman, runtime):
         podman.ok("init", name)
         ident = podman.containers()[name]["Id"]
         assert podman.containers()[name]["State"] == "initialized"
-        assert json.loads(_state_of(runtime, ident).stdout)["status"] == "created"
+        assert json.loads(_state_of(podman, runtime, ident).stdout)["status"] == "created"
         podman.ok("start", name)
         assert podman.ok("wait", name).strip() == "9"
         assert podman.containers()[name]["State"] == "exited"
@@ -373,5 +399,45 @@ def test_nothing_is_left_behind(podman, runtime):
     assert podman.containers() == {}
     assert not _processes_naming(ids)
     for ident in ids:
-        assert _state_of(runtime, ident).returncode != 0, f"the runtime still has {ident}"
-    assert not _mounts_below(podman.base)
+        assert _state_of(podman, runtime, ident).returncode != 0, f"the runtime still has {ident}"
+    assert not _mounts_below(podman)
+
+
+def test_podman_stats_reads_the_containers_cgroup(podman):
+    """With podman's cgroupfs manager (no cgroups = "disabled"), podman stats reads the cgroup our runtime
+    made where podman asked: the memory limit and the processes podman gave the container."""
+    name = "stages-podman-stats"
+    podman.ok(*RUN, "-d", "--name", name, "--memory", "64m", "--pids-limit", "20", IMAGE,
+              "sh", "-c", "sleep 1000 & sleep 1000 & wait")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            stats = json.loads(podman.ok("stats", "--no-stream", "--format", "json", name))[0]
+            if stats.get("pids") in ("3", 3) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert str(stats["pids"]) == "3", stats  # sh and its two sleeps
+        assert stats["mem_usage"].split("/")[-1].strip() == "67.11MB", stats  # 64 MiB, in podman's MB
+    finally:
+        podman("rm", "--force", "--time", "0", name)
+
+
+def test_podman_pause_freezes_the_container_through_our_runtime(podman):
+    name = "stages-podman-pause"
+    podman.ok(*RUN, "-d", "--name", name, IMAGE, "sh", "-c", "while :; do echo x >/dev/null; done")
+    try:
+        pid = int(podman.ok("inspect", "--format", "{{.State.Pid}}", name))
+        podman.ok("pause", name)
+        assert podman.containers()[name]["State"] == "paused"
+        # the kernel's freezer holds it: its state is "D"-like frozen, and it uses no CPU time meanwhile
+        before = psutil.Process(pid).cpu_times().user
+        time.sleep(0.5)
+        assert psutil.Process(pid).cpu_times().user == before
+        podman.ok("unpause", name)
+        assert podman.containers()[name]["State"] == "running"
+        deadline = time.monotonic() + 5
+        while psutil.Process(pid).cpu_times().user == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert psutil.Process(pid).cpu_times().user > before
+    finally:
+        podman("rm", "--force", "--time", "0", name)
