@@ -244,8 +244,12 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             limited = [c for c in ("memory", "pids", "cpu") if c in _controllers(plan)]
             limited += ["cpuset"] * any(k in plan.resources for k in ("cpu.cpus", "cpu.mems"))
             limited += ["blkio"] * ("blockIO.weight" in plan.resources)
+            # an absolute path (the caller manages cgroups: podman, the runtime spec's tests) joins every
+            # hierarchy, as runc does; a relative one (stages run) only those its limits need, so that
+            # --explain shows no cgroup the learner did not ask for
+            extra = list(_RUNTIME_HIERARCHIES) if path.startswith("/") else limited
             cgroup = Cgroup.create_path(path, record=record, enable=limited,
-                                        controllers=_controllers(plan) + list(_RUNTIME_HIERARCHIES))
+                                        controllers=list(dict.fromkeys(_controllers(plan) + extra)))
         else:  # systemd's slice:prefix:name, which only a systemd cgroup manager reads
             cgroup = Cgroup.create(_cgroup_name(container_id, plan.cgroups_path), record=record,
                                    controllers=_controllers(plan))
