@@ -87,10 +87,23 @@ class CgroupNamespace:
 
         self.cgroup = HarnessCgroup.create(name)
         self.env = hierarchies_environment(self.cgroup)
+        # Every process lives in a child, init, not in the namespace's root: on cgroup v2 a cgroup that
+        # holds processes cannot hand controllers to its children ("no internal processes", cgroups(7)),
+        # and podman enables them in the root it sees for /libpod_parent.
+        inits = []
+        for directory in self.cgroup.directories:
+            os.mkdir(os.path.join(directory, "init"))
+            for knob in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset takes no process without them
+                if os.path.exists(os.path.join(directory, knob)):
+                    Path(directory, "init", knob).write_text(Path(directory, knob).read_text())
+            inits.append(os.path.join(directory, "init", "cgroup.procs"))
+        self.env["INITS"] = " ".join(inits)
         enter = ('for f in $PROCS; do echo $$ > "$f"; done; '
                  'exec unshare --cgroup --mount --propagation private sh -c "$0"')
         try:
-            script = MOUNT_HIERARCHIES + "echo ready\nexec sleep 1000000\n"
+            # rooted at our cgroup (unshare's moment), then into init while the host's paths still show
+            script = ('for f in $INITS; do echo $$ > "$f"; done\n' + MOUNT_HIERARCHIES
+                      + "echo ready\nexec sleep 1000000\n")
             self.holder = subprocess.Popen(["sh", "-c", enter, script],
                                            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.env},
                                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
@@ -99,8 +112,8 @@ class CgroupNamespace:
         except BaseException:
             self.cgroup.remove()
             raise
-        #: a command's prefix: into our cgroups (the namespace shows them as its root), then its namespaces
-        self.prefix = ["sh", "-c", f'for f in {self.env["PROCS"]}; do echo $$ > "$f"; done; '
+        #: a command's prefix: into our init cgroups (the namespace shows them as /init), then its namespaces
+        self.prefix = ["sh", "-c", f'for f in {self.env["INITS"]}; do echo $$ > "$f"; done; '
                        f'exec nsenter -t {self.holder.pid} -C -m -- "$@"', "enter"]
 
     def mountinfo(self) -> list[str]:
