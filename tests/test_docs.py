@@ -274,7 +274,9 @@ def test_widgets_render_in_a_browser_without_network(site):
                 # As built, the page holds only <script> tags with the widgets' JSON; embed.js makes them.
                 assert "lm-Widget" not in _page(site, notebook).read_text()
                 page.goto(_page(site, notebook).as_uri())
-                page.wait_for_selector(".lm-Widget.jupyter-widgets", timeout=15_000)
+                # a rendered view is an .lm-Widget in its output's subarea (a RadioButtons' view has no
+                # "jupyter-widgets" class when rendered without a kernel: "jupyter-widgets-disconnected")
+                page.wait_for_selector(".widget-subarea > .lm-Widget", timeout=15_000)
                 views = page.locator('script[type="application/vnd.jupyter.widget-view+json"]').count()
                 rendered = page.locator(".widget-subarea > .lm-Widget").count()
                 assert rendered == views, f"{notebook.name}: {rendered} of {views} widgets rendered"
