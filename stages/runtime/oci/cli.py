@@ -331,6 +331,7 @@ def do_create(args, log: Log) -> int:
         oci.create(args.id, args.bundle, root=args.root, pid_file=args.pid_file, record=record, **options)
     finally:
         log.steps(record)
+        _hook_warnings(record, log)  # and what config.json asked for that was left out (config.md)
     _done()
     return 0
 
@@ -448,6 +449,7 @@ def do_run(args, log: Log) -> int:
         oci.create(args.id, args.bundle, root=args.root, pid_file=args.pid_file, record=record, **options)
     finally:
         log.steps(record)
+        _hook_warnings(record, log)  # and what config.json asked for that was left out (config.md)
     if args.detach:
         try:
             oci.start(args.id, root=args.root)
@@ -510,6 +512,7 @@ def do_exec(args, log: Log) -> int:
         return 255
     finally:
         log.steps(record)
+        _hook_warnings(record, log)  # capabilities left out (config.md)
     if args.detach:
         if args.pid_file and "pid_file" not in options:
             from stages.runtime.oci import statefile
@@ -696,7 +699,8 @@ def do_update(args, log: Log) -> int:
         cgroup.set_memory(plan.memory, swap=plan.memory_swap)
     if plan.pids is not None:
         cgroup.set_pids(plan.pids)
-    container.set_resources(cgroup, plan.resources)
+    for message in container.set_resources(cgroup, plan.resources):
+        log.warning(message)
     return 0
 
 

@@ -266,7 +266,8 @@ def create(container_id: str, bundle: str | os.PathLike, *, root: str | os.PathL
             cgroup.set_memory(plan.memory, swap=plan.memory_swap)
         if plan.cpus is not None and "cpu.quota" not in plan.resources:
             cgroup.set_cpus(plan.cpus)
-        set_resources(cgroup, plan.resources)
+        for message in plan.process.warnings + set_resources(cgroup, plan.resources):
+            warn(record, message)
         if plan.devices is not None:  # before any process of the container is in the cgroup
             oci_devices.apply(cgroup, plan.devices)
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
@@ -392,10 +393,22 @@ _RUNTIME_HIERARCHIES = ("cpuset", "cpuacct", "blkio", "devices", "freezer", "hug
                         "perf_event")
 
 
-def set_resources(cgroup, resources: dict) -> None:
+def warn(record: StepRecord, message: str) -> None:
+    """A warning (runtime.md "Warnings"): what config.json asked for and the container goes on without, a
+    failed step of ``record`` whose error starts "warning: ", as a failing poststart hook's; the command
+    line logs them (:func:`stages.runtime.oci.hooks.warnings_of`)."""
+    with record.step(f"# warning: {message}", what="left out; the container goes on (runtime.md)") as item:
+        item.ok = False
+        item.error = f"warning: {message}"
+
+
+def set_resources(cgroup, resources: dict) -> list[str]:
     """Write the linux.resources that :func:`stages.runtime.oci.spec.plan` checked into ``resources``
-    (``create``, and ``update``): each a file of the cgroup, or a clear error where this kernel lacks it."""
+    (``create``, and ``update``): each a file of the cgroup, or a clear error where this kernel lacks it;
+    returns the warnings (the deprecated kernel memory limits, where this kernel keeps none)."""
     from stages.errors import CgroupError
+
+    warnings: list[str] = []
 
     def needs(controller: str, field: str) -> None:
         if controller not in cgroup.directories:
@@ -417,23 +430,32 @@ def set_resources(cgroup, resources: dict) -> None:
         cgroup.set_swappiness(resources["memory.swappiness"])
     if resources.get("memory.disableOOMKiller"):
         cgroup.disable_oom_killer()
+    # memory.kernel and kernelTCP are NOT RECOMMENDED in config-linux.md, and deprecated in its Go
+    # bindings ("kernel-memory limits are not supported in cgroups v2, and were obsoleted in kernel v5.4
+    # ... it may be ignored by runtimes"): written where the kernel keeps them, else a warning and the
+    # container goes on (as runc, which warns and ignores them on kernels without kmem accounting).
     for field, name in (("memory.kernel", "memory.kmem.limit_in_bytes"),
                         ("memory.kernelTCP", "memory.kmem.tcp.limit_in_bytes")):
         if field not in resources:
             continue
-        path = os.path.join(cgroup.directory("memory"), name)
-        if cgroup.versions["memory"] == 2 or not os.path.exists(path):
-            raise StagesError(f"config.json: linux.resources.{field}: this kernel has no {name} (cgroup v2 "
-                              "counts kernel memory in memory.max)", f"leave linux.resources.{field} out")
-        cgroup._write(path, str(resources[field]), what="the kernel memory limit")
-        with open(path) as handle:
-            taken = handle.read().strip()
-        # Linux 5.16 on deprecated the kernel memory limit (memcg's kmem.limit_in_bytes): a write
-        # succeeds and changes nothing; refused here as the kernel refuses it, not pretended
+        path = os.path.join(cgroup.directories.get("memory", ""), name)
+        if "memory" not in cgroup.directories or cgroup.versions["memory"] == 2 or not os.path.exists(path):
+            warnings.append(f"linux.resources.{field}: this kernel has no {name} (cgroup v2 counts kernel "
+                            "memory in memory.max): not set, memory.limit covers kernel memory")
+            continue
+        try:
+            cgroup._write(path, str(resources[field]), what="the kernel memory limit (deprecated)")
+            with open(path) as handle:
+                taken = handle.read().strip()
+        except (OSError, CgroupError) as error:
+            warnings.append(f"linux.resources.{field}: the kernel refused {name}: {error}: not set")
+            continue
+        # Linux 5.16 on accepts a write to kmem.limit_in_bytes and keeps nothing (the limit is
+        # deprecated): said, not pretended
         if resources[field] != -1 and taken != str(resources[field]):
-            raise StagesError(f"config.json: linux.resources.{field}: this kernel ignores {name} (Linux "
-                              "deprecated the kernel memory limit; memory.limit_in_bytes counts it)",
-                              f"leave linux.resources.{field} out: memory.limit covers kernel memory")
+            warnings.append(f"linux.resources.{field}: this kernel ignores {name} (Linux 5.16 and later "
+                            f"keep no kernel memory limit; it reads {taken}): memory.limit covers kernel "
+                            "memory")
     if "blockIO.weight" in resources:
         needs("blkio", "blockIO.weight")
         try:
@@ -441,6 +463,7 @@ def set_resources(cgroup, resources: dict) -> None:
         except CgroupError as error:
             raise StagesError(f"config.json: linux.resources.blockIO.weight: {error}",
                               "leave it out") from None
+    return warnings
 
 
 def _controllers(plan: oci_spec.Plan) -> list[str]:
@@ -848,6 +871,8 @@ def exec_process(container_id: str, process: dict, *, root: str | os.PathLike | 
     if cgroup is not None:
         cgroup_files = [os.path.join(d, "cgroup.procs") for d in cgroup.unique_directories()]
     record = record if record is not None else StepRecord(f"exec {container_id}")
+    for message in wanted.warnings:  # capabilities left out (config.md), logged by the command line
+        warn(record, message)
     seccomp = data.get("stages", {}).get("seccomp")  # the container's filter binds what is exec'd in it too
     _check_preserved(preserve_fds)
     message = {"exec": {"target": data["pid"], "cgroup_files": cgroup_files, "process": wanted.__dict__,

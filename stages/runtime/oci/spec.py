@@ -146,6 +146,9 @@ class Process:
     oom_score_adj: int | None = None
     terminal: bool = False  # a new pseudo-terminal as stdin/stdout/stderr, its master to a console socket
     console_size: tuple[int, int] | None = None  # rows, columns (process.consoleSize height, width)
+    #: what config.json asked for and the runtime leaves out, each said (config.md: a capability that
+    #: cannot be mapped or granted is logged as a warning, not an error); the runtime logs them
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -623,18 +626,38 @@ def _process(config: dict, uid_mappings, gid_mappings) -> Process:
                 raise refuse(name, f"ID {number} is not mapped into the user namespace",
                              "map it in linux.uidMappings/gidMappings (this runtime needs ID 0 mapped)")
     capabilities = None
+    warnings: list[str] = []
     if process.get("capabilities") is not None:
         sets = _typed(process.get("capabilities"), dict, "process.capabilities")
         capabilities = {}
+        last = kernel.last_capability()
         for name in ("bounding", "effective", "permitted", "inheritable", "ambient"):
             words = []
             for word in _typed(sets.get(name), list, f"process.capabilities.{name}", []):
+                where = f"process.capabilities.{name}"
+                if not isinstance(word, str):
+                    raise refuse(where, f"{word!r} is not a capability name: each is a string",
+                                 'use names from capabilities(7), like "CAP_CHOWN"')
+                # config.md: "Any value which cannot be mapped to a relevant kernel interface, or cannot be
+                # granted otherwise MUST be logged as a warning by the runtime. Runtimes SHOULD NOT fail
+                # if the container configuration requests capabilities that cannot be granted" (runc
+                # warns and leaves them out too): each such value is left out of its set, and said.
                 try:
-                    number = kernel.capability_number(str(word))
+                    number = kernel.capability_number(word)
                 except ValueError:
-                    raise refuse(f"process.capabilities.{name}", f"{word!r} is not a capability",
-                                 "use names from capabilities(7), like CAP_CHOWN") from None
-                if number <= kernel.last_capability():  # one this kernel does not have: nothing to keep
+                    warnings.append(f"{where}: {word!r} is not a capability (capabilities(7)): left out")
+                    continue
+                if number > last:
+                    warnings.append(f"{where}: {word} is newer than this kernel (its last capability is "
+                                    f"number {last}, /proc/sys/kernel/cap_last_cap): left out")
+                    continue
+                if not uid_mappings and not kernel.in_bounding_set(kernel.CAPABILITIES[number]):
+                    # Without a new user namespace the container's capabilities are drawn from ours, and
+                    # one outside our bounding set no process of ours can ever gain (capabilities(7)).
+                    warnings.append(f"{where}: {word} is not in this runtime's own bounding set, so it "
+                                    "cannot be granted: left out")
+                    continue
+                if kernel.CAPABILITIES[number] not in words:
                     words.append(kernel.CAPABILITIES[number])
             capabilities[name] = words
     rlimits = []
@@ -674,7 +697,8 @@ def _process(config: dict, uid_mappings, gid_mappings) -> Process:
                    no_new_privileges=bool(_typed(process.get("noNewPrivileges"), bool,
                                                  "process.noNewPrivileges", False)),
                    oom_score_adj=oom, console_size=console_size,
-                   terminal=bool(_typed(process.get("terminal"), bool, "process.terminal")))
+                   terminal=bool(_typed(process.get("terminal"), bool, "process.terminal")),
+                   warnings=warnings)
 
 
 def _holds_sys_resource() -> bool:
