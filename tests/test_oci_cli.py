@@ -704,6 +704,25 @@ def test_a_failing_poststart_or_poststop_hook_is_a_warning_in_the_log(tmp_path, 
     assert all("status 4" in line or "exit" in line for line in warnings), warnings
 
 
+def test_a_capability_that_cannot_be_granted_is_a_warning_in_the_log(tmp_path, runtime, busybox_rootfs):
+    """config.md: a capability the kernel has no interface for MUST be logged as a warning, and the runtime
+    SHOULD NOT fail (runtime-tools' process_capabilities_fail asks for CAP_TEST): the warning reaches the
+    --log, and the container runs."""
+    def with_test_capability(config):
+        config["process"]["capabilities"]["bounding"].append("CAP_TEST")
+
+    container = name(tmp_path)
+    path = bundle(tmp_path, busybox_rootfs, ["echo", "ran"], change=with_test_capability)
+    log = tmp_path / "oci-log"
+    result = runtime("run", "-b", path, container, options=("--log-format=json", "--log", log))
+    assert result.code == 0, result.err
+    assert result.out == "ran\n"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    warnings = [line["msg"] for line in lines if line["level"] == "warning"]
+    assert warnings == ["process.capabilities.bounding: 'CAP_TEST' is not a capability (capabilities(7)): "
+                        "left out"], lines
+
+
 # -- --preserve-fds, and signals in the foreground ---------------------------------------------------------
 def read_all(fd: int, timeout: float = 20) -> bytes:
     """What a pipe gives until every write end is closed (or time is up)."""

@@ -163,6 +163,38 @@ def test_capabilities_no_new_privs_and_rlimits(tmp_path, root, busybox_rootfs):
     assert out.splitlines()[-2:] == ["64", "128"]
 
 
+def test_an_unknown_capability_is_a_warning_and_left_out(tmp_path, root, busybox_rootfs):
+    """config.md: a capability that cannot be mapped to the kernel or granted MUST be logged as a warning,
+    and the runtime SHOULD NOT fail: CAP_TEST is left out of its set, said in the record, the rest kept."""
+    wanted = ["CAP_CHOWN", "CAP_KILL"]
+
+    def change(config):
+        config["process"]["capabilities"] = {name: wanted + ["CAP_TEST"]
+                                             for name in ("bounding", "effective", "permitted")}
+
+    record = StepRecord("run")
+    code, out = run(tmp_path, root, busybox_rootfs, ["grep", "-E", "^Cap(Bnd|Eff)", "/proc/self/status"],
+                    change=change, record=record)
+    assert code == 0, out
+    mask = (1 << 0) | (1 << 5)  # chown, kill (capabilities(7))
+    assert int(status_field(out, "CapBnd"), 16) == mask
+    assert int(status_field(out, "CapEff"), 16) == mask
+    warned = [step.error for step in record.steps if step.error.startswith("warning: ")]
+    assert len(warned) == 3 and all("'CAP_TEST' is not a capability" in line for line in warned), warned
+    assert any("process.capabilities.bounding" in line for line in warned), warned
+
+
+def test_a_capability_that_is_not_a_string_is_refused(tmp_path, root, busybox_rootfs):
+    from stages.errors import StagesError
+
+    def change(config):
+        config["process"]["capabilities"] = {"bounding": ["CAP_CHOWN", 5]}
+
+    with pytest.raises(StagesError, match=r"process.capabilities.bounding: 5 is not a capability name"):
+        run(tmp_path, root, busybox_rootfs, ["true"], change=change)
+    assert oci.list_containers(root) == []
+
+
 def test_a_non_root_user_keeps_ambient_capabilities(tmp_path, root, busybox_rootfs):
     def change(config):
         config["process"]["user"] = {"uid": 1000, "gid": 1000}
