@@ -293,7 +293,8 @@ def check_widgets(page, name: str, source: str) -> None:
     reaches the kernel."""
     if "ipywidgets" not in source:
         return
-    views = page.locator(".jp-OutputArea-output .jupyter-widgets")
+    # a widget's view is an .lm-Widget with a widget-* class (a RadioButtons' has no jupyter-widgets class)
+    views = page.locator(".jp-OutputArea-output .lm-Widget[class*='widget-']")
     assert views.count() >= 1, f"{name}: no ipywidget rendered in the page"
     text = " ".join(page.locator(".jp-Notebook .jp-OutputArea").all_text_contents())
     assert "Loading widget" not in text and "Error displaying widget" not in text, name
