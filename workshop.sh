@@ -45,6 +45,8 @@ if [[ $job == test || $job == setup ]]; then
     packages+=(golang-github-opencontainers-specs-dev)
     # the OCI runtime conformance suite (tests/test_conformance.py) is Go, built from ../shared/conformance
     packages+=(golang-go)
+    # compressed rootfs tarballs (tests/test_rootfs.py makes .xz and .zst archives to import)
+    packages+=(xz-utils zstd)
     # The notebooks in a real browser (tests/test_browser.py) drive Debian's chromium deb (Ubuntu ships
     # chromium only as a snap); vagrant too comes from Debian. Elsewhere those tests skip, saying why.
     if grep -qsx 'ID=debian' /etc/os-release; then
@@ -168,7 +170,7 @@ case $job in
         shellcheck workshop.sh
         say "pytest: the library, the command line and the notebooks"
         status=0
-        .venv/bin/python -m pytest -p no:cacheprovider -q tests notebooks --nbmake "$@" || status=$?
+        .venv/bin/python -m pytest -p no:cacheprovider -q -rs tests notebooks --nbmake "$@" || status=$?
         other_pythons || status=1
         exit "$status"
         ;;

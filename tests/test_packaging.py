@@ -51,14 +51,31 @@ def offline(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 # == building ======================================================================================
+#: What a tree that is not a git checkout (a `git archive`, an unpacked sdist) holds besides its sources.
+NOT_SOURCES = {".git", ".venv", "__pycache__", "build", "dist", "artifacts", "_build", ".pytest_cache",
+               ".ruff_cache"}
+
+
+def source_files() -> list[str]:
+    """The tree's files, relative: git's (tracked and untracked, not ignored) in a checkout; elsewhere
+    every file but the virtualenv's, the caches' and the build's."""
+    if shutil.which("git") and (SOURCE / ".git").exists():
+        listed = subprocess.run(["git", "-C", str(SOURCE), "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard"], capture_output=True, check=True).stdout
+        return [name for name in listed.decode().split("\0") if name]
+    found = []
+    for top, directories, files in os.walk(SOURCE):
+        directories[:] = [d for d in directories if d not in NOT_SOURCES and not d.endswith(".egg-info")]
+        found += [os.path.relpath(os.path.join(top, name), SOURCE) for name in files]
+    return found
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """The sdist and the wheel of the source tree as it is now (its git files, uncommitted changes too)."""
     top = tmp_path_factory.mktemp("packaging")
-    files = subprocess.run(["git", "-C", str(SOURCE), "ls-files", "-z", "--cached", "--others",
-                            "--exclude-standard"], capture_output=True, check=True).stdout.split(b"\0")
     copy = top / "source"
-    for name in filter(None, (f.decode() for f in files)):
+    for name in source_files():
         if (SOURCE / name).is_file():  # a file deleted but not yet committed is still listed
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(SOURCE / name, copy / name)
